@@ -1,0 +1,2 @@
+//! Blink's data plane.
+#![forbid(unsafe_code)]

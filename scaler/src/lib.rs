@@ -1,0 +1,2 @@
+//! Blink's control plane.
+#![forbid(unsafe_code)]
