@@ -39,3 +39,18 @@ port_free() {
 	holder=$(ss -Htlnp "sport = :$port" 2>/dev/null | head -n1)
 	[ -z "$holder" ] || die "port $port (for $what) is already taken: $holder"
 }
+
+# Issues an X.509 v3 certificate (rustls refuses v1) signed by the bed's CA in DIR:
+# DIR/NAME.crt and DIR/NAME.key. USAGE is serverAuth or clientAuth.
+issue_cert() { # dir name subject usage [subjectAltName]
+	local dir=$1 name=$2 subj=$3 usage=$4 san=${5:-}
+	local ext=(-addext "basicConstraints=critical,CA:FALSE"
+		-addext "keyUsage=critical,digitalSignature,keyEncipherment"
+		-addext "extendedKeyUsage=$usage")
+	[ -z "$san" ] || ext+=(-addext "subjectAltName=$san")
+	openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+		-keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "$subj" "${ext[@]}" 2>/dev/null
+	openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+		-CAcreateserial -days 30 -copy_extensions copy -out "$dir/$name.crt" 2>/dev/null
+	rm -f "$dir/$name.csr"
+}

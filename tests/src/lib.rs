@@ -22,7 +22,9 @@
 pub mod audit;
 pub mod bed;
 pub mod brokers;
+pub mod kafka;
 pub mod pods;
+pub mod rabbitmq;
 pub mod wait;
 
 use std::future::Future;
@@ -160,6 +162,14 @@ fn sanitize(name: &str) -> String {
         .collect();
     s.truncate(40);
     s.trim_matches('-').to_string()
+}
+
+/// The project's shared folder (KEDA's CRDs and examples live in its `fixtures/`):
+/// `BLINK_SHARED_DIR`, else `shared/` beside the repository.
+pub fn shared_dir() -> std::path::PathBuf {
+    std::env::var_os("BLINK_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
 }
 
 /// Six hex digits from the clock and the process: unique enough between tests of one

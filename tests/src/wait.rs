@@ -18,13 +18,12 @@ where
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last_error = None;
     loop {
-        match check().await {
+        let last_error = match check().await {
             Ok(Some(value)) => return Ok(value),
-            Ok(None) => last_error = None,
-            Err(e) => last_error = Some(e),
-        }
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
         if tokio::time::Instant::now() >= deadline {
             match last_error {
                 Some(e) => return Err(e.context(format!("{what}: not after {timeout:?}"))),
@@ -48,13 +47,11 @@ where
     Fut: Future<Output = anyhow::Result<T>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last: Option<anyhow::Result<T>> = None;
     loop {
-        let value = read().await;
-        if matches!(&value, Ok(v) if *v == expected) {
+        let last = read().await;
+        if matches!(&last, Ok(v) if *v == expected) {
             return Ok(());
         }
-        last = Some(value);
         if tokio::time::Instant::now() >= deadline {
             bail!("{what}: expected {expected:?} within {timeout:?}, last saw {last:?}");
         }

@@ -1,0 +1,237 @@
+//! Pod processes: kwok runs no containers, so a test runs a real process for each
+//! Running pod of a workload, listening on the pod's IP and container port (a local
+//! address inside the bed's namespace). Then the pod's EndpointSlice entries and its
+//! Service's ClusterIP reach something real.
+//!
+//! The process is a [`test replica`](replica_command) or any command a test gives
+//! (later, the activator itself). It is started when the pod is Running with an IP and
+//! stopped (SIGTERM, then SIGKILL) when the pod goes away or starts terminating.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::watcher;
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+/// The pod a process stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PodInfo {
+    pub name: String,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+type CommandFactory = dyn Fn(&PodInfo) -> Command + Send + Sync;
+
+/// Runs one process per Running pod matching a label selector, until dropped or
+/// [`shut down`](PodProcesses::shutdown).
+pub struct PodProcesses {
+    running: Arc<Mutex<HashMap<String, (PodInfo, Child)>>>,
+    watch: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PodProcesses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodProcesses").finish_non_exhaustive()
+    }
+}
+
+/// The command for a test replica standing for `pod` (see `src/bin/test-replica.rs`;
+/// a test passes `env!("CARGO_BIN_EXE_test-replica")`).
+pub fn replica_command(binary: &Path, pod: &PodInfo) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--listen")
+        .arg(format!("{}:{}", pod.ip, pod.port))
+        .arg("--name")
+        .arg(&pod.name);
+    cmd
+}
+
+impl PodProcesses {
+    /// Starts watching pods in `namespace` matching `selector` (e.g. `app=hello`).
+    pub fn start(
+        client: Client,
+        namespace: &str,
+        selector: &str,
+        command: impl Fn(&PodInfo) -> Command + Send + Sync + 'static,
+    ) -> Self {
+        let running = Arc::new(Mutex::new(HashMap::new()));
+        let pods: Api<Pod> = Api::namespaced(client, namespace);
+        let config = watcher::Config::default().labels(selector);
+        let command: Arc<CommandFactory> = Arc::new(command);
+        let watch = tokio::spawn(watch_pods(pods, config, command, running.clone()));
+        Self { running, watch }
+    }
+
+    /// The pods that have a running process now.
+    pub async fn running(&self) -> Vec<PodInfo> {
+        let mut pods: Vec<PodInfo> = self
+            .running
+            .lock()
+            .await
+            .values()
+            .map(|(p, _)| p.clone())
+            .collect();
+        pods.sort_by(|a, b| a.name.cmp(&b.name));
+        pods
+    }
+
+    /// Waits until exactly `count` processes run.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<PodInfo>> {
+        crate::wait::until(timeout, &format!("{count} pod processes"), || async {
+            let pods = self.running().await;
+            Ok((pods.len() == count).then_some(pods))
+        })
+        .await
+    }
+
+    /// Stops watching and stops every process.
+    pub async fn shutdown(self) {
+        self.watch.abort();
+        let mut running = self.running.lock().await;
+        for (_, (_, child)) in running.drain() {
+            stop(child).await;
+        }
+    }
+}
+
+impl Drop for PodProcesses {
+    fn drop(&mut self) {
+        // Children are spawned with kill_on_drop, so dropping the map kills them.
+        self.watch.abort();
+    }
+}
+
+async fn watch_pods(
+    pods: Api<Pod>,
+    config: watcher::Config,
+    command: Arc<CommandFactory>,
+    running: Arc<Mutex<HashMap<String, (PodInfo, Child)>>>,
+) {
+    let mut events = watcher(pods, config).boxed();
+    let mut seen_in_relist = HashSet::new();
+    while let Some(event) = events.next().await {
+        let Ok(event) = event else {
+            // The watcher retries by itself; a transient error changes nothing.
+            continue;
+        };
+        match event {
+            watcher::Event::Init => seen_in_relist.clear(),
+            watcher::Event::InitApply(pod) => {
+                if let Some(name) = pod.metadata.name.clone() {
+                    seen_in_relist.insert(name);
+                }
+                reconcile(&pod, &command, &running).await;
+            }
+            watcher::Event::InitDone => {
+                let gone: Vec<String> = running
+                    .lock()
+                    .await
+                    .keys()
+                    .filter(|name| !seen_in_relist.contains(*name))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    remove(&name, &running).await;
+                }
+            }
+            watcher::Event::Apply(pod) => reconcile(&pod, &command, &running).await,
+            watcher::Event::Delete(pod) => {
+                if let Some(name) = pod.metadata.name {
+                    remove(&name, &running).await;
+                }
+            }
+        }
+    }
+}
+
+/// What a process should stand for, if anything: a Running pod with an IP that is not
+/// terminating.
+fn wanted(pod: &Pod) -> Option<PodInfo> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let ip = status.pod_ip.as_ref()?.parse().ok()?;
+    let port = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .map(|p| p.container_port)
+        .next()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(8080);
+    Some(PodInfo {
+        name: pod.metadata.name.clone()?,
+        ip,
+        port,
+    })
+}
+
+async fn reconcile(
+    pod: &Pod,
+    command: &Arc<CommandFactory>,
+    running: &Arc<Mutex<HashMap<String, (PodInfo, Child)>>>,
+) {
+    let Some(name) = pod.metadata.name.clone() else {
+        return;
+    };
+    match wanted(pod) {
+        Some(info) => {
+            let mut running = running.lock().await;
+            if running.get(&name).is_some_and(|(p, _)| *p == info) {
+                return;
+            }
+            if let Some((_, old)) = running.remove(&name) {
+                stop(old).await;
+            }
+            let mut cmd = command(&info);
+            cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+            match cmd.spawn() {
+                Ok(child) => {
+                    running.insert(name, (info, child));
+                }
+                Err(e) => eprintln!("pod process for {name}: cannot spawn: {e}"),
+            }
+        }
+        None => remove(&name, running).await,
+    }
+}
+
+async fn remove(name: &str, running: &Arc<Mutex<HashMap<String, (PodInfo, Child)>>>) {
+    let removed = running.lock().await.remove(name);
+    if let Some((_, child)) = removed {
+        stop(child).await;
+    }
+}
+
+/// SIGTERM, up to 5 s to exit, then SIGKILL; always reaped.
+async fn stop(mut child: Child) {
+    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
