@@ -88,7 +88,8 @@ impl BedEnv {
     /// it, which is why [`crate::run`] builds its runtime after this call.
     pub fn enter_namespace(&self) -> anyhow::Result<()> {
         let path = Path::new("/run/netns").join(&self.netns);
-        let ns = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let ns =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("setns into {}", path.display()))?;
         Ok(())
@@ -131,20 +132,24 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
         crds.patch(&name, &params, &Patch::Apply(&crd))
             .await
             .with_context(|| format!("applying CRD {name}"))?;
-        crate::wait::until(Duration::from_secs(30), &format!("CRD {name} established"), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let crd = crds.get(&name).await?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(established.then_some(()))
-            }
-        })
+        crate::wait::until(
+            Duration::from_secs(30),
+            &format!("CRD {name} established"),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let crd = crds.get(&name).await?;
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    Ok(established.then_some(()))
+                }
+            },
+        )
         .await?;
     }
     Ok(())

@@ -38,7 +38,10 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
     let admin: AdminClient<DefaultClientContext> = config(bootstrap).create()?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin
-        .create_topics([&new], &AdminOptions::new().operation_timeout(Some(TIMEOUT)))
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(TIMEOUT)),
+        )
         .await?;
     for result in results {
         result.map_err(|(name, code)| anyhow::anyhow!("creating topic {name}: {code}"))?;
@@ -47,11 +50,7 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
 }
 
 /// Produces one message to each of `partitions` in turn, waiting for each ack.
-pub async fn produce(
-    bootstrap: &str,
-    topic: &str,
-    partitions: &[i32],
-) -> anyhow::Result<()> {
+pub async fn produce(bootstrap: &str, topic: &str, partitions: &[i32]) -> anyhow::Result<()> {
     let producer: FutureProducer = config(bootstrap).set("acks", "all").create()?;
     for (i, partition) in partitions.iter().enumerate() {
         let payload = format!("message {i}");

@@ -24,7 +24,12 @@ fn rabbitmq_trigger() -> Value {
         "queueName": "orders", "host": "amqp://guest:guest@rabbitmq:5672/", "value": "20"}})
 }
 
-fn dynamic_api(client: kube::Client, ns: &str, api_version: &str, kind: &str) -> Api<DynamicObject> {
+fn dynamic_api(
+    client: kube::Client,
+    ns: &str,
+    api_version: &str,
+    kind: &str,
+) -> Api<DynamicObject> {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let gvk = GroupVersionKind::gvk(group, version, kind);
     let resource = ApiResource::from_gvk(&gvk);
@@ -44,7 +49,10 @@ fn crds_are_installed_and_served() {
             "triggerauthentications.blink.sh",
             "clustertriggerauthentications.blink.sh",
         ] {
-            let crd = crds.get(name).await.with_context(|| format!("CRD {name}"))?;
+            let crd = crds
+                .get(name)
+                .await
+                .with_context(|| format!("CRD {name}"))?;
             let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
             ensure!(
                 conditions
@@ -53,7 +61,10 @@ fn crds_are_installed_and_served() {
                 "{name} not established: {conditions:?}"
             );
             ensure!(
-                crd.spec.versions.iter().any(|v| v.name == "v1alpha1" && v.served),
+                crd.spec
+                    .versions
+                    .iter()
+                    .any(|v| v.name == "v1alpha1" && v.served),
                 "{name} does not serve v1alpha1"
             );
         }
@@ -69,7 +80,12 @@ fn crds_are_installed_and_served() {
 #[test]
 fn valid_scaled_object_is_accepted_and_stored_unchanged() {
     blink_tests::run("valid-so", |ctx| async move {
-        let api = dynamic_api(ctx.client(), ctx.namespace(), "blink.sh/v1alpha1", "ScaledObject");
+        let api = dynamic_api(
+            ctx.client(),
+            ctx.namespace(),
+            "blink.sh/v1alpha1",
+            "ScaledObject",
+        );
         let spec = json!({
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hello"},
             "minReplicaCount": 1,
@@ -93,7 +109,11 @@ fn valid_scaled_object_is_accepted_and_stored_unchanged() {
         });
         let obj: DynamicObject = serde_json::from_value(scaled_object("hello", spec.clone()))?;
         let created = api.create(&PostParams::default(), &obj).await?;
-        ensure!(created.data["spec"] == spec, "stored spec differs: {}", created.data["spec"]);
+        ensure!(
+            created.data["spec"] == spec,
+            "stored spec differs: {}",
+            created.data["spec"]
+        );
         // And it reads back through Blink's own types.
         let typed: Api<ScaledObject> = ctx.api();
         let so = typed.get("hello").await?;
@@ -106,7 +126,12 @@ fn valid_scaled_object_is_accepted_and_stored_unchanged() {
 #[test]
 fn invalid_scaled_objects_are_rejected_with_a_message_naming_the_problem() {
     blink_tests::run("invalid-so", |ctx| async move {
-        let api = dynamic_api(ctx.client(), ctx.namespace(), "blink.sh/v1alpha1", "ScaledObject");
+        let api = dynamic_api(
+            ctx.client(),
+            ctx.namespace(),
+            "blink.sh/v1alpha1",
+            "ScaledObject",
+        );
         let target = json!({"name": "hello"});
         let cases = [
             (
@@ -193,16 +218,30 @@ fn keda_documentation_examples_are_accepted_with_strict_field_validation() {
                 continue;
             }
             // The only change: the API group.
-            let api_version = object["apiVersion"].as_str().unwrap_or_default().to_string();
-            ensure!(api_version == "keda.sh/v1alpha1", "unexpected {api_version}");
+            let api_version = object["apiVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            ensure!(
+                api_version == "keda.sh/v1alpha1",
+                "unexpected {api_version}"
+            );
             object["apiVersion"] = json!("blink.sh/v1alpha1");
             let kind = object["kind"].as_str().context("kind")?.to_string();
-            let name = object["metadata"]["name"].as_str().context("name")?.to_string();
-            let namespace = object["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let name = object["metadata"]["name"]
+                .as_str()
+                .context("name")?
+                .to_string();
+            let namespace = object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
             let api = dynamic_api(ctx.client(), &namespace, "blink.sh/v1alpha1", &kind);
             // Server-side apply with fieldValidation=Strict: an unknown or misplaced
             // field is an error, not a silent prune.
-            let params = PatchParams::apply("blink-keda-compat").force().validation_strict();
+            let params = PatchParams::apply("blink-keda-compat")
+                .force()
+                .validation_strict();
             let stored = api
                 .patch(&name, &params, &Patch::Apply(&object))
                 .await
@@ -226,7 +265,12 @@ fn unknown_fields_are_refused_under_strict_validation() {
     // The other side of the KEDA test: strict validation really refuses what the schema
     // does not know, so the test above cannot pass by accident.
     blink_tests::run("strict-unknown", |ctx| async move {
-        let api = dynamic_api(ctx.client(), ctx.namespace(), "blink.sh/v1alpha1", "ScaledObject");
+        let api = dynamic_api(
+            ctx.client(),
+            ctx.namespace(),
+            "blink.sh/v1alpha1",
+            "ScaledObject",
+        );
         let mut object = scaled_object(
             "typo",
             json!({"scaleTargetRef": {"name": "x"}, "triggers": [rabbitmq_trigger()]}),

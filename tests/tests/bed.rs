@@ -23,7 +23,8 @@ fn a_taken_port_gets_one_clear_line_naming_it() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "started on a taken port");
         ensure!(
-            stderr.contains(&format!("port {port} (for kafka in")) && stderr.contains("already taken"),
+            stderr.contains(&format!("port {port} (for kafka in"))
+                && stderr.contains("already taken"),
             "unclear message: {stderr}"
         );
         Ok(())
@@ -33,7 +34,9 @@ fn a_taken_port_gets_one_clear_line_naming_it() {
 #[test]
 fn the_bed_reports_itself_running() {
     blink_tests::run("bed-status", |_ctx| async move {
-        let out = Command::new(scripts_dir().join("bed")).arg("status").output()?;
+        let out = Command::new(scripts_dir().join("bed"))
+            .arg("status")
+            .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         ensure!(out.status.success(), "bed status failed: {stdout}");
         ensure!(stdout.contains("Blink test bed running"), "{stdout}");

@@ -38,7 +38,10 @@ fn kafka_consumer_group_lag_through_rdkafka() {
         tokio::task::spawn_blocking(move || kafka::consume_and_commit(&b, &g, &t, 3, 2)).await??;
         let (lag, uncommitted) =
             tokio::task::spawn_blocking(move || kafka::lag(&bootstrap, &group, &topic)).await??;
-        ensure!(uncommitted.is_empty(), "partitions without a committed offset: {uncommitted:?}");
+        ensure!(
+            uncommitted.is_empty(),
+            "partitions without a committed offset: {uncommitted:?}"
+        );
         ensure!(lag == 3, "lag {lag}, expected 3 (5 produced, 2 committed)");
         Ok(())
     });
@@ -48,7 +51,10 @@ fn kafka_consumer_group_lag_through_rdkafka() {
 fn private_rabbitmq_stops_and_comes_back_with_its_persistent_messages() {
     blink_tests::run("rabbit-private", |ctx| async move {
         let mut broker = PrivateRabbitMq::start(ctx.bed()).await?;
-        ensure!(broker.amqp_url != ctx.bed().amqp_url, "not a private instance");
+        ensure!(
+            broker.amqp_url != ctx.bed().amqp_url,
+            "not a private instance"
+        );
         let conn = rabbitmq::connect(&broker.amqp_url).await?;
         rabbitmq::publish(&conn, "jobs", 3).await?;
         drop(conn);
@@ -74,7 +80,10 @@ fn private_kafka_stops_and_comes_back_with_its_offsets() {
     blink_tests::run("kafka-private", |ctx| async move {
         let mut broker = PrivateKafka::start(ctx.bed()).await?;
         let bootstrap = broker.bootstrap.clone();
-        ensure!(bootstrap != ctx.bed().kafka_bootstrap, "not a private instance");
+        ensure!(
+            bootstrap != ctx.bed().kafka_bootstrap,
+            "not a private instance"
+        );
         kafka::create_topic(&bootstrap, "events", 2).await?;
         kafka::produce(&bootstrap, "events", &[0, 1, 1]).await?;
         let b = bootstrap.clone();
@@ -84,7 +93,9 @@ fn private_kafka_stops_and_comes_back_with_its_offsets() {
         broker.stop().await;
         let b = bootstrap.clone();
         ensure!(
-            tokio::task::spawn_blocking(move || kafka::cluster_id(&b)).await?.is_err(),
+            tokio::task::spawn_blocking(move || kafka::cluster_id(&b))
+                .await?
+                .is_err(),
             "a stopped broker still answers"
         );
         broker.restart().await?;

@@ -123,7 +123,9 @@ fn deployment_pods_serve_on_pod_ips_and_cluster_ip_then_scale_to_zero() {
 
         let pods = wait::until(Duration::from_secs(60), "3 Running pods", || async {
             let pods = running_pods(&ctx, "hello").await?;
-            let with_ips = pods.iter().all(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some());
+            let with_ips = pods
+                .iter()
+                .all(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some());
             Ok((pods.len() == 3 && with_ips).then_some(pods))
         })
         .await?;
@@ -136,21 +138,29 @@ fn deployment_pods_serve_on_pod_ips_and_cluster_ip_then_scale_to_zero() {
                 .context("pod IP")?
                 .parse()?;
             ensure!(in_pod_cidr(&ip), "pod IP {ip} outside 10.244.0.0/16");
-            ips.insert(ip.to_string(), pod.metadata.name.clone().unwrap_or_default());
+            ips.insert(
+                ip.to_string(),
+                pod.metadata.name.clone().unwrap_or_default(),
+            );
         }
         let expected_ips: BTreeSet<String> = ips.keys().cloned().collect();
-        wait::until_eq(Duration::from_secs(60), "3 ready endpoints", expected_ips, || {
-            ready_endpoints(&ctx, "hello")
-        })
+        wait::until_eq(
+            Duration::from_secs(60),
+            "3 ready endpoints",
+            expected_ips,
+            || ready_endpoints(&ctx, "hello"),
+        )
         .await?;
         processes.wait_for(3, Duration::from_secs(30)).await?;
 
         // Each replica answers on its own pod IP with its own name.
         for (ip, name) in &ips {
             let url = format!("http://{ip}:8080/");
-            let body = wait::until(Duration::from_secs(10), &format!("replica on {ip}"), || async {
-                Ok(get_fresh(&url).await.ok())
-            })
+            let body = wait::until(
+                Duration::from_secs(10),
+                &format!("replica on {ip}"),
+                || async { Ok(get_fresh(&url).await.ok()) },
+            )
             .await?;
             ensure!(body == *name, "{ip} answered {body:?}, expected {name:?}");
         }
@@ -171,23 +181,40 @@ fn deployment_pods_serve_on_pod_ips_and_cluster_ip_then_scale_to_zero() {
                 seen.insert(body);
             }
         }
-        ensure!(seen == names, "through {cluster_ip} saw only {seen:?} of {names:?}");
+        ensure!(
+            seen == names,
+            "through {cluster_ip} saw only {seen:?} of {names:?}"
+        );
 
         // One PATCH of /scale to 0 by a user of its own removes everything.
         let user = format!("scale-tester-{}", ctx.namespace());
-        let as_user: Api<Deployment> = Api::namespaced(ctx.client_as(&user).await?, ctx.namespace());
+        let as_user: Api<Deployment> =
+            Api::namespaced(ctx.client_as(&user).await?, ctx.namespace());
         patch_scale(&as_user, "hello", 0).await?;
-        wait::until_eq(Duration::from_secs(60), "no pods", 0, || pod_count(&ctx, "hello")).await?;
-        wait::until_eq(Duration::from_secs(60), "no ready endpoints", BTreeSet::new(), || {
-            ready_endpoints(&ctx, "hello")
+        wait::until_eq(Duration::from_secs(60), "no pods", 0, || {
+            pod_count(&ctx, "hello")
         })
+        .await?;
+        wait::until_eq(
+            Duration::from_secs(60),
+            "no ready endpoints",
+            BTreeSet::new(),
+            || ready_endpoints(&ctx, "hello"),
+        )
         .await?;
         processes.wait_for(0, Duration::from_secs(30)).await?;
 
         let events = audit::read(&ctx.bed().audit_log)?;
         let writes = audit::scale_writes(&events, ctx.namespace(), "deployments");
-        ensure!(writes.len() == 1, "expected exactly one /scale write, audit shows {writes:#?}");
-        ensure!(writes[0].verb == "patch" && writes[0].user.username == user, "{:?}", writes[0]);
+        ensure!(
+            writes.len() == 1,
+            "expected exactly one /scale write, audit shows {writes:#?}"
+        );
+        ensure!(
+            writes[0].verb == "patch" && writes[0].user.username == user,
+            "{:?}",
+            writes[0]
+        );
         processes.shutdown().await;
         Ok(())
     });
@@ -209,8 +236,14 @@ fn statefulset_scaled_to_two_gets_two_running_pods() {
             Ok((pods.len() == 2).then_some(pods))
         })
         .await?;
-        let names: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
-        ensure!(names == BTreeSet::from(["web-0".to_string(), "web-1".to_string()]), "{names:?}");
+        let names: BTreeSet<String> = pods
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        ensure!(
+            names == BTreeSet::from(["web-0".to_string(), "web-1".to_string()]),
+            "{names:?}"
+        );
         let events = audit::read(&ctx.bed().audit_log)?;
         ensure!(audit::scale_writes(&events, ctx.namespace(), "statefulsets").len() == 1);
         Ok(())
@@ -224,24 +257,37 @@ fn one_patch_takes_a_deployment_from_zero_to_a_thousand() {
         let api = ctx.api::<Deployment>();
         let started = Instant::now();
         patch_scale(&api, "big", 1000).await?;
-        wait::until_eq(Duration::from_secs(180), "1000 Running pods", 1000, || async {
-            Ok(running_pods(&ctx, "big").await?.len())
-        })
+        wait::until_eq(
+            Duration::from_secs(180),
+            "1000 Running pods",
+            1000,
+            || async { Ok(running_pods(&ctx, "big").await?.len()) },
+        )
         .await?;
         let running_after = started.elapsed();
-        wait::until_eq(Duration::from_secs(180), "1000 ready endpoints", 1000, || async {
-            Ok(ready_endpoints(&ctx, "big").await?.len())
-        })
+        wait::until_eq(
+            Duration::from_secs(180),
+            "1000 ready endpoints",
+            1000,
+            || async { Ok(ready_endpoints(&ctx, "big").await?.len()) },
+        )
         .await?;
         let endpoints_after = started.elapsed();
         let events = audit::read(&ctx.bed().audit_log)?;
         let writes = audit::scale_writes(&events, ctx.namespace(), "deployments");
-        ensure!(writes.len() == 1, "expected one /scale write, audit shows {}", writes.len());
+        ensure!(
+            writes.len() == 1,
+            "expected one /scale write, audit shows {}",
+            writes.len()
+        );
 
         // Back to zero, so the node's capacity is free for other tests.
         let down = Instant::now();
         patch_scale(&api, "big", 0).await?;
-        wait::until_eq(Duration::from_secs(180), "no pods", 0, || pod_count(&ctx, "big")).await?;
+        wait::until_eq(Duration::from_secs(180), "no pods", 0, || {
+            pod_count(&ctx, "big")
+        })
+        .await?;
         eprintln!(
             "0 -> 1000: all Running in {:.1}s, 1000 ready endpoints in {:.1}s; 1000 -> 0 in {:.1}s",
             running_after.as_secs_f64(),
