@@ -1,0 +1,2 @@
+//! The `blink-scaler` binary.
+fn main() {}
