@@ -1,2 +1,4 @@
-//! The `blink-scaler` binary.
-fn main() {}
+//! The `blink-scaler` binary: all of it lives in the library.
+fn main() {
+    blink_scaler::main_entry();
+}

@@ -22,10 +22,13 @@
 pub mod audit;
 pub mod bed;
 pub mod brokers;
+pub mod demand;
 pub mod kafka;
 pub mod pods;
 pub mod rabbitmq;
+pub mod scaler;
 pub mod wait;
+pub mod workloads;
 
 use std::future::Future;
 

@@ -1,0 +1,485 @@
+//! Watches and bookkeeping: which functions exist, who claims which target, and what
+//! changed on the targets. One [`crate::function`] worker per `ScaledObject`; the
+//! controller starts, updates and stops them, and tells each about conflicts (two
+//! objects on one target: both are left alone and say so) and target changes
+//! (metadata-only watches of Deployments and StatefulSets).
+//!
+//! Annotated workloads get their generated `ScaledObject` here ([`crate::generated`]);
+//! the leader alone writes it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use blink_crds::{FunctionKey, ScaledObject};
+use futures::StreamExt;
+use k8s_openapi::{
+    api::apps::v1::{Deployment, StatefulSet},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PartialObjectMeta},
+    runtime::{
+        WatchStreamExt,
+        events::{Event as KubeEvent, EventType},
+        watcher::{self, Event},
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    function::{self, Context, FunctionInput, Handle},
+    generated,
+    target::{FIELD_MANAGER, TargetRef},
+};
+
+/// A target as the conflict check sees it: namespace, kind and name.
+type TargetId = (String, String, String);
+
+fn target_id(target: &TargetRef) -> TargetId {
+    (
+        target.namespace.clone(),
+        target.kind.clone(),
+        target.name.clone(),
+    )
+}
+
+struct Entry {
+    handle: Handle,
+    object: Arc<ScaledObject>,
+    target: TargetId,
+}
+
+/// Everything the controller knows; owned by its one loop, so no locks.
+struct Controller {
+    ctx: Arc<Context>,
+    functions: HashMap<FunctionKey, Entry>,
+    claims: HashMap<TargetId, BTreeSet<FunctionKey>>,
+    /// Workloads seen (metadata), for generated objects and change detection.
+    workloads: HashMap<TargetId, ObjectMeta>,
+    /// What was last applied for each generated object, so it is written on change only.
+    generated: HashMap<TargetId, Option<ScaledObject>>,
+}
+
+enum Change {
+    Object(Event<ScaledObject>),
+    Workload(&'static str, Event<ObjectMeta>),
+    Leadership(bool),
+}
+
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let namespace = ctx.config.watch_namespace.clone();
+    let objects: Api<ScaledObject> = scoped(client.clone(), &namespace);
+    let deployments: Api<PartialObjectMeta<Deployment>> = scoped_meta(client.clone(), &namespace);
+    let statefulsets: Api<PartialObjectMeta<StatefulSet>> = scoped_meta(client.clone(), &namespace);
+    let config = watcher::Config::default();
+    let leader_changes = futures::stream::unfold(ctx.leadership.subscribe(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        let leader = rx.borrow_and_update().is_leader;
+        Some((leader, rx))
+    });
+    let mut changes = futures::stream::select_all([
+        watcher::watcher(objects, config.clone())
+            .default_backoff()
+            .filter_map(|e| async move { e.ok().map(Change::Object) })
+            .boxed(),
+        watcher::watcher(deployments, config.clone())
+            .default_backoff()
+            .filter_map(|e| async move { e.ok().map(|e| Change::Workload("Deployment", metadata_of(e))) })
+            .boxed(),
+        watcher::watcher(statefulsets, config)
+            .default_backoff()
+            .filter_map(|e| async move { e.ok().map(|e| Change::Workload("StatefulSet", metadata_of(e))) })
+            .boxed(),
+        leader_changes.map(Change::Leadership).boxed(),
+    ]);
+    let mut controller = Controller {
+        ctx,
+        functions: HashMap::new(),
+        claims: HashMap::new(),
+        workloads: HashMap::new(),
+        generated: HashMap::new(),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            change = changes.next() => match change {
+                Some(Change::Object(event)) => controller.on_object(event).await,
+                Some(Change::Workload(kind, event)) => controller.on_workload(kind, event).await,
+                Some(Change::Leadership(true)) => controller.reconcile_generated().await,
+                Some(Change::Leadership(false)) => {}
+                None => break,
+            }
+        }
+    }
+    for (_, entry) in controller.functions.drain() {
+        entry.handle.stop().await;
+    }
+    Ok(())
+}
+
+fn scoped<K>(client: kube::Client, namespace: &str) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    if namespace.is_empty() {
+        Api::all(client)
+    } else {
+        Api::namespaced(client, namespace)
+    }
+}
+
+fn scoped_meta<K>(client: kube::Client, namespace: &str) -> Api<PartialObjectMeta<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    if namespace.is_empty() {
+        Api::all(client)
+    } else {
+        Api::namespaced(client, namespace)
+    }
+}
+
+/// Only a workload's metadata matters here, whatever its kind.
+fn metadata_of<K>(event: Event<PartialObjectMeta<K>>) -> Event<ObjectMeta> {
+    match event {
+        Event::Apply(m) => Event::Apply(m.metadata),
+        Event::InitApply(m) => Event::InitApply(m.metadata),
+        Event::Delete(m) => Event::Delete(m.metadata),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+impl Controller {
+    async fn on_object(&mut self, event: Event<ScaledObject>) {
+        match event {
+            Event::Apply(object) | Event::InitApply(object) => self.apply(object).await,
+            Event::Delete(object) => {
+                if let Ok(key) = object.function_key() {
+                    self.remove(&key).await;
+                }
+            }
+            Event::Init | Event::InitDone => {}
+        }
+    }
+
+    async fn apply(&mut self, object: ScaledObject) {
+        let key = match object.function_key() {
+            Ok(key) => key,
+            Err(e) => {
+                warn!(error = %e, "ScaledObject with an unusable name");
+                return;
+            }
+        };
+        let target = target_id(&TargetRef::of(
+            key.namespace(),
+            &object.spec.scale_target_ref,
+        ));
+        let object = Arc::new(object);
+        let mut touched = vec![target.clone()];
+        match self.functions.get_mut(&key) {
+            Some(entry) => {
+                if entry.target != target {
+                    if let Some(set) = self.claims.get_mut(&entry.target) {
+                        set.remove(&key);
+                    }
+                    touched.push(entry.target.clone());
+                    entry.target = target.clone();
+                }
+                entry.object = object.clone();
+            }
+            None => {
+                info!(function = %key, "following");
+                let handle = function::spawn(
+                    self.ctx.clone(),
+                    key.clone(),
+                    FunctionInput {
+                        object: object.clone(),
+                        conflict: None,
+                    },
+                );
+                self.functions.insert(
+                    key.clone(),
+                    Entry {
+                        handle,
+                        object: object.clone(),
+                        target: target.clone(),
+                    },
+                );
+                self.ctx.metrics.functions.inc();
+            }
+        }
+        self.claims.entry(target).or_default().insert(key);
+        for target in touched {
+            self.publish_claims(&target);
+        }
+    }
+
+    async fn remove(&mut self, key: &FunctionKey) {
+        let Some(entry) = self.functions.remove(key) else {
+            return;
+        };
+        info!(function = %key, "no longer following");
+        if let Some(set) = self.claims.get_mut(&entry.target) {
+            set.remove(key);
+            if set.is_empty() {
+                self.claims.remove(&entry.target);
+            }
+        }
+        let triggers: Vec<String> = entry
+            .object
+            .spec
+            .triggers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| format!("{}-{i}", t.trigger_type))
+            })
+            .collect();
+        entry.handle.stop().await;
+        self.ctx
+            .metrics
+            .forget(key.namespace(), key.name(), &triggers);
+        self.ctx.metrics.functions.dec();
+        self.ctx.demand.forget(key);
+        self.publish_claims(&entry.target.clone());
+    }
+
+    /// Sends each claimant of `target` its input, with a conflict when there are two.
+    fn publish_claims(&self, target: &TargetId) {
+        let Some(claimants) = self.claims.get(target) else {
+            return;
+        };
+        for key in claimants {
+            let Some(entry) = self.functions.get(key) else {
+                continue;
+            };
+            let others: Vec<String> = claimants
+                .iter()
+                .filter(|k| *k != key)
+                .map(|k| format!("ScaledObject {}", k.name()))
+                .collect();
+            let conflict = (!others.is_empty()).then(|| {
+                format!(
+                    "{} {} is also claimed by {}",
+                    target.1,
+                    target.2,
+                    others.join(", ")
+                )
+            });
+            let input = FunctionInput {
+                object: entry.object.clone(),
+                conflict,
+            };
+            entry.handle.input.send_replace(input);
+        }
+    }
+
+    async fn on_workload(&mut self, kind: &'static str, event: Event<ObjectMeta>) {
+        match event {
+            Event::Apply(meta) | Event::InitApply(meta) => {
+                let id = (
+                    meta.namespace.clone().unwrap_or_default(),
+                    kind.to_owned(),
+                    meta.name.clone().unwrap_or_default(),
+                );
+                let previous = self.workloads.insert(id.clone(), meta.clone());
+                let generation_changed = previous
+                    .as_ref()
+                    .is_some_and(|p| p.generation != meta.generation);
+                if let Some(claimants) = self.claims.get(&id) {
+                    let manager = generation_changed
+                        .then(|| replicas_manager(&meta))
+                        .flatten();
+                    for key in claimants {
+                        if let Some(entry) = self.functions.get(key) {
+                            entry.handle.target_changed.send_replace(manager.clone());
+                        }
+                    }
+                }
+                self.reconcile_workload(&id).await;
+            }
+            Event::Delete(meta) => {
+                let id = (
+                    meta.namespace.clone().unwrap_or_default(),
+                    kind.to_owned(),
+                    meta.name.clone().unwrap_or_default(),
+                );
+                self.workloads.remove(&id);
+                // The generated object goes with its owner (garbage collection).
+                self.generated.remove(&id);
+            }
+            Event::Init | Event::InitDone => {}
+        }
+    }
+
+    async fn reconcile_generated(&mut self) {
+        let ids: Vec<TargetId> = self.workloads.keys().cloned().collect();
+        self.generated.clear();
+        for id in ids {
+            self.reconcile_workload(&id).await;
+        }
+    }
+
+    /// Writes, updates or deletes the generated object of one workload (leader only).
+    async fn reconcile_workload(&mut self, id: &TargetId) {
+        if !self.ctx.leadership.state().is_leader {
+            return;
+        }
+        let Some(meta) = self.workloads.get(id) else {
+            return;
+        };
+        let metadata = meta.clone();
+        let empty = BTreeMap::new();
+        let annotations = metadata.annotations.as_ref().unwrap_or(&empty);
+        let api: Api<ScaledObject> = Api::namespaced(self.ctx.client.clone(), &id.0);
+        if !generated::opted_in(annotations) {
+            if let Some(Some(_)) = self.generated.insert(id.clone(), None) {
+                self.delete_generated(&api, &id.2).await;
+            } else if self.generated_exists(&api, &id.2).await {
+                self.delete_generated(&api, &id.2).await;
+            }
+            return;
+        }
+        let wanted = match generated::generate("apps/v1", &id.1, &metadata) {
+            Ok(object) => object,
+            Err(message) => {
+                self.workload_event(id, &metadata, EventType::Warning, "InvalidAnnotation", message);
+                return;
+            }
+        };
+        if self.generated.get(id).and_then(|o| o.as_ref()) == Some(&wanted) {
+            return;
+        }
+        match api.get_opt(&id.2).await {
+            Ok(Some(existing)) if !generated::is_generated(&existing) => {
+                self.workload_event(
+                    id,
+                    &metadata,
+                    EventType::Warning,
+                    "Conflict",
+                    format!(
+                        "a ScaledObject named {} already exists and was not generated by Blink; the annotation is not applied",
+                        id.2
+                    ),
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(workload = %id.2, error = %e, "could not read the generated ScaledObject");
+                return;
+            }
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api.patch(&id.2, &params, &Patch::Apply(&wanted)).await {
+            Ok(_) => {
+                self.generated.insert(id.clone(), Some(wanted));
+            }
+            Err(e) => warn!(workload = %id.2, error = %e, "could not write the generated ScaledObject"),
+        }
+    }
+
+    async fn generated_exists(&self, api: &Api<ScaledObject>, name: &str) -> bool {
+        matches!(api.get_opt(name).await, Ok(Some(o)) if generated::is_generated(&o))
+    }
+
+    async fn delete_generated(&self, api: &Api<ScaledObject>, name: &str) {
+        if let Ok(Some(object)) = api.get_opt(name).await
+            && generated::is_generated(&object)
+            && let Err(e) = api.delete(name, &DeleteParams::default()).await
+        {
+            warn!(workload = %name, error = %e, "could not delete the generated ScaledObject");
+        }
+    }
+
+    fn workload_event(
+        &self,
+        id: &TargetId,
+        metadata: &ObjectMeta,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("apps/v1".to_owned()),
+            kind: Some(id.1.clone()),
+            name: metadata.name.clone(),
+            namespace: metadata.namespace.clone(),
+            uid: metadata.uid.clone(),
+            ..Default::default()
+        };
+        let recorder = self.ctx.recorder.clone();
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Generate".to_owned(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            let _ = recorder.publish(&event, &reference).await;
+        });
+    }
+}
+
+/// The field manager that owns `spec.replicas` now, when it is not Blink.
+fn replicas_manager(metadata: &ObjectMeta) -> Option<String> {
+    let entries = metadata.managed_fields.as_ref()?;
+    let owner = entries.iter().rev().find(|entry| {
+        entry.subresource.as_deref() == Some("scale")
+            || entry
+                .fields_v1
+                .as_ref()
+                .and_then(|f| f.0.get("f:spec"))
+                .and_then(|spec| spec.get("f:replicas"))
+                .is_some()
+    })?;
+    let manager = owner.manager.clone()?;
+    (manager != FIELD_MANAGER).then_some(manager)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    fn entry(manager: &str, subresource: Option<&str>, fields: serde_json::Value) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.to_owned()),
+            subresource: subresource.map(str::to_owned),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_replicas_owner_is_found() {
+        let replicas = serde_json::json!({"f:spec": {"f:replicas": {}}});
+        let other = serde_json::json!({"f:spec": {"f:template": {}}});
+        let cases = [
+            (vec![entry("kubectl", None, replicas.clone())], Some("kubectl")),
+            (vec![entry(FIELD_MANAGER, Some("scale"), replicas.clone())], None),
+            (vec![entry("kubectl-scale", Some("scale"), replicas.clone())], Some("kubectl-scale")),
+            (vec![entry("kubectl", None, other)], None),
+            (vec![], None),
+        ];
+        for (entries, expected) in cases {
+            let metadata = ObjectMeta {
+                managed_fields: Some(entries),
+                ..Default::default()
+            };
+            assert_eq!(replicas_manager(&metadata).as_deref(), expected);
+        }
+    }
+}

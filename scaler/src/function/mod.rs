@@ -1,0 +1,902 @@
+//! One task per function: the single writer of its replica count.
+//!
+//! A worker owns everything about one `ScaledObject` while this scaler leads: it polls
+//! the pull triggers on their interval, reads the activators' demand every second (for
+//! `http`) and at once on a poke, runs the pure [`crate::decide`] pipeline, PATCHes
+//! `/scale` through the [`writer::Writer`] when the count changes, undoes drift, keeps
+//! the status (coalesced) and publishes an Event on every scale. A slow trigger source
+//! never delays a decision: reads run in their own tasks and report back.
+
+pub mod plan;
+pub mod status;
+pub mod writer;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use blink_crds::{Condition, FunctionKey, ScaledObject, ScaledObjectStatus};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder},
+};
+use tokio::{
+    sync::{Notify, mpsc, watch},
+    task::JoinHandle,
+    time::{MissedTickBehavior, interval, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::Config,
+    decide::{self, Decision, Input, Paused, Reading, Step},
+    demand::Demand,
+    leader::Leadership,
+    metrics::{FunctionLabels, Metrics, ScaleLabels, TriggerLabels},
+    target::{FIELD_MANAGER, Replicas, TargetError},
+    triggers::{self, Connections, Measurement, PullTrigger, TriggerError},
+};
+use plan::{Plan, Refusal, TriggerPlan};
+use status::StatusBook;
+use writer::{Writer, Written};
+
+/// Removed only after the target got its original count back (when asked) and
+/// Blink's own objects for the function are gone.
+pub const FINALIZER: &str = "blink.sh/finalizer";
+
+/// What the controller tells a worker about its object.
+#[derive(Clone, Debug)]
+pub struct FunctionInput {
+    pub object: Arc<ScaledObject>,
+    /// Another object claims the same target: its description.
+    pub conflict: Option<String>,
+}
+
+/// What every worker shares.
+pub struct Context {
+    pub client: Client,
+    pub config: Arc<Config>,
+    pub writer: Writer,
+    pub demand: Arc<Demand>,
+    pub leadership: Leadership,
+    pub connections: Connections,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// The controller's end of a worker.
+#[derive(Debug)]
+pub struct Handle {
+    pub input: watch::Sender<FunctionInput>,
+    /// The target changed (any write); carries the field manager of a replica change
+    /// made by someone else, when the controller saw one.
+    pub target_changed: watch::Sender<Option<String>>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Handle {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+pub fn spawn(ctx: Arc<Context>, key: FunctionKey, input: FunctionInput) -> Handle {
+    let (input_tx, input_rx) = watch::channel(input);
+    let (changed_tx, changed_rx) = watch::channel(None);
+    let cancel = CancellationToken::new();
+    let worker = Worker::new(ctx, key, input_rx, changed_rx);
+    let task = tokio::spawn(worker.run(cancel.clone()));
+    Handle {
+        input: input_tx,
+        target_changed: changed_tx,
+        cancel,
+        task,
+    }
+}
+
+/// A pull trigger's slot: the built trigger (or why it could not be built), its last
+/// reading and when to poll next.
+#[derive(Debug)]
+struct PullSlot {
+    index: usize,
+    spec: blink_crds::ScaleTrigger,
+    /// Built on the first read (and again after a failed build), in the read's task.
+    trigger: Option<Arc<dyn PullTrigger>>,
+    reading: Option<Reading>,
+    last_error: Option<TriggerError>,
+    in_flight: bool,
+    next_poll: Instant,
+}
+
+struct PullResult {
+    generation: u64,
+    slot: usize,
+    built: Option<Arc<dyn PullTrigger>>,
+    result: Result<Measurement, TriggerError>,
+}
+
+struct Worker {
+    ctx: Arc<Context>,
+    key: FunctionKey,
+    labels: FunctionLabels,
+    input: watch::Receiver<FunctionInput>,
+    target_changed: watch::Receiver<Option<String>>,
+    waker: Arc<Notify>,
+    object: Arc<ScaledObject>,
+    object_ref: ObjectReference,
+    conflict: Option<String>,
+    plan: Result<Plan, Refusal>,
+    /// Bumped on every rebuild, so results of an older plan's reads are dropped.
+    generation: u64,
+    pulls: Vec<PullSlot>,
+    results_tx: mpsc::Sender<PullResult>,
+    results_rx: mpsc::Receiver<PullResult>,
+    state: Option<decide::State>,
+    replicas: Option<Replicas>,
+    last_read: Option<Instant>,
+    /// The count this worker last set (drift is a change away from it).
+    last_set: Option<i32>,
+    target_error: Option<TargetError>,
+    book: StatusBook,
+    was_active: bool,
+    poked_at: Option<Instant>,
+    undos: HashMap<String, u32>,
+    drift_conflict: Option<String>,
+    taken_over: bool,
+}
+
+impl Worker {
+    fn new(
+        ctx: Arc<Context>,
+        key: FunctionKey,
+        input: watch::Receiver<FunctionInput>,
+        target_changed: watch::Receiver<Option<String>>,
+    ) -> Self {
+        let first = input.borrow().clone();
+        let (results_tx, results_rx) = mpsc::channel(64);
+        let waker = ctx.demand.waker(&key);
+        let labels = FunctionLabels {
+            namespace: key.namespace().to_owned(),
+            name: key.name().to_owned(),
+        };
+        Self {
+            book: StatusBook::new(first.object.status.clone(), Duration::from_secs(1)),
+            object_ref: first.object.object_ref(&()),
+            plan: plan::plan(&first.object),
+            object: first.object,
+            conflict: first.conflict,
+            ctx,
+            key,
+            labels,
+            input,
+            target_changed,
+            waker,
+            generation: 0,
+            pulls: Vec::new(),
+            results_tx,
+            results_rx,
+            state: None,
+            replicas: None,
+            last_read: None,
+            last_set: None,
+            target_error: None,
+            was_active: false,
+            poked_at: None,
+            undos: HashMap::new(),
+            drift_conflict: None,
+            taken_over: false,
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        self.rebuild().await;
+        let mut leadership = self.ctx.leadership.subscribe();
+        let mut tick = interval(self.tick_period());
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let status_due = self.book.next_write_at();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                changed = self.input.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let input = self.input.borrow_and_update().clone();
+                    let spec_changed = input.object.spec != self.object.spec
+                        || input.object.annotations() != self.object.annotations();
+                    self.object = input.object;
+                    self.conflict = input.conflict;
+                    if spec_changed {
+                        self.rebuild().await;
+                        tick = interval(self.tick_period());
+                        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    }
+                }
+                _ = self.waker.notified() => {
+                    self.poked_at.get_or_insert_with(Instant::now);
+                }
+                changed = self.target_changed.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let manager = self.target_changed.borrow_and_update().clone();
+                    self.on_target_changed(manager).await;
+                }
+                Some(result) = self.results_rx.recv() => self.on_pull_result(result),
+                changed = leadership.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let state = leadership.borrow_and_update().clone();
+                    if !state.is_leader {
+                        // A future term starts from the cluster's state, not ours.
+                        self.state = None;
+                        self.replicas = None;
+                    }
+                }
+                _ = tick.tick() => self.poll_due(),
+                _ = sleep_until(status_due.unwrap_or_else(Instant::now).into()), if status_due.is_some() => {
+                    self.write_status().await;
+                    continue;
+                }
+            }
+            self.step().await;
+        }
+        debug!(function = %self.key, "worker stopped");
+    }
+
+    fn tick_period(&self) -> Duration {
+        match &self.plan {
+            Ok(plan) if plan.has_http() => Duration::from_secs(1),
+            Ok(plan) => plan.polling_interval.min(Duration::from_secs(1)).max(
+                // Pull-only objects still tick each second so pokes of held messages and
+                // status coalescing are served; reads keep their own interval.
+                Duration::from_secs(1),
+            ),
+            Err(_) => Duration::from_secs(5),
+        }
+    }
+
+    /// Re-plans after a spec change; pull triggers are (re)built by their next read.
+    async fn rebuild(&mut self) {
+        self.generation += 1;
+        self.plan = plan::plan(&self.object);
+        self.object_ref = self.object.object_ref(&());
+        self.pulls.clear();
+        let Ok(plan) = &self.plan else { return };
+        for (index, trigger) in plan.triggers.iter().enumerate() {
+            if let TriggerPlan::Pull { trigger, .. } = trigger {
+                self.pulls.push(PullSlot {
+                    index,
+                    spec: trigger.clone(),
+                    trigger: None,
+                    reading: None,
+                    last_error: None,
+                    in_flight: false,
+                    next_poll: Instant::now(),
+                });
+            }
+        }
+        self.poll_due();
+    }
+
+    /// The target's pod template, for `…FromEnv` keys and `env` auth sources. Only
+    /// Deployments and StatefulSets have one Blink reads.
+    async fn pod_template(
+        client: Client,
+        target: crate::target::TargetRef,
+    ) -> Option<k8s_openapi::api::core::v1::PodTemplateSpec> {
+        use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+        match (target.api_version.as_str(), target.kind.as_str()) {
+            ("apps/v1", "Deployment") => Api::<Deployment>::namespaced(client, &target.namespace)
+                .get_opt(&target.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.spec)
+                .map(|s| s.template),
+            ("apps/v1", "StatefulSet") => Api::<StatefulSet>::namespaced(client, &target.namespace)
+                .get_opt(&target.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.spec)
+                .map(|s| s.template),
+            _ => None,
+        }
+    }
+
+    /// Starts a read of every pull trigger whose interval is up (leader only).
+    fn poll_due(&mut self) {
+        if !self.ctx.leadership.state().is_leader {
+            return;
+        }
+        let Ok(plan) = &self.plan else { return };
+        let now = Instant::now();
+        let timeout = self.ctx.config.trigger_timeout;
+        for (slot_index, slot) in self.pulls.iter_mut().enumerate() {
+            if slot.in_flight || now < slot.next_poll {
+                continue;
+            }
+            slot.next_poll = now + plan.polling_interval;
+            slot.in_flight = true;
+            let tx = self.results_tx.clone();
+            let generation = self.generation;
+            let built = slot.trigger.clone();
+            let spec = slot.spec.clone();
+            let ctx = self.ctx.clone();
+            let namespace = self.key.namespace().to_owned();
+            let target = plan.target.clone();
+            let env_container = self
+                .object
+                .spec
+                .scale_target_ref
+                .env_source_container_name
+                .clone();
+            tokio::spawn(async move {
+                let read = async {
+                    let trigger = match built {
+                        Some(trigger) => trigger,
+                        None => {
+                            let template = Self::pod_template(ctx.client.clone(), target).await;
+                            let params = triggers::resolve(
+                                &ctx.client,
+                                &namespace,
+                                &spec,
+                                template.as_ref(),
+                                env_container.as_deref(),
+                            )
+                            .await?;
+                            triggers::build(&spec.trigger_type, &params, &ctx.connections)?
+                        }
+                    };
+                    let measured = trigger.measure().await;
+                    Ok::<_, TriggerError>((trigger, measured))
+                };
+                let (built, result) = match tokio::time::timeout(timeout, read).await {
+                    Ok(Ok((trigger, measured))) => (Some(trigger), measured),
+                    Ok(Err(e)) => (None, Err(e)),
+                    Err(_) => (
+                        None,
+                        Err(TriggerError::Timeout(format!("no answer within {timeout:?}"))),
+                    ),
+                };
+                let _ = tx
+                    .send(PullResult {
+                        generation,
+                        slot: slot_index,
+                        built,
+                        result,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    fn on_pull_result(&mut self, result: PullResult) {
+        if result.generation != self.generation {
+            return;
+        }
+        let Some(slot) = self.pulls.get_mut(result.slot) else {
+            return;
+        };
+        slot.in_flight = false;
+        if result.built.is_some() {
+            slot.trigger = result.built;
+        }
+        let name = match &self.plan {
+            Ok(plan) => plan.triggers[slot.index].name().to_owned(),
+            Err(_) => return,
+        };
+        let labels = TriggerLabels {
+            namespace: self.labels.namespace.clone(),
+            name: self.labels.name.clone(),
+            trigger: name.clone(),
+        };
+        match result.result {
+            Ok(m) => {
+                self.ctx.metrics.trigger_value.get_or_create(&labels).set(m.value);
+                slot.reading = Some(Reading::Metric {
+                    value: m.value,
+                    target: m.target,
+                    activation: m.activation,
+                });
+                slot.last_error = None;
+            }
+            Err(e) => {
+                self.ctx.metrics.trigger_errors.get_or_create(&labels).inc();
+                debug!(function = %self.key, trigger = %name, error = %e, "trigger read failed");
+                slot.reading = Some(Reading::Failed);
+                slot.last_error = Some(e);
+            }
+        }
+    }
+
+    /// Reads `/scale` when this worker has no fresh count.
+    async fn ensure_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
+        let fresh = self
+            .last_read
+            .is_some_and(|at| at.elapsed() < self.ctx.config.resync);
+        if let (Some(replicas), true) = (self.replicas, fresh) {
+            return Some(replicas);
+        }
+        self.read_replicas(plan).await
+    }
+
+    async fn read_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
+        match self.ctx.writer.scale().get(&plan.target).await {
+            Ok(replicas) => {
+                self.replicas = Some(replicas);
+                self.last_read = Some(Instant::now());
+                self.target_error = None;
+                self.ctx
+                    .metrics
+                    .current_replicas
+                    .get_or_create(&self.labels)
+                    .set(i64::from(replicas.current));
+                Some(replicas)
+            }
+            Err(e) => {
+                self.target_error = Some(e);
+                self.replicas = None;
+                None
+            }
+        }
+    }
+
+    async fn on_target_changed(&mut self, manager: Option<String>) {
+        let Ok(plan) = self.plan.clone() else { return };
+        if !self.ctx.leadership.state().is_leader {
+            return;
+        }
+        let Some(replicas) = self.read_replicas(&plan).await else {
+            return;
+        };
+        let Some(ours) = self.last_set else { return };
+        if replicas.desired == ours || self.drift_conflict.is_some() || self.conflict.is_some() {
+            return;
+        }
+        let manager = manager.unwrap_or_else(|| "an unknown writer".to_owned());
+        let undos = {
+            let count = self.undos.entry(manager.clone()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if undos > self.ctx.config.drift_undo_limit {
+            warn!(function = %self.key, %manager, "replica changes keep coming from another writer; leaving the target alone");
+            self.drift_conflict = Some(manager.clone());
+            self.event(
+                EventType::Warning,
+                "Conflict",
+                "Conflict",
+                format!(
+                    "{} keeps setting the replicas of {} ({} times); Blink leaves it alone until the ScaledObject changes",
+                    manager, plan.target, undos
+                ),
+            );
+            return;
+        }
+        info!(function = %self.key, %manager, from = replicas.desired, to = ours, "undoing a replica change");
+        if let Ok(Written::Set(after)) = self
+            .ctx
+            .writer
+            .set(&self.key, &plan.target, ours, plan.policy.min.max(1))
+            .await
+        {
+            self.replicas = Some(after);
+            self.event(
+                EventType::Normal,
+                "ReplicasRestored",
+                "Scale",
+                format!(
+                    "{} set {} to {} replicas; restored to {}",
+                    manager, plan.target, replicas.desired, ours
+                ),
+            );
+        }
+    }
+
+    /// One decision, and whatever it takes to act on it.
+    async fn step(&mut self) {
+        let leader = self.ctx.leadership.state();
+        if !leader.is_leader {
+            return;
+        }
+        let plan = match &self.plan {
+            Ok(plan) => plan.clone(),
+            Err(refusal) => {
+                let refusal = refusal.clone();
+                self.book
+                    .condition(Condition::READY, false, refusal.reason, refusal.message);
+                return;
+            }
+        };
+        if self.object.meta().deletion_timestamp.is_some() {
+            self.finalize(&plan).await;
+            return;
+        }
+        let Some(replicas) = self.ensure_replicas(&plan).await else {
+            if let Some(e) = &self.target_error {
+                let (reason, message) = (e.reason(), e.to_string());
+                self.book.condition(Condition::READY, false, reason, message);
+            }
+            return;
+        };
+        if !self.taken_over {
+            self.take_over(replicas).await;
+        }
+        // Wait for every pull trigger's first read: deciding on "no reading yet" would
+        // count as a failure or as silence, and neither is true.
+        if self
+            .pulls
+            .iter()
+            .any(|slot| slot.reading.is_none())
+        {
+            return;
+        }
+        let now = Instant::now();
+        let acquired_at = leader.acquired_at.unwrap_or(now);
+        let state = self.state.get_or_insert_with(|| {
+            decide::State::seeded(
+                now,
+                replicas.desired,
+                self.object.status.as_ref().and_then(|s| s.desired_replicas),
+            )
+        });
+        let demand = self.ctx.demand.aggregate(&self.key, now);
+        let mut readings = Vec::with_capacity(plan.triggers.len());
+        for (index, trigger) in plan.triggers.iter().enumerate() {
+            readings.push(match trigger {
+                TriggerPlan::Http {
+                    target_concurrency, ..
+                } => Reading::Http {
+                    concurrency: demand.concurrency,
+                    target: *target_concurrency,
+                    active: demand.active,
+                },
+                TriggerPlan::Pull { .. } => self
+                    .pulls
+                    .iter()
+                    .find(|slot| slot.index == index)
+                    .and_then(|slot| slot.reading.clone())
+                    .unwrap_or(Reading::Failed),
+            });
+        }
+        let conflict = self.conflict.is_some() || self.drift_conflict.is_some();
+        let input = Input {
+            now,
+            current: replicas.desired,
+            ready: replicas.current,
+            paused: plan.paused,
+            conflict,
+            stalled: false,
+            triggers: &readings,
+            held_work: demand.held_work || self.poked_at.is_some(),
+            lease_acquired_at: acquired_at,
+        };
+        let started = Instant::now();
+        let decision = decide::decide(&plan.policy, state, &input);
+        self.ctx
+            .metrics
+            .decision_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.ctx
+            .metrics
+            .desired_replicas
+            .get_or_create(&self.labels)
+            .set(i64::from(decision.replicas));
+        self.record_conditions(&plan, &decision);
+        let poked_at = self.poked_at.take();
+        if decision.replicas != replicas.desired && !conflict {
+            self.scale(&plan, replicas, &decision, &readings, poked_at).await;
+        }
+    }
+
+    fn record_conditions(&mut self, plan: &Plan, decision: &Decision) {
+        let book = &mut self.book;
+        book.update(|s| s.desired_replicas = Some(decision.replicas));
+        if let Some(replicas) = self.replicas {
+            book.update(|s| s.current_replicas = Some(replicas.current));
+        }
+        // Ready: the first trigger error names the problem; else all is well.
+        let failing = self.pulls.iter().find_map(|slot| {
+            let error = slot.last_error.as_ref()?;
+            Some((plan.triggers[slot.index].name().to_owned(), error))
+        });
+        if let Some(conflict) = self.conflict.as_ref().or(self.drift_conflict.as_ref()) {
+            let message = format!("Blink leaves {} alone: {conflict}", plan.target);
+            book.condition(Condition::CONFLICT, true, "TargetConflict", message.clone());
+            book.condition(Condition::READY, false, "Conflict", message);
+        } else {
+            book.condition(Condition::CONFLICT, false, "NoConflict", "Blink is the only owner of the target");
+            match failing {
+                Some((name, error)) => book.condition(
+                    Condition::READY,
+                    false,
+                    error.reason(),
+                    format!("trigger {name}: {error}"),
+                ),
+                None if plan.policy.transparent_http_only => book.condition(
+                    Condition::READY,
+                    true,
+                    "NoWarmTrafficTrigger",
+                    "transparent mode with only the http trigger: warm traffic bypasses the activator, so after its first wake the function stays at 1 or more; add a trigger that sees warm traffic (e.g. prometheus) to let it go back to zero",
+                ),
+                None => book.condition(Condition::READY, true, "ScaledObjectReady", "the triggers are read and the target is scalable"),
+            }
+        }
+        match plan.paused {
+            Some(Paused::At(n)) => book.condition(Condition::PAUSED, true, "PausedReplicas", format!("paused at {n} replicas by annotation")),
+            Some(Paused::Hold) => book.condition(Condition::PAUSED, true, "Paused", "paused by annotation: the count is frozen"),
+            None => book.condition(Condition::PAUSED, false, "NotPaused", "scaling follows the triggers"),
+        }
+        if decision.fallback {
+            let replicas = plan
+                .policy
+                .fallback
+                .as_ref()
+                .map(|f| f.replicas)
+                .unwrap_or_default();
+            book.condition(
+                Condition::FALLBACK,
+                true,
+                "FallbackActive",
+                format!("a trigger failed past its failureThreshold; its share is the fallback count ({replicas} replicas)"),
+            );
+        } else {
+            book.condition(Condition::FALLBACK, false, "NoFallback", "every trigger is read");
+        }
+        if decision.active {
+            book.condition(Condition::ACTIVE, true, "TriggerActive", "a trigger is active or an activator holds work");
+        } else {
+            book.condition(Condition::ACTIVE, false, "TriggersInactive", "no trigger is active and no work is held");
+        }
+        // lastActiveTime is written when activity ends (the cooldown starts counting),
+        // not on every active tick.
+        if self.was_active && !decision.active {
+            book.update(|s| s.last_active_time = Some(status::now()));
+        }
+        self.was_active = decision.active;
+    }
+
+    /// First decision of this term: record the original count (once per object) and
+    /// make sure the finalizer is there; a new leader also stamps lastActiveTime.
+    async fn take_over(&mut self, replicas: Replicas) {
+        self.taken_over = true;
+        if self
+            .object
+            .status
+            .as_ref()
+            .and_then(|s| s.original_replica_count)
+            .is_none()
+        {
+            self.book
+                .update(|s| s.original_replica_count = Some(replicas.desired));
+        }
+        self.book.update(|s| s.last_active_time = Some(status::now()));
+        if !self.object.finalizers().iter().any(|f| f == FINALIZER) {
+            let mut finalizers = self.object.finalizers().to_vec();
+            finalizers.push(FINALIZER.to_owned());
+            let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
+            if let Err(e) = self.api().patch(self.key.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+                warn!(function = %self.key, error = %e, "could not add the finalizer");
+                self.taken_over = false;
+            }
+        }
+    }
+
+    async fn scale(
+        &mut self,
+        plan: &Plan,
+        before: Replicas,
+        decision: &Decision,
+        readings: &[Reading],
+        poked_at: Option<Instant>,
+    ) {
+        let to = decision.replicas;
+        let wake = plan.policy.min.max(1);
+        match self.ctx.writer.set(&self.key, &plan.target, to, wake).await {
+            Ok(Written::Set(after)) => {
+                self.after_scale(plan, before.desired, after, decision, readings, poked_at);
+            }
+            Ok(Written::ZeroRewoken(after)) => {
+                self.after_scale(plan, before.desired, Replicas { desired: 0, ..after }, decision, readings, None);
+                self.after_scale(plan, 0, after, decision, readings, Some(Instant::now()));
+            }
+            Ok(Written::ZeroVetoed) => {
+                debug!(function = %self.key, "scale to zero vetoed: work arrived");
+            }
+            Err(e) => {
+                warn!(function = %self.key, error = %e, "scale failed");
+                self.replicas = None;
+                let (reason, message) = (e.reason(), e.to_string());
+                self.book.condition(Condition::READY, false, reason, message);
+            }
+        }
+    }
+
+    fn after_scale(
+        &mut self,
+        plan: &Plan,
+        from: i32,
+        after: Replicas,
+        decision: &Decision,
+        readings: &[Reading],
+        poked_at: Option<Instant>,
+    ) {
+        let to = after.desired;
+        self.replicas = Some(after);
+        self.last_set = Some(to);
+        if let Some(at) = poked_at {
+            self.ctx.metrics.poke_to_patch.observe(at.elapsed().as_secs_f64());
+        }
+        let direction = if to > from { "up" } else { "down" };
+        self.ctx
+            .metrics
+            .scale_actions
+            .get_or_create(&ScaleLabels {
+                namespace: self.labels.namespace.clone(),
+                name: self.labels.name.clone(),
+                direction,
+            })
+            .inc();
+        if from == 0 && to > 0 {
+            self.ctx.metrics.cold_starts.get_or_create(&self.labels).inc();
+        }
+        let why = explain(plan, decision, readings);
+        info!(function = %self.key, from, to, step = ?decision.step, %why, "scaled");
+        let reason = match (from, to) {
+            (0, _) => "ScaledFromZero",
+            (_, 0) => "ScaledToZero",
+            _ if to > from => "ScaledUp",
+            _ => "ScaledDown",
+        };
+        self.event(
+            EventType::Normal,
+            reason,
+            "Scale",
+            format!("{} from {from} to {to}: {why}", plan.target),
+        );
+    }
+
+    /// The object is being deleted: give the target back its original count when
+    /// asked, then let the object go.
+    async fn finalize(&mut self, plan: &Plan) {
+        if !self.object.finalizers().iter().any(|f| f == FINALIZER) {
+            return;
+        }
+        let original = self
+            .object
+            .status
+            .as_ref()
+            .and_then(|s| s.original_replica_count);
+        if let (true, Some(original)) = (plan.restore_original, original) {
+            match self
+                .ctx
+                .writer
+                .set(&self.key, &plan.target, original, original.max(1))
+                .await
+            {
+                Ok(_) => self.event(
+                    EventType::Normal,
+                    "ReplicasRestored",
+                    "Finalize",
+                    format!("{} restored to its original {original} replicas", plan.target),
+                ),
+                Err(TargetError::NotFound(_)) => {}
+                Err(e) => {
+                    warn!(function = %self.key, error = %e, "could not restore the original count; will retry");
+                    return;
+                }
+            }
+        }
+        let finalizers: Vec<String> = self
+            .object
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
+        if let Err(e) = self
+            .api()
+            .patch(self.key.name(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(function = %self.key, error = %e, "could not remove the finalizer; will retry");
+        }
+    }
+
+    async fn write_status(&mut self) {
+        if !self.ctx.leadership.can_write(Instant::now()) {
+            return;
+        }
+        let Some(status) = self.book.due(Instant::now()) else {
+            return;
+        };
+        let patch = serde_json::json!({ "status": status_patch(&status) });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        match self
+            .api()
+            .patch_status(self.key.name(), &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.book.written(status, Instant::now()),
+            Err(e) => {
+                debug!(function = %self.key, error = %e, "status write failed; will retry");
+                self.book.written(ScaledObjectStatus::default(), Instant::now());
+            }
+        }
+    }
+
+    fn api(&self) -> Api<ScaledObject> {
+        Api::namespaced(self.ctx.client.clone(), self.key.namespace())
+    }
+
+    /// Publishes an Event about the object without holding up the worker.
+    fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        if !self.ctx.leadership.can_write(Instant::now()) {
+            return;
+        }
+        let recorder = self.ctx.recorder.clone();
+        let reference = self.object_ref.clone();
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                debug!(error = %e, "event not published");
+            }
+        });
+    }
+}
+
+/// A merge patch sets only the fields it names; conditions are replaced whole.
+fn status_patch(status: &ScaledObjectStatus) -> serde_json::Value {
+    serde_json::to_value(status).unwrap_or_default()
+}
+
+/// One line naming what drove a decision: the step and each trigger's numbers.
+fn explain(plan: &Plan, decision: &Decision, readings: &[Reading]) -> String {
+    let mut parts = Vec::with_capacity(readings.len() + 1);
+    parts.push(format!("{:?}", decision.step).to_lowercase());
+    for (trigger, reading) in plan.triggers.iter().zip(readings) {
+        parts.push(match reading {
+            Reading::Metric { value, target, .. } => {
+                format!("{} {value}/{target}", trigger.name())
+            }
+            Reading::Http {
+                concurrency,
+                target,
+                ..
+            } => format!("{} concurrency {concurrency:.1}/{target}", trigger.name()),
+            Reading::Failed => format!("{} failing", trigger.name()),
+        });
+    }
+    if decision.step == Step::Fallback {
+        parts.push("fallback".to_owned());
+    }
+    parts.join(", ")
+}

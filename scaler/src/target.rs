@@ -1,0 +1,229 @@
+//! The `ScaleTarget` seam: read and set a workload's replica count. The Kubernetes
+//! implementation speaks the `/scale` subresource of any resource that has one
+//! (Deployments, StatefulSets, custom resources), found by discovery once per kind.
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use futures::future::BoxFuture;
+use kube::{
+    Client,
+    api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    discovery::{self, Scope},
+};
+use tokio::sync::Mutex;
+
+/// The field manager of every write Blink makes, so `managedFields` and the audit log
+/// tell Blink's writes from everyone else's.
+pub const FIELD_MANAGER: &str = "blink-scaler";
+
+/// A workload's replica counts as `/scale` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replicas {
+    /// `spec.replicas`: what was asked for.
+    pub desired: i32,
+    /// `status.replicas`: what exists.
+    pub current: i32,
+}
+
+/// Where a function's replicas live: `namespace`, API version, kind and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TargetRef {
+    pub namespace: String,
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+}
+
+impl TargetRef {
+    /// The target of a `ScaledObject`: `apps/v1 Deployment` unless it says otherwise
+    /// (KEDA's defaults).
+    pub fn of(namespace: &str, target: &blink_crds::scaled_object::ScaleTarget) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            api_version: target
+                .api_version
+                .clone()
+                .unwrap_or_else(|| "apps/v1".to_owned()),
+            kind: target
+                .kind
+                .clone()
+                .unwrap_or_else(|| "Deployment".to_owned()),
+            name: target.name.clone(),
+        }
+    }
+
+    pub fn gvk(&self) -> GroupVersionKind {
+        let (group, version) = match self.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", self.api_version.as_str()),
+        };
+        GroupVersionKind::gvk(group, version, &self.kind)
+    }
+}
+
+impl fmt::Display for TargetRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Why a target could not be read or set; the reason is a condition reason.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("scale target {0} does not exist")]
+    NotFound(String),
+    #[error("scale target kind {0} is not served by the API server")]
+    UnknownKind(String),
+    #[error("scale target {0} has no /scale subresource")]
+    NoScaleSubresource(String),
+    #[error("scale target {target}: {source}")]
+    Api {
+        target: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl TargetError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "ScaleTargetNotFound",
+            Self::UnknownKind(_) => "ScaleTargetKindUnknown",
+            Self::NoScaleSubresource(_) => "ScaleTargetNotScalable",
+            Self::Api { .. } => "ScaleTargetError",
+        }
+    }
+}
+
+/// Read and set replicas. Kubernetes `/scale` here; a local runtime elsewhere.
+pub trait ScaleTarget: Send + Sync + fmt::Debug {
+    fn get(&self, target: &TargetRef) -> BoxFuture<'_, Result<Replicas, TargetError>>;
+    fn set(&self, target: &TargetRef, replicas: i32) -> BoxFuture<'_, Result<Replicas, TargetError>>;
+}
+
+/// `/scale` through the API server, with the resource of each kind discovered once.
+#[derive(Clone)]
+pub struct KubeScale {
+    client: Client,
+    resources: Arc<Mutex<HashMap<GroupVersionKind, Result<ApiResource, String>>>>,
+}
+
+impl fmt::Debug for KubeScale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeScale").finish_non_exhaustive()
+    }
+}
+
+impl KubeScale {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            resources: Arc::default(),
+        }
+    }
+
+    async fn api(&self, target: &TargetRef) -> Result<Api<DynamicObject>, TargetError> {
+        let gvk = target.gvk();
+        let cached = self.resources.lock().await.get(&gvk).cloned();
+        let resource = match cached {
+            Some(found) => found,
+            None => {
+                let found = match discovery::pinned_kind(&self.client, &gvk).await {
+                    Ok((resource, caps)) if caps.scope == Scope::Namespaced => {
+                        if caps.subresources.iter().any(|(sub, _)| sub.plural == "scale") {
+                            Ok(resource)
+                        } else {
+                            Err(format!("no-scale:{}", target.kind))
+                        }
+                    }
+                    Ok(_) => Err(format!("no-scale:{}", target.kind)),
+                    Err(kube::Error::Discovery(_)) => Err(format!("unknown:{}", target.kind)),
+                    Err(kube::Error::Api(status)) if status.code == 404 => {
+                        Err(format!("unknown:{}", target.kind))
+                    }
+                    Err(source) => {
+                        return Err(TargetError::Api {
+                            target: target.to_string(),
+                            source,
+                        });
+                    }
+                };
+                // Only successes are kept: a kind installed later must be found then.
+                if found.is_ok() {
+                    self.resources.lock().await.insert(gvk, found.clone());
+                }
+                found
+            }
+        };
+        match resource {
+            Ok(resource) => Ok(Api::namespaced_with(
+                self.client.clone(),
+                &target.namespace,
+                &resource,
+            )),
+            Err(e) if e.starts_with("no-scale:") => {
+                Err(TargetError::NoScaleSubresource(target.to_string()))
+            }
+            Err(_) => Err(TargetError::UnknownKind(format!(
+                "{} ({})",
+                target.kind, target.api_version
+            ))),
+        }
+    }
+
+    /// Forgets what discovery said, so a CRD installed later is found.
+    pub async fn forget_kinds(&self) {
+        self.resources.lock().await.clear();
+    }
+}
+
+fn replicas_of(scale: &k8s_openapi::api::autoscaling::v1::Scale) -> Replicas {
+    Replicas {
+        desired: scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+        current: scale.status.as_ref().map(|s| s.replicas).unwrap_or(0),
+    }
+}
+
+fn api_error(target: &TargetRef, source: kube::Error) -> TargetError {
+    match &source {
+        kube::Error::Api(status) if status.code == 404 => TargetError::NotFound(target.to_string()),
+        _ => TargetError::Api {
+            target: target.to_string(),
+            source,
+        },
+    }
+}
+
+impl ScaleTarget for KubeScale {
+    fn get(&self, target: &TargetRef) -> BoxFuture<'_, Result<Replicas, TargetError>> {
+        let target = target.clone();
+        Box::pin(async move {
+            let api = self.api(&target).await?;
+            let scale = api
+                .get_scale(&target.name)
+                .await
+                .map_err(|e| api_error(&target, e))?;
+            Ok(replicas_of(&scale))
+        })
+    }
+
+    fn set(&self, target: &TargetRef, replicas: i32) -> BoxFuture<'_, Result<Replicas, TargetError>> {
+        let target = target.clone();
+        Box::pin(async move {
+            let api = self.api(&target).await?;
+            let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+            let scale = api
+                .patch_scale(
+                    &target.name,
+                    &PatchParams {
+                        field_manager: Some(FIELD_MANAGER.to_owned()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(|e| api_error(&target, e))?;
+            Ok(replicas_of(&scale))
+        })
+    }
+}

@@ -1,0 +1,113 @@
+//! Workloads and objects for scaler tests: Deployments with a Service, ScaledObjects
+//! from YAML, and reads of what the scaler did (replica counts, conditions, Events).
+
+use anyhow::Context as _;
+use blink_crds::{Condition, ScaledObject};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Event, Pod, Service},
+};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+
+use crate::TestContext;
+
+/// A Deployment of `replicas` (pods labelled `app: <name>`, port `http` 8080) and a
+/// Service of the same name.
+pub async fn create_deployment(
+    ctx: &TestContext,
+    name: &str,
+    replicas: i32,
+    annotations: serde_json::Value,
+) -> anyhow::Result<()> {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "app", "image": "blink.sh/test-replica",
+                                             "ports": [{"name": "http", "containerPort": 8080}]}]}}}
+    }))?;
+    ctx.api::<Deployment>()
+        .create(&PostParams::default(), &deployment)
+        .await
+        .context("creating the Deployment")?;
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+    }))?;
+    ctx.api::<Service>()
+        .create(&PostParams::default(), &service)
+        .await?;
+    Ok(())
+}
+
+/// Creates a ScaledObject from YAML (namespace filled in).
+pub async fn create_scaled_object(ctx: &TestContext, yaml: &str) -> anyhow::Result<ScaledObject> {
+    let mut object: ScaledObject = serde_yaml::from_str(yaml).context("ScaledObject YAML")?;
+    object.metadata.namespace = Some(ctx.namespace().to_owned());
+    Ok(ctx
+        .api::<ScaledObject>()
+        .create(&PostParams::default(), &object)
+        .await?)
+}
+
+/// `spec.replicas` of a Deployment.
+pub async fn desired(ctx: &TestContext, name: &str) -> anyhow::Result<i32> {
+    let scale = ctx.api::<Deployment>().get_scale(name).await?;
+    Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
+}
+
+/// Running pods of `app` that are not being deleted.
+pub async fn running_pods(ctx: &TestContext, app: &str) -> anyhow::Result<usize> {
+    let pods = ctx
+        .api::<Pod>()
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .count())
+}
+
+/// A condition of a ScaledObject's status.
+pub async fn condition(
+    ctx: &TestContext,
+    name: &str,
+    kind: &str,
+) -> anyhow::Result<Option<Condition>> {
+    let object = ctx.api::<ScaledObject>().get(name).await?;
+    Ok(object
+        .status
+        .and_then(|s| s.condition(kind).cloned()))
+}
+
+/// `(status, reason)` of a condition, for `until_eq`.
+pub async fn condition_state(
+    ctx: &TestContext,
+    name: &str,
+    kind: &str,
+) -> anyhow::Result<Option<(String, String)>> {
+    Ok(condition(ctx, name, kind).await?.map(|c| {
+        (
+            c.status.clone(),
+            c.reason.clone().unwrap_or_default(),
+        )
+    }))
+}
+
+/// `(reason, message)` of every Event about object `name` in the namespace.
+pub async fn events(ctx: &TestContext, name: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let events = ctx.api::<Event>().list(&ListParams::default()).await?;
+    Ok(events
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect())
+}
