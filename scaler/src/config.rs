@@ -59,6 +59,11 @@ pub struct Config {
     #[arg(long, env = "BLINK_ACTIVATOR_NAMESPACE", default_value = "")]
     pub activator_namespace: String,
 
+    /// The activators' proxy port: where Blink's slice sends a transparent Service's
+    /// traffic while the function is at zero.
+    #[arg(long, env = "BLINK_ACTIVATOR_PORT", default_value_t = 8080)]
+    pub activator_port: u16,
+
     /// Bound on every read of a trigger's source.
     #[arg(long, env = "BLINK_TRIGGER_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub trigger_timeout: Duration,

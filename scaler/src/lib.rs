@@ -23,6 +23,7 @@ pub mod generated;
 pub mod leader;
 pub mod metrics;
 pub mod target;
+pub mod transparent;
 pub mod triggers;
 
 use std::{
@@ -139,7 +140,14 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
             instance: Some(config.pod_name.clone()),
         },
     );
+    let activator_addresses = transparent::watch_activator_addresses(
+        client.clone(),
+        &config.namespace,
+        &config.activator_service,
+    );
+    let slices = transparent::Slices::new(client.clone(), activator_addresses, config.activator_port);
     let ctx = Arc::new(function::Context {
+        slices: Some(slices),
         client,
         writer: function::writer::Writer::new(scale, demand.clone(), leadership.clone()),
         config: config.clone(),

@@ -99,6 +99,13 @@ impl TargetError {
 pub trait ScaleTarget: Send + Sync + fmt::Debug {
     fn get(&self, target: &TargetRef) -> BoxFuture<'_, Result<Replicas, TargetError>>;
     fn set(&self, target: &TargetRef, replicas: i32) -> BoxFuture<'_, Result<Replicas, TargetError>>;
+    /// How many of the target's pods the scheduler has refused (`Unschedulable`) for
+    /// longer than `bound`.
+    fn unschedulable(
+        &self,
+        target: &TargetRef,
+        bound: std::time::Duration,
+    ) -> BoxFuture<'_, Result<usize, TargetError>>;
 }
 
 /// `/scale` through the API server, with the resource of each kind discovered once.
@@ -207,6 +214,38 @@ impl ScaleTarget for KubeScale {
         })
     }
 
+    fn unschedulable(
+        &self,
+        target: &TargetRef,
+        bound: std::time::Duration,
+    ) -> BoxFuture<'_, Result<usize, TargetError>> {
+        let target = target.clone();
+        Box::pin(async move {
+            let api = self.api(&target).await?;
+            let scale = api
+                .get_scale(&target.name)
+                .await
+                .map_err(|e| api_error(&target, e))?;
+            let Some(selector) = scale.status.and_then(|s| s.selector) else {
+                return Ok(0);
+            };
+            let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(self.client.clone(), &target.namespace);
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| api_error(&target, e))?;
+            let now = k8s_openapi::jiff::Timestamp::now();
+            Ok(list
+                .items
+                .iter()
+                .filter(|pod| unschedulable_since(pod).is_some_and(|since| {
+                    now.duration_since(since).unsigned_abs() >= bound
+                }))
+                .count())
+        })
+    }
+
     fn set(&self, target: &TargetRef, replicas: i32) -> BoxFuture<'_, Result<Replicas, TargetError>> {
         let target = target.clone();
         Box::pin(async move {
@@ -225,5 +264,62 @@ impl ScaleTarget for KubeScale {
                 .map_err(|e| api_error(&target, e))?;
             Ok(replicas_of(&scale))
         })
+    }
+}
+
+/// When the scheduler last said a pod cannot be placed, if that is its state now.
+fn unschedulable_since(pod: &k8s_openapi::api::core::v1::Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let condition = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")?;
+    (condition.status == "False" && condition.reason.as_deref() == Some("Unschedulable"))
+        .then(|| condition.last_transition_time.as_ref().map(|t| t.0))
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+
+    #[test]
+    fn unschedulable_pods_are_recognised() {
+        let pod = |status: &str, reason: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p"},
+                "status": {"phase": "Pending", "conditions": [{
+                    "type": "PodScheduled", "status": status, "reason": reason,
+                    "lastTransitionTime": "2026-11-30T01:00:00Z"}]}
+            }))
+            .expect("pod")
+        };
+        assert!(unschedulable_since(&pod("False", "Unschedulable")).is_some());
+        assert!(unschedulable_since(&pod("True", "")).is_none());
+        assert!(unschedulable_since(&pod("False", "SchedulerError")).is_none());
+    }
+
+    #[test]
+    fn target_defaults_are_kedas() {
+        let target = TargetRef::of(
+            "ns",
+            &blink_crds::scaled_object::ScaleTarget {
+                name: "web".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(target.gvk(), GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        let core = TargetRef {
+            api_version: "v1".into(),
+            kind: "ReplicationController".into(),
+            ..target
+        };
+        assert_eq!(core.gvk(), GroupVersionKind::gvk("", "v1", "ReplicationController"));
     }
 }

@@ -631,3 +631,60 @@ spec:
         Ok(())
     });
 }
+
+#[test]
+fn unschedulable_pods_stall_the_scale_up_and_hold_the_count() {
+    blink_tests::run("scaler-stalled", |ctx| async move {
+        create_deployment(&ctx, "stuck", 0, json!({})).await?;
+        // No node carries this label: every pod stays Pending, Unschedulable.
+        let no_node = json!({"spec": {"template": {"spec": {"nodeSelector": {"blink.sh/no-such-node": "true"}}}}});
+        ctx.api::<Deployment>()
+            .patch("stuck", &PatchParams::default(), &Patch::Merge(&no_node))
+            .await?;
+        let scaler = start_scaler(&ctx, "scaler-stalled").await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: stuck}
+spec:
+  scaleTargetRef: {name: stuck}
+  cooldownPeriod: 2
+  triggers: [{type: http, metadata: {targetConcurrency: '10'}}]
+",
+        )
+        .await?;
+        until_condition(&ctx, "stuck", Condition::READY, "True", "ScaledObjectReady").await?;
+        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
+        let stuck = key(&ctx, "stuck");
+        ensure!(client.poke(&stuck).await? == 200);
+        until_desired(&ctx, "stuck", 1).await?;
+        // Arrivals keep being reported (the activator answers them 503 meanwhile).
+        let report = blink_crds::FunctionDemand {
+            key: stuck.clone(),
+            in_flight: 0.0,
+            queued: 1.0,
+            requests: 5,
+            held_messages: 0,
+        };
+        let stalled = async {
+            loop {
+                client.snapshot(vec![report.clone()]).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if condition_state(&ctx, "stuck", Condition::READY).await?
+                    == Some(("False".to_owned(), "ScaleUpStalled".to_owned()))
+                {
+                    return anyhow::Ok(());
+                }
+            }
+        };
+        tokio::time::timeout(LONG, stalled).await.context("ScaleUpStalled")??;
+        // Held: neither dropped to zero (arrivals keep it active) nor raised.
+        for _ in 0..5 {
+            client.snapshot(vec![report.clone()]).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ensure!(desired(&ctx, "stuck").await? == 1, "a stalled count moved");
+        }
+        finish(&ctx, scaler).await
+    });
+}

@@ -40,6 +40,7 @@ use crate::{
     leader::Leadership,
     metrics::{FunctionLabels, Metrics, ScaleLabels, TriggerLabels},
     target::{FIELD_MANAGER, Replicas, TargetError},
+    transparent::{self, Phase},
     triggers::{self, Connections, Measurement, PullTrigger, TriggerError},
 };
 use plan::{Plan, Refusal, TriggerPlan};
@@ -68,6 +69,8 @@ pub struct Context {
     pub connections: Connections,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Blink's EndpointSlices for transparent mode.
+    pub slices: Option<transparent::Slices>,
 }
 
 impl fmt::Debug for Context {
@@ -155,8 +158,15 @@ struct Worker {
     was_active: bool,
     poked_at: Option<Instant>,
     undos: HashMap<String, u32>,
+    /// Pods of a scale-up the scheduler keeps refusing (`ScaleUpStalled`).
+    stalled: Option<usize>,
+    last_stall_check: Option<Instant>,
+    scaled_up_at: Option<Instant>,
     drift_conflict: Option<String>,
     taken_over: bool,
+    /// Transparent mode's phase (`None` until the first step of a transparent object).
+    phase: Option<Phase>,
+    parking_demand: bool,
 }
 
 impl Worker {
@@ -197,6 +207,11 @@ impl Worker {
             was_active: false,
             poked_at: None,
             undos: HashMap::new(),
+            stalled: None,
+            last_stall_check: None,
+            scaled_up_at: None,
+            phase: None,
+            parking_demand: false,
             drift_conflict: None,
             taken_over: false,
         }
@@ -275,6 +290,10 @@ impl Worker {
     /// Re-plans after a spec change; pull triggers are (re)built by their next read.
     async fn rebuild(&mut self) {
         self.generation += 1;
+        // A changed object may fix what stalled (DESIGN.md: cleared on change).
+        self.stalled = None;
+        self.drift_conflict = None;
+        self.undos.clear();
         self.plan = plan::plan(&self.object);
         self.object_ref = self.object.object_ref(&());
         self.pulls.clear();
@@ -549,6 +568,7 @@ impl Worker {
         {
             return;
         }
+        self.check_stalled(&plan, replicas).await;
         let now = Instant::now();
         let acquired_at = leader.acquired_at.unwrap_or(now);
         let state = self.state.get_or_insert_with(|| {
@@ -584,7 +604,7 @@ impl Worker {
             ready: replicas.current,
             paused: plan.paused,
             conflict,
-            stalled: false,
+            stalled: self.stalled.is_some(),
             triggers: &readings,
             held_work: demand.held_work || self.poked_at.is_some(),
             lease_acquired_at: acquired_at,
@@ -602,8 +622,134 @@ impl Worker {
             .set(i64::from(decision.replicas));
         self.record_conditions(&plan, &decision);
         let poked_at = self.poked_at.take();
-        if decision.replicas != replicas.desired && !conflict {
+        if conflict {
+            return;
+        }
+        if plan.transparent {
+            let demand_seen = demand.active || demand.held_work || poked_at.is_some();
+            self.transparent_step(&plan, replicas, &decision, &readings, poked_at, demand_seen)
+                .await;
+        } else if decision.replicas != replicas.desired {
             self.scale(&plan, replicas, &decision, &readings, poked_at).await;
+        }
+    }
+
+    /// Transparent mode: the decision's count goes through the Service's state machine
+    /// ([`crate::transparent`]), which adds Blink's slice before a PATCH to zero and
+    /// removes it only once a replica is ready.
+    async fn transparent_step(
+        &mut self,
+        plan: &Plan,
+        replicas: Replicas,
+        decision: &Decision,
+        readings: &[Reading],
+        poked_at: Option<Instant>,
+        demand_seen: bool,
+    ) {
+        let Some(slices) = self.ctx.slices.clone() else {
+            return;
+        };
+        let service = plan.service_name();
+        let namespace = self.key.namespace().to_owned();
+        let phase = *self
+            .phase
+            .get_or_insert_with(|| transparent::initial(replicas.desired, false));
+        if matches!(phase, Phase::Parking { .. }) && demand_seen {
+            self.parking_demand = true;
+        }
+        let replica_ready = match phase {
+            Phase::Waking | Phase::Warm => slices.replica_ready(&namespace, &service).await.unwrap_or(false),
+            _ => false,
+        };
+        let observed = transparent::Observed {
+            now: Instant::now(),
+            wanted: decision.replicas,
+            current: replicas.desired,
+            demand_seen: self.parking_demand,
+            replica_ready,
+        };
+        let (mut next, actions) = transparent::next(phase, observed, self.ctx.config.parking_settle);
+        for action in actions {
+            self.ctx.leadership.writable().await;
+            let done = match action {
+                transparent::Action::AddSlice => slices
+                    .add(&namespace, &service, self.owner_reference())
+                    .await
+                    .map_err(|e| e.to_string()),
+                transparent::Action::RemoveSlice => {
+                    slices.remove(&namespace, &service).await.map_err(|e| e.to_string())
+                }
+                transparent::Action::Scale => {
+                    match self.scale(plan, replicas, decision, readings, poked_at).await {
+                        Some(Written::ZeroVetoed) => {
+                            // Work arrived at the last moment: back to warm.
+                            next = Phase::Warm;
+                            slices.remove(&namespace, &service).await.map_err(|e| e.to_string())
+                        }
+                        Some(Written::ZeroRewoken(_)) => {
+                            next = Phase::Waking;
+                            Ok(())
+                        }
+                        Some(Written::Set(_)) => Ok(()),
+                        None => Err("scale failed".to_owned()),
+                    }
+                }
+            };
+            if let Err(e) = done {
+                warn!(function = %self.key, ?action, error = %e, "transparent mode step failed; will retry");
+                return;
+            }
+        }
+        if next != phase {
+            debug!(function = %self.key, from = ?phase, to = ?next, "transparent phase");
+        }
+        if !matches!(next, Phase::Parking { .. }) {
+            self.parking_demand = false;
+        }
+        self.phase = Some(next);
+    }
+
+    fn owner_reference(&self) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: blink_crds::API_VERSION.to_owned(),
+            kind: "ScaledObject".to_owned(),
+            name: self.key.name().to_owned(),
+            uid: self.object.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        }
+    }
+
+    /// While a scale-up is recent (or already stalled), looks for pods the scheduler
+    /// has refused for longer than the bound.
+    async fn check_stalled(&mut self, plan: &Plan, replicas: Replicas) {
+        let bound = self.ctx.config.stall_after;
+        let recent_scale_up = self
+            .scaled_up_at
+            .is_some_and(|at| at.elapsed() < bound * 20);
+        if replicas.desired == 0 || !(recent_scale_up || self.stalled.is_some()) {
+            self.stalled = None;
+            return;
+        }
+        let every = (bound / 4).max(Duration::from_secs(1));
+        if self.last_stall_check.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.last_stall_check = Some(Instant::now());
+        match self.ctx.writer.scale().unschedulable(&plan.target, bound).await {
+            Ok(0) => self.stalled = None,
+            Ok(n) => {
+                if self.stalled.is_none() {
+                    self.event(
+                        EventType::Warning,
+                        Condition::REASON_SCALE_UP_STALLED,
+                        "Scale",
+                        format!("{n} pods of {} cannot be scheduled; holding at {}", plan.target, replicas.desired),
+                    );
+                }
+                self.stalled = Some(n);
+            }
+            Err(e) => debug!(function = %self.key, error = %e, "could not check for unschedulable pods"),
         }
     }
 
@@ -618,7 +764,14 @@ impl Worker {
             let error = slot.last_error.as_ref()?;
             Some((plan.triggers[slot.index].name().to_owned(), error))
         });
-        if let Some(conflict) = self.conflict.as_ref().or(self.drift_conflict.as_ref()) {
+        if let Some(stuck) = self.stalled {
+            book.condition(
+                Condition::READY,
+                false,
+                Condition::REASON_SCALE_UP_STALLED,
+                format!("{stuck} pods of {} cannot be scheduled; the count is held", plan.target),
+            );
+        } else if let Some(conflict) = self.conflict.as_ref().or(self.drift_conflict.as_ref()) {
             let message = format!("Blink leaves {} alone: {conflict}", plan.target);
             book.condition(Condition::CONFLICT, true, "TargetConflict", message.clone());
             book.condition(Condition::READY, false, "Conflict", message);
@@ -707,25 +860,29 @@ impl Worker {
         decision: &Decision,
         readings: &[Reading],
         poked_at: Option<Instant>,
-    ) {
+    ) -> Option<Written> {
         let to = decision.replicas;
         let wake = plan.policy.min.max(1);
         match self.ctx.writer.set(&self.key, &plan.target, to, wake).await {
-            Ok(Written::Set(after)) => {
+            Ok(written @ Written::Set(after)) => {
                 self.after_scale(plan, before.desired, after, decision, readings, poked_at);
+                Some(written)
             }
-            Ok(Written::ZeroRewoken(after)) => {
+            Ok(written @ Written::ZeroRewoken(after)) => {
                 self.after_scale(plan, before.desired, Replicas { desired: 0, ..after }, decision, readings, None);
                 self.after_scale(plan, 0, after, decision, readings, Some(Instant::now()));
+                Some(written)
             }
             Ok(Written::ZeroVetoed) => {
                 debug!(function = %self.key, "scale to zero vetoed: work arrived");
+                Some(Written::ZeroVetoed)
             }
             Err(e) => {
                 warn!(function = %self.key, error = %e, "scale failed");
                 self.replicas = None;
                 let (reason, message) = (e.reason(), e.to_string());
                 self.book.condition(Condition::READY, false, reason, message);
+                None
             }
         }
     }
@@ -755,6 +912,9 @@ impl Worker {
                 direction,
             })
             .inc();
+        if to > from {
+            self.scaled_up_at = Some(Instant::now());
+        }
         if from == 0 && to > 0 {
             self.ctx.metrics.cold_starts.get_or_create(&self.labels).inc();
         }
@@ -785,7 +945,10 @@ impl Worker {
             .status
             .as_ref()
             .and_then(|s| s.original_replica_count);
-        if let (true, Some(original)) = (plan.restore_original, original) {
+        if plan.transparent && !self.release_transparent(plan, original).await {
+            return;
+        }
+        if let (true, Some(original)) = (plan.restore_original, original.filter(|o| !plan.transparent || *o > 0)) {
             match self
                 .ctx
                 .writer
@@ -820,6 +983,43 @@ impl Worker {
         {
             warn!(function = %self.key, error = %e, "could not remove the finalizer; will retry");
         }
+    }
+
+    /// Deleting a transparent object: scale to `max(1, original)` and remove Blink's
+    /// slice only once a replica is ready, so the Service is never left without
+    /// endpoints. `true` once the slice is gone.
+    async fn release_transparent(&mut self, plan: &Plan, original: Option<i32>) -> bool {
+        let Some(slices) = self.ctx.slices.clone() else {
+            return true;
+        };
+        let namespace = self.key.namespace().to_owned();
+        let service = plan.service_name();
+        match slices.exists(&namespace, &service).await {
+            Ok(false) => return true,
+            Ok(true) => {}
+            Err(e) => {
+                warn!(function = %self.key, error = %e, "cannot read Blink's slice; will retry");
+                return false;
+            }
+        }
+        let floor = original.unwrap_or(1).max(1);
+        match self.ctx.writer.scale().get(&plan.target).await {
+            Ok(replicas) if replicas.desired < 1 => {
+                let _ = self.ctx.writer.set(&self.key, &plan.target, floor, floor).await;
+                return false;
+            }
+            Ok(_) => {}
+            Err(TargetError::NotFound(_)) => {
+                // No target left to serve: the slice cannot help anyone.
+                return slices.remove(&namespace, &service).await.is_ok();
+            }
+            Err(_) => return false,
+        }
+        if !slices.replica_ready(&namespace, &service).await.unwrap_or(false) {
+            return false;
+        }
+        self.ctx.leadership.writable().await;
+        slices.remove(&namespace, &service).await.is_ok()
     }
 
     async fn write_status(&mut self) {

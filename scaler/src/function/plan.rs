@@ -63,6 +63,17 @@ impl Plan {
             .any(|t| matches!(t, TriggerPlan::Http { .. }))
     }
 
+    /// The function's Service: the `http` trigger's `service`, else the target's name.
+    pub fn service_name(&self) -> String {
+        self.triggers
+            .iter()
+            .find_map(|t| match t {
+                TriggerPlan::Http { service, .. } => service.clone(),
+                TriggerPlan::Pull { .. } => None,
+            })
+            .unwrap_or_else(|| self.target.name.clone())
+    }
+
     pub fn trigger_names(&self) -> Vec<String> {
         self.triggers.iter().map(|t| t.name().to_owned()).collect()
     }
