@@ -18,6 +18,14 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The path on the leader's demand endpoint (`holderIdentity`'s address) where an
+/// activator `POST`s a [`Snapshot`] as JSON.
+pub const SNAPSHOT_PATH: &str = "/v1/demand/snapshot";
+
+/// The path on the leader's demand endpoint where an activator `POST`s a [`Poke`] as
+/// JSON.
+pub const POKE_PATH: &str = "/v1/demand/poke";
+
 /// One activator's demand over the last interval.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
