@@ -25,6 +25,7 @@ pub mod brokers;
 pub mod demand;
 pub mod kafka;
 pub mod pods;
+pub mod prometheus;
 pub mod rabbitmq;
 pub mod scaler;
 pub mod wait;
