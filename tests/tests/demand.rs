@@ -1,8 +1,10 @@
 //! The scaler's demand endpoint and leader election against the real API server:
 //! tokens minted by TokenRequest and checked by TokenReview through the real router on
 //! a real listener (h2c, as activators speak it), and two scalers competing for one
-//! Lease with the test bed's short clocks (5 s lease, 2 s grace).
+//! Lease with the test bed's short clocks (5 s lease, 2 s grace); and the activator
+//! Service's EndpointSlices deciding how long a silent activator's report counts.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +13,9 @@ use anyhow::{Context as _, ensure};
 use blink_crds::demand::{FunctionKey, POKE_PATH, SNAPSHOT_PATH};
 use blink_scaler::demand::auth::{Review, TokenReviewer, service_account_user};
 use blink_scaler::demand::server::{self, ServerState};
-use blink_scaler::demand::{Demand, DemandConfig, DemandMetrics, KubeTokenReviewer};
+use blink_scaler::demand::{
+    Demand, DemandConfig, DemandMetrics, KubeTokenReviewer, watch_activator_pods,
+};
 use blink_scaler::leader::{CancellationToken, Leadership, LeaseConfig};
 use blink_tests::{TestContext, wait};
 use http_body_util::{BodyExt as _, Full};
@@ -21,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::task::JoinHandle;
 
@@ -313,6 +318,81 @@ fn a_crashed_leader_is_replaced_after_its_deadline() {
         ensure!(!leader.leadership.can_write(Instant::now()));
         follower.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), follower.task).await??;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_silent_activator_counts_until_its_pod_leaves_the_endpoints() {
+    blink_tests::run("demand-pods", |ctx| async move {
+        let ns = ctx.namespace().to_owned();
+        let stale_after = Duration::from_millis(300);
+        let demand = Demand::new(DemandConfig {
+            stale_after,
+            forget_after: Duration::from_secs(120),
+        });
+        let slice = |pods: &[&str]| -> anyhow::Result<EndpointSlice> {
+            let endpoints: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, pod)| {
+                    serde_json::json!({
+                        "addresses": [format!("10.244.250.{}", i + 1)],
+                        "targetRef": {"kind": "Pod", "name": pod, "namespace": ns}
+                    })
+                })
+                .collect();
+            Ok(serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "blink-activator-1", "labels": {
+                    "kubernetes.io/service-name": "blink-activator",
+                    "endpointslice.kubernetes.io/managed-by": "blink-tests"}},
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+            }))?)
+        };
+        let slices = ctx.api::<EndpointSlice>();
+        slices
+            .create(&PostParams::default(), &slice(&["act-0", "act-1"])?)
+            .await?;
+        let watching = tokio::spawn(watch_activator_pods(
+            ctx.client(),
+            ns.clone(),
+            "blink-activator".into(),
+            demand.clone(),
+        ));
+        let both: HashSet<String> = ["act-0".into(), "act-1".into()].into();
+        wait::until_eq(
+            Duration::from_secs(10),
+            "the activator pods",
+            both,
+            || async { Ok(demand.activator_pods()) },
+        )
+        .await?;
+
+        let key: FunctionKey = format!("{ns}/hello").parse()?;
+        for activator in ["act-0", "act-1"] {
+            let body = snapshot(activator, 1, &key.to_string());
+            demand.apply_snapshot(serde_json::from_str(&body)?, Instant::now());
+        }
+        // Silent past the stale threshold, both pods still in the endpoints: kept.
+        tokio::time::sleep(stale_after * 3).await;
+        ensure!(demand.aggregate(&key, Instant::now()).requests == 6);
+
+        // act-0's pod leaves: its last report stops counting.
+        let mut current = slices.get("blink-activator-1").await?;
+        current.endpoints = slice(&["act-1"])?.endpoints;
+        slices
+            .replace("blink-activator-1", &PostParams::default(), &current)
+            .await?;
+        wait::until_eq(
+            Duration::from_secs(10),
+            "act-0's report dropped",
+            3,
+            || async { Ok(demand.aggregate(&key, Instant::now()).requests) },
+        )
+        .await?;
+        watching.abort();
         Ok(())
     });
 }

@@ -116,6 +116,11 @@ impl Demand {
         lock(&self.store).set_activator_pods(pods);
     }
 
+    /// The pod names now known to be in the activator Service's endpoints.
+    pub fn activator_pods(&self) -> HashSet<String> {
+        lock(&self.store).activator_pods().clone()
+    }
+
     /// Drops reporters that no longer count at `now` (also done on every report).
     pub fn prune(&self, now: Instant) {
         lock(&self.store).prune(now);

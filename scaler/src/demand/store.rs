@@ -282,6 +282,11 @@ impl DemandStore {
         self.pods = pods;
     }
 
+    /// The pod names last set by [`set_activator_pods`](Self::set_activator_pods).
+    pub fn activator_pods(&self) -> &HashSet<String> {
+        &self.pods
+    }
+
     /// Drops everything reported for `key` (the function is gone).
     pub fn forget(&mut self, key: &FunctionKey) {
         self.by_key.remove(key);
