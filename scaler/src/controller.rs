@@ -382,6 +382,7 @@ impl Controller {
             }
         }
         let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.ctx.metrics.wrote("generated");
         match api.patch(&id.2, &params, &Patch::Apply(&wanted)).await {
             Ok(_) => {
                 self.generated.insert(id.clone(), Some(wanted));

@@ -30,8 +30,16 @@ pub struct ScaleLabels {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// `scale`, `status`, `finalizer`, `slice`, `generated`.
+    pub kind: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub first_decisions: Counter,
     pub desired_replicas: Family<FunctionLabels, Gauge>,
     pub current_replicas: Family<FunctionLabels, Gauge>,
     pub trigger_value: Family<TriggerLabels, Gauge<f64, AtomicU64>>,
@@ -48,6 +56,8 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let registry = registry.sub_registry_with_prefix("blink_scaler");
         let metrics = Self {
+            api_writes: Family::default(),
+            first_decisions: Counter::default(),
             desired_replicas: Family::default(),
             current_replicas: Family::default(),
             trigger_value: Family::default(),
@@ -107,11 +117,25 @@ impl Metrics {
             metrics.poke_to_patch.clone(),
         );
         registry.register(
+            "api_writes",
+            "Writes to the API server, by kind",
+            metrics.api_writes.clone(),
+        );
+        registry.register(
+            "first_decisions",
+            "Functions that made their first decision since start (a full pass when equal to functions)",
+            metrics.first_decisions.clone(),
+        );
+        registry.register(
             "functions",
             "ScaledObjects this scaler follows",
             metrics.functions.clone(),
         );
         metrics
+    }
+
+    pub fn wrote(&self, kind: &'static str) {
+        self.api_writes.get_or_create(&WriteLabels { kind }).inc();
     }
 
     /// Drops every series of a function that is gone, so label sets stay bounded by

@@ -167,6 +167,7 @@ struct Worker {
     /// Transparent mode's phase (`None` until the first step of a transparent object).
     phase: Option<Phase>,
     parking_demand: bool,
+    decided_once: bool,
 }
 
 impl Worker {
@@ -212,6 +213,7 @@ impl Worker {
             scaled_up_at: None,
             phase: None,
             parking_demand: false,
+            decided_once: false,
             drift_conflict: None,
             taken_over: false,
         }
@@ -611,6 +613,10 @@ impl Worker {
         };
         let started = Instant::now();
         let decision = decide::decide(&plan.policy, state, &input);
+        if !self.decided_once {
+            self.decided_once = true;
+            self.ctx.metrics.first_decisions.inc();
+        }
         self.ctx
             .metrics
             .decision_duration
@@ -672,10 +678,13 @@ impl Worker {
         for action in actions {
             self.ctx.leadership.writable().await;
             let done = match action {
-                transparent::Action::AddSlice => slices
-                    .add(&namespace, &service, self.owner_reference())
-                    .await
-                    .map_err(|e| e.to_string()),
+                transparent::Action::AddSlice => {
+                    self.ctx.metrics.wrote("slice");
+                    slices
+                        .add(&namespace, &service, self.owner_reference())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 transparent::Action::RemoveSlice => {
                     slices.remove(&namespace, &service).await.map_err(|e| e.to_string())
                 }
@@ -846,6 +855,7 @@ impl Worker {
             let mut finalizers = self.object.finalizers().to_vec();
             finalizers.push(FINALIZER.to_owned());
             let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
+            self.ctx.metrics.wrote("finalizer");
             if let Err(e) = self.api().patch(self.key.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
                 warn!(function = %self.key, error = %e, "could not add the finalizer");
                 self.taken_over = false;
@@ -863,7 +873,16 @@ impl Worker {
     ) -> Option<Written> {
         let to = decision.replicas;
         let wake = plan.policy.min.max(1);
-        match self.ctx.writer.set(&self.key, &plan.target, to, wake).await {
+        let result = self.ctx.writer.set(&self.key, &plan.target, to, wake).await;
+        match &result {
+            Ok(Written::Set(_)) => self.ctx.metrics.wrote("scale"),
+            Ok(Written::ZeroRewoken(_)) => {
+                self.ctx.metrics.wrote("scale");
+                self.ctx.metrics.wrote("scale");
+            }
+            _ => {}
+        }
+        match result {
             Ok(written @ Written::Set(after)) => {
                 self.after_scale(plan, before.desired, after, decision, readings, poked_at);
                 Some(written)
@@ -1039,7 +1058,10 @@ impl Worker {
             .patch_status(self.key.name(), &params, &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => self.book.written(status, Instant::now()),
+            Ok(_) => {
+                self.ctx.metrics.wrote("status");
+                self.book.written(status, Instant::now());
+            }
             Err(e) => {
                 debug!(function = %self.key, error = %e, "status write failed; will retry");
                 self.book.written(ScaledObjectStatus::default(), Instant::now());
