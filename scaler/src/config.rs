@@ -9,7 +9,7 @@ use clap::Parser;
 pub const EXIT_USAGE: i32 = 64;
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "blink-scaler", version, about = "Blink's control plane")]
+#[command(name = "blink-scaler", version, about = "Blink's control plane", args_override_self = true)]
 pub struct Config {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "BLINK_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
