@@ -74,7 +74,12 @@ mod tests {
             .await
             .expect("served");
         let status = response.status();
-        let body = response.into_body().collect().await.expect("body").to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
@@ -83,13 +88,19 @@ mod tests {
         let (status, body) = get(app(state()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("blink_scaler_functions 3"), "{body}");
-        assert!(body.contains("blink_scaler_decision_duration_seconds_bucket"), "{body}");
+        assert!(
+            body.contains("blink_scaler_decision_duration_seconds_bucket"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
     async fn readyz_follows_the_flag() {
         let state = state();
-        assert_eq!(get(app(state.clone()), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get(app(state.clone()), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(get(app(state.clone()), "/healthz").await.0, StatusCode::OK);
         state.ready.store(true, Ordering::Relaxed);
         assert_eq!(get(app(state), "/readyz").await.0, StatusCode::OK);

@@ -9,7 +9,12 @@ use clap::Parser;
 pub const EXIT_USAGE: i32 = 64;
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "blink-scaler", version, about = "Blink's control plane", args_override_self = true)]
+#[command(
+    name = "blink-scaler",
+    version,
+    about = "Blink's control plane",
+    args_override_self = true
+)]
 pub struct Config {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "BLINK_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
@@ -48,11 +53,19 @@ pub struct Config {
     pub lease_grace: Duration,
 
     /// The activators' Service (its EndpointSlices name the reporting activators).
-    #[arg(long, env = "BLINK_ACTIVATOR_SERVICE", default_value = "blink-activator")]
+    #[arg(
+        long,
+        env = "BLINK_ACTIVATOR_SERVICE",
+        default_value = "blink-activator"
+    )]
     pub activator_service: String,
 
     /// The ServiceAccount whose tokens may report demand.
-    #[arg(long, env = "BLINK_ACTIVATOR_SERVICE_ACCOUNT", default_value = "blink-activator")]
+    #[arg(
+        long,
+        env = "BLINK_ACTIVATOR_SERVICE_ACCOUNT",
+        default_value = "blink-activator"
+    )]
     pub activator_service_account: String,
 
     /// Namespace of that ServiceAccount (Blink's namespace when empty).
@@ -140,7 +153,12 @@ impl Config {
 
     /// `<pod-name>@<ip>:<port>`: what activators read from the Lease to find the leader.
     pub fn identity(&self) -> String {
-        format!("{}@{}:{}", self.pod_name, self.pod_ip, self.demand_addr.port())
+        format!(
+            "{}@{}:{}",
+            self.pod_name,
+            self.pod_ip,
+            self.demand_addr.port()
+        )
     }
 
     pub fn activator_user(&self) -> String {
@@ -171,7 +189,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("{text:?} has an unknown unit {unit:?} (ms, s, m, h)")),
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit {unit:?} (ms, s, m, h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
 }
@@ -231,7 +253,12 @@ mod tests {
             "5s",
         ])
         .expect("parses");
-        assert!(config.validate().unwrap_err().contains("--lease-grace"));
+        assert!(
+            config
+                .validate()
+                .expect_err("refused")
+                .contains("--lease-grace")
+        );
     }
 
     #[test]

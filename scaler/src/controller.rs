@@ -20,7 +20,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api,
-    api::{DeleteParams, Patch, PatchParams, PartialObjectMeta},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams},
     runtime::{
         WatchStreamExt,
         events::{Event as KubeEvent, EventType},
@@ -65,8 +65,8 @@ struct Controller {
 }
 
 enum Change {
-    Object(Event<ScaledObject>),
-    Workload(&'static str, Event<ObjectMeta>),
+    Object(Box<Event<ScaledObject>>),
+    Workload(&'static str, Box<Event<ObjectMeta>>),
     Leadership(bool),
 }
 
@@ -85,15 +85,21 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
     let mut changes = futures::stream::select_all([
         watcher::watcher(objects, config.clone())
             .default_backoff()
-            .filter_map(|e| async move { e.ok().map(Change::Object) })
+            .filter_map(|e| async move { e.ok().map(|e| Change::Object(Box::new(e))) })
             .boxed(),
         watcher::watcher(deployments, config.clone())
             .default_backoff()
-            .filter_map(|e| async move { e.ok().map(|e| Change::Workload("Deployment", metadata_of(e))) })
+            .filter_map(|e| async move {
+                e.ok()
+                    .map(|e| Change::Workload("Deployment", Box::new(metadata_of(e))))
+            })
             .boxed(),
         watcher::watcher(statefulsets, config)
             .default_backoff()
-            .filter_map(|e| async move { e.ok().map(|e| Change::Workload("StatefulSet", metadata_of(e))) })
+            .filter_map(|e| async move {
+                e.ok()
+                    .map(|e| Change::Workload("StatefulSet", Box::new(metadata_of(e))))
+            })
             .boxed(),
         leader_changes.map(Change::Leadership).boxed(),
     ]);
@@ -108,8 +114,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         tokio::select! {
             _ = shutdown.cancelled() => break,
             change = changes.next() => match change {
-                Some(Change::Object(event)) => controller.on_object(event).await,
-                Some(Change::Workload(kind, event)) => controller.on_workload(kind, event).await,
+                Some(Change::Object(event)) => controller.on_object(*event).await,
+                Some(Change::Workload(kind, event)) => controller.on_workload(kind, *event).await,
                 Some(Change::Leadership(true)) => controller.reconcile_generated().await,
                 Some(Change::Leadership(false)) => {}
                 None => break,
@@ -136,7 +142,10 @@ where
 
 fn scoped_meta<K>(client: kube::Client, namespace: &str) -> Api<PartialObjectMeta<K>>
 where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
     <K as kube::Resource>::DynamicType: Default,
 {
     if namespace.is_empty() {
@@ -354,7 +363,13 @@ impl Controller {
         let wanted = match generated::generate("apps/v1", &id.1, &metadata) {
             Ok(object) => object,
             Err(message) => {
-                self.workload_event(id, &metadata, EventType::Warning, "InvalidAnnotation", message);
+                self.workload_event(
+                    id,
+                    &metadata,
+                    EventType::Warning,
+                    "InvalidAnnotation",
+                    message,
+                );
                 return;
             }
         };
@@ -387,7 +402,9 @@ impl Controller {
             Ok(_) => {
                 self.generated.insert(id.clone(), Some(wanted));
             }
-            Err(e) => warn!(workload = %id.2, error = %e, "could not write the generated ScaledObject"),
+            Err(e) => {
+                warn!(workload = %id.2, error = %e, "could not write the generated ScaledObject")
+            }
         }
     }
 
@@ -455,7 +472,11 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
-    fn entry(manager: &str, subresource: Option<&str>, fields: serde_json::Value) -> ManagedFieldsEntry {
+    fn entry(
+        manager: &str,
+        subresource: Option<&str>,
+        fields: serde_json::Value,
+    ) -> ManagedFieldsEntry {
         ManagedFieldsEntry {
             manager: Some(manager.to_owned()),
             subresource: subresource.map(str::to_owned),
@@ -469,9 +490,18 @@ mod tests {
         let replicas = serde_json::json!({"f:spec": {"f:replicas": {}}});
         let other = serde_json::json!({"f:spec": {"f:template": {}}});
         let cases = [
-            (vec![entry("kubectl", None, replicas.clone())], Some("kubectl")),
-            (vec![entry(FIELD_MANAGER, Some("scale"), replicas.clone())], None),
-            (vec![entry("kubectl-scale", Some("scale"), replicas.clone())], Some("kubectl-scale")),
+            (
+                vec![entry("kubectl", None, replicas.clone())],
+                Some("kubectl"),
+            ),
+            (
+                vec![entry(FIELD_MANAGER, Some("scale"), replicas.clone())],
+                None,
+            ),
+            (
+                vec![entry("kubectl-scale", Some("scale"), replicas.clone())],
+                Some("kubectl-scale"),
+            ),
             (vec![entry("kubectl", None, other)], None),
             (vec![], None),
         ];

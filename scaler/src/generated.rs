@@ -40,7 +40,12 @@ pub fn generate(
     let empty = BTreeMap::new();
     let annotations = workload.annotations.as_ref().unwrap_or(&empty);
     let name = workload.name.clone().unwrap_or_default();
-    let get = |key: &str| annotations.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let get = |key: &str| {
+        annotations
+            .get(key)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    };
     let int = |key: &str| -> Result<Option<i32>, String> {
         get(key)
             .map(|v| {
@@ -61,9 +66,7 @@ pub fn generate(
         ));
     }
     let cooldown = get("blink.sh/cooldown")
-        .map(|v| {
-            parse_duration(v).map_err(|e| format!("annotation blink.sh/cooldown: {e}"))
-        })
+        .map(|v| parse_duration(v).map_err(|e| format!("annotation blink.sh/cooldown: {e}")))
         .transpose()?
         .unwrap_or(DEFAULT_COOLDOWN_PERIOD);
     let mut metadata = BTreeMap::new();
@@ -189,7 +192,10 @@ mod tests {
         assert_eq!(object.metadata.name.as_deref(), Some("hello"));
         assert_eq!(object.metadata.namespace.as_deref(), Some("ns"));
         let owner = &object.metadata.owner_references.as_ref().expect("owned")[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Deployment", "u-1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Deployment", "u-1")
+        );
         let spec = &object.spec;
         assert_eq!(spec.min_replica_count, Some(0));
         assert_eq!(spec.max_replica_count, Some(50));
@@ -198,7 +204,10 @@ mod tests {
         assert_eq!(trigger.trigger_type, "http");
         assert_eq!(trigger.metadata["targetConcurrency"], "10");
         assert_eq!(trigger.metadata["hosts"], "hello.example.com");
-        assert_eq!(trigger.metadata["service"], "hello", "defaults to the workload's name");
+        assert_eq!(
+            trigger.metadata["service"], "hello",
+            "defaults to the workload's name"
+        );
         assert_eq!(trigger.metadata["port"], "http");
         assert_eq!(
             object.metadata.annotations.as_ref().expect("copied")["blink.sh/transparent"],
@@ -208,8 +217,12 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let object = generate("apps/v1", "StatefulSet", &meta(&[("blink.sh/scale-to-zero", "true")]))
-            .expect("generates");
+        let object = generate(
+            "apps/v1",
+            "StatefulSet",
+            &meta(&[("blink.sh/scale-to-zero", "true")]),
+        )
+        .expect("generates");
         assert_eq!(object.spec.cooldown_period, Some(30));
         assert_eq!(object.spec.min_replica_count, None);
         assert_eq!(
@@ -224,7 +237,10 @@ mod tests {
             (("blink.sh/min-scale", "-1"), "blink.sh/min-scale"),
             (("blink.sh/max-scale", "many"), "blink.sh/max-scale"),
             (("blink.sh/cooldown", "soon"), "blink.sh/cooldown"),
-            (("blink.sh/target-concurrency", "0"), "blink.sh/target-concurrency"),
+            (
+                ("blink.sh/target-concurrency", "0"),
+                "blink.sh/target-concurrency",
+            ),
         ];
         for ((key, value), named) in cases {
             let err = generate("apps/v1", "Deployment", &meta(&[(key, value)])).expect_err(key);

@@ -41,7 +41,10 @@ use tracing::info;
 pub fn main_entry() {
     let config = config::Config::from_args();
     init_logs(&config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("blink-scaler: cannot start the runtime: {e}");
@@ -84,9 +87,10 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("cannot listen on --admin-addr {}", config.admin_addr))?;
-    let advertised: SocketAddr = format!("{}:{}", config.pod_ip, demand_listener.local_addr()?.port())
-        .parse()
-        .with_context(|| format!("--pod-ip {:?} is not an IP address", config.pod_ip))?;
+    let advertised: SocketAddr =
+        format!("{}:{}", config.pod_ip, demand_listener.local_addr()?.port())
+            .parse()
+            .with_context(|| format!("--pod-ip {:?} is not an IP address", config.pod_ip))?;
     let identity = leader::holder_identity(&config.pod_name, advertised);
     let (leadership, lease_task) = leader::Leadership::start(
         client.clone(),
@@ -117,7 +121,11 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         config.activator_user(),
         demand_metrics,
     ));
-    tokio::spawn(demand::server::serve(demand_listener, server, shutdown.clone()));
+    tokio::spawn(demand::server::serve(
+        demand_listener,
+        server,
+        shutdown.clone(),
+    ));
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin = admin::app(admin::AdminState {
@@ -145,7 +153,8 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         &config.namespace,
         &config.activator_service,
     );
-    let slices = transparent::Slices::new(client.clone(), activator_addresses, config.activator_port);
+    let slices =
+        transparent::Slices::new(client.clone(), activator_addresses, config.activator_port);
     let ctx = Arc::new(function::Context {
         slices: Some(slices),
         client,

@@ -98,7 +98,11 @@ impl TargetError {
 /// Read and set replicas. Kubernetes `/scale` here; a local runtime elsewhere.
 pub trait ScaleTarget: Send + Sync + fmt::Debug {
     fn get(&self, target: &TargetRef) -> BoxFuture<'_, Result<Replicas, TargetError>>;
-    fn set(&self, target: &TargetRef, replicas: i32) -> BoxFuture<'_, Result<Replicas, TargetError>>;
+    fn set(
+        &self,
+        target: &TargetRef,
+        replicas: i32,
+    ) -> BoxFuture<'_, Result<Replicas, TargetError>>;
     /// How many of the target's pods the scheduler has refused (`Unschedulable`) for
     /// longer than `bound`.
     fn unschedulable(
@@ -137,7 +141,11 @@ impl KubeScale {
             None => {
                 let found = match discovery::pinned_kind(&self.client, &gvk).await {
                     Ok((resource, caps)) if caps.scope == Scope::Namespaced => {
-                        if caps.subresources.iter().any(|(sub, _)| sub.plural == "scale") {
+                        if caps
+                            .subresources
+                            .iter()
+                            .any(|(sub, _)| sub.plural == "scale")
+                        {
                             Ok(resource)
                         } else {
                             Err(format!("no-scale:{}", target.kind))
@@ -239,14 +247,19 @@ impl ScaleTarget for KubeScale {
             Ok(list
                 .items
                 .iter()
-                .filter(|pod| unschedulable_since(pod).is_some_and(|since| {
-                    now.duration_since(since).unsigned_abs() >= bound
-                }))
+                .filter(|pod| {
+                    unschedulable_since(pod)
+                        .is_some_and(|since| now.duration_since(since).unsigned_abs() >= bound)
+                })
                 .count())
         })
     }
 
-    fn set(&self, target: &TargetRef, replicas: i32) -> BoxFuture<'_, Result<Replicas, TargetError>> {
+    fn set(
+        &self,
+        target: &TargetRef,
+        replicas: i32,
+    ) -> BoxFuture<'_, Result<Replicas, TargetError>> {
         let target = target.clone();
         Box::pin(async move {
             let api = self.api(&target).await?;
@@ -268,7 +281,9 @@ impl ScaleTarget for KubeScale {
 }
 
 /// When the scheduler last said a pod cannot be placed, if that is its state now.
-fn unschedulable_since(pod: &k8s_openapi::api::core::v1::Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+fn unschedulable_since(
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Option<k8s_openapi::jiff::Timestamp> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -314,12 +329,18 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(target.gvk(), GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        assert_eq!(
+            target.gvk(),
+            GroupVersionKind::gvk("apps", "v1", "Deployment")
+        );
         let core = TargetRef {
             api_version: "v1".into(),
             kind: "ReplicationController".into(),
             ..target
         };
-        assert_eq!(core.gvk(), GroupVersionKind::gvk("", "v1", "ReplicationController"));
+        assert_eq!(
+            core.gvk(),
+            GroupVersionKind::gvk("", "v1", "ReplicationController")
+        );
     }
 }

@@ -68,17 +68,20 @@ pub enum Action {
 /// The transition function. Returns the next phase and the actions to take first.
 pub fn next(phase: Phase, seen: Observed, settle: Duration) -> (Phase, Vec<Action>) {
     match phase {
-        Phase::Warm if seen.wanted == 0 && seen.current > 0 => (
-            Phase::Parking { since: seen.now },
-            vec![Action::AddSlice],
-        ),
-        Phase::Warm if seen.current == 0 && seen.wanted == 0 => (Phase::Zero, vec![Action::AddSlice]),
+        Phase::Warm if seen.wanted == 0 && seen.current > 0 => {
+            (Phase::Parking { since: seen.now }, vec![Action::AddSlice])
+        }
+        Phase::Warm if seen.current == 0 && seen.wanted == 0 => {
+            (Phase::Zero, vec![Action::AddSlice])
+        }
         Phase::Warm if seen.wanted != seen.current => (Phase::Warm, vec![Action::Scale]),
         Phase::Warm => (Phase::Warm, vec![]),
         Phase::Parking { .. } if seen.demand_seen || seen.wanted > 0 => {
             (Phase::Warm, vec![Action::RemoveSlice])
         }
-        Phase::Parking { since } if seen.now >= since + settle => (Phase::Zero, vec![Action::Scale]),
+        Phase::Parking { since } if seen.now >= since + settle => {
+            (Phase::Zero, vec![Action::Scale])
+        }
         Phase::Parking { since } => (Phase::Parking { since }, vec![]),
         Phase::Zero if seen.wanted > 0 => (Phase::Waking, vec![Action::Scale]),
         Phase::Zero => (Phase::Zero, vec![]),
@@ -173,7 +176,11 @@ impl std::fmt::Debug for Slices {
 }
 
 impl Slices {
-    pub fn new(client: Client, activators: watch::Receiver<Vec<String>>, activator_port: u16) -> Self {
+    pub fn new(
+        client: Client,
+        activators: watch::Receiver<Vec<String>>,
+        activator_port: u16,
+    ) -> Self {
         Self {
             client,
             activators,
@@ -195,14 +202,21 @@ impl Slices {
         let name = slice.metadata.name.clone().unwrap_or_default();
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
         slices
-            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&slice))
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&slice),
+            )
             .await?;
         Ok(())
     }
 
     pub async fn remove(&self, namespace: &str, service: &str) -> Result<(), kube::Error> {
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
-        match slices.delete(&slice_name(service), &DeleteParams::default()).await {
+        match slices
+            .delete(&slice_name(service), &DeleteParams::default())
+            .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e),
@@ -223,12 +237,10 @@ impl Slices {
             )))
             .await?;
         Ok(list.items.iter().any(|slice| {
-            slice.endpoints.iter().any(|e| {
-                e.conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(false)
-            })
+            slice
+                .endpoints
+                .iter()
+                .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
         }))
     }
 }
@@ -294,27 +306,93 @@ mod tests {
         let later = t0 + SETTLE;
         let parking = Phase::Parking { since: t0 };
         let cases: Vec<(&str, Phase, Observed, Phase, Vec<Action>)> = vec![
-            ("warm stays warm", Phase::Warm, seen(t0, 2, 2), Phase::Warm, vec![]),
-            ("warm scales while warm", Phase::Warm, seen(t0, 3, 2), Phase::Warm, vec![Action::Scale]),
-            ("warm → parking adds the slice, no PATCH yet", Phase::Warm, seen(t0, 0, 2), parking, vec![Action::AddSlice]),
-            ("at zero without a slice → zero with one", Phase::Warm, seen(t0, 0, 0), Phase::Zero, vec![Action::AddSlice]),
-            ("parking waits the settle time", parking, seen(t0 + Duration::from_secs(1), 0, 2), parking, vec![]),
-            ("parking → zero after the settle time", parking, seen(later, 0, 2), Phase::Zero, vec![Action::Scale]),
+            (
+                "warm stays warm",
+                Phase::Warm,
+                seen(t0, 2, 2),
+                Phase::Warm,
+                vec![],
+            ),
+            (
+                "warm scales while warm",
+                Phase::Warm,
+                seen(t0, 3, 2),
+                Phase::Warm,
+                vec![Action::Scale],
+            ),
+            (
+                "warm → parking adds the slice, no PATCH yet",
+                Phase::Warm,
+                seen(t0, 0, 2),
+                parking,
+                vec![Action::AddSlice],
+            ),
+            (
+                "at zero without a slice → zero with one",
+                Phase::Warm,
+                seen(t0, 0, 0),
+                Phase::Zero,
+                vec![Action::AddSlice],
+            ),
+            (
+                "parking waits the settle time",
+                parking,
+                seen(t0 + Duration::from_secs(1), 0, 2),
+                parking,
+                vec![],
+            ),
+            (
+                "parking → zero after the settle time",
+                parking,
+                seen(later, 0, 2),
+                Phase::Zero,
+                vec![Action::Scale],
+            ),
             (
                 "a request during parking → warm",
                 parking,
-                Observed { demand_seen: true, ..seen(t0 + Duration::from_secs(1), 0, 2) },
+                Observed {
+                    demand_seen: true,
+                    ..seen(t0 + Duration::from_secs(1), 0, 2)
+                },
                 Phase::Warm,
                 vec![Action::RemoveSlice],
             ),
-            ("the decision changing its mind → warm", parking, seen(t0, 1, 2), Phase::Warm, vec![Action::RemoveSlice]),
-            ("zero stays zero", Phase::Zero, seen(t0, 0, 0), Phase::Zero, vec![]),
-            ("zero → waking PATCHes up, keeps the slice", Phase::Zero, seen(t0, 1, 0), Phase::Waking, vec![Action::Scale]),
-            ("waking keeps the slice until a replica is ready", Phase::Waking, seen(t0, 1, 1), Phase::Waking, vec![]),
+            (
+                "the decision changing its mind → warm",
+                parking,
+                seen(t0, 1, 2),
+                Phase::Warm,
+                vec![Action::RemoveSlice],
+            ),
+            (
+                "zero stays zero",
+                Phase::Zero,
+                seen(t0, 0, 0),
+                Phase::Zero,
+                vec![],
+            ),
+            (
+                "zero → waking PATCHes up, keeps the slice",
+                Phase::Zero,
+                seen(t0, 1, 0),
+                Phase::Waking,
+                vec![Action::Scale],
+            ),
+            (
+                "waking keeps the slice until a replica is ready",
+                Phase::Waking,
+                seen(t0, 1, 1),
+                Phase::Waking,
+                vec![],
+            ),
             (
                 "waking → warm removes the slice",
                 Phase::Waking,
-                Observed { replica_ready: true, ..seen(t0, 1, 1) },
+                Observed {
+                    replica_ready: true,
+                    ..seen(t0, 1, 1)
+                },
                 Phase::Warm,
                 vec![Action::RemoveSlice],
             ),
@@ -341,7 +419,12 @@ mod tests {
             uid: "u".into(),
             ..Default::default()
         };
-        let slice = build_slice(&service, &["10.244.0.7".into(), "10.244.0.8".into()], 8080, owner);
+        let slice = build_slice(
+            &service,
+            &["10.244.0.7".into(), "10.244.0.8".into()],
+            8080,
+            owner,
+        );
         assert_eq!(slice.metadata.name.as_deref(), Some("hello-blink"));
         let labels = slice.metadata.labels.expect("labels");
         assert_eq!(labels[LABEL_SERVICE_NAME], "hello");
@@ -353,6 +436,9 @@ mod tests {
         assert!(ports.iter().all(|p| p.port == Some(8080)));
         assert_eq!(ports[1].app_protocol.as_deref(), Some("kubernetes.io/h2c"));
         assert_eq!(slice.endpoints.len(), 2);
-        assert_eq!(slice.metadata.owner_references.expect("owned")[0].kind, "ScaledObject");
+        assert_eq!(
+            slice.metadata.owner_references.expect("owned")[0].kind,
+            "ScaledObject"
+        );
     }
 }

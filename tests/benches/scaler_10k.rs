@@ -7,7 +7,10 @@
 //! poke's send to the Deployment's `spec.replicas` seen by a watch; and the scaler's
 //! own histogram).
 
-use std::{path::Path, time::{Duration, Instant}};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use blink_crds::{FunctionKey, ScaledObject};
@@ -61,26 +64,46 @@ fn main() {
             .buffer_unordered(64)
             .try_collect::<Vec<()>>()
             .await?;
-        println!("created {functions} Deployments and ScaledObjects in {:.1?}", created.elapsed());
+        println!(
+            "created {functions} Deployments and ScaledObjects in {:.1?}",
+            created.elapsed()
+        );
 
         let started = Instant::now();
-        let scaler = ScalerProcess::start(&ctx, Path::new(SCALER), "scaler-bench", &["--resync", "10m"]).await?;
+        let scaler = ScalerProcess::start(
+            &ctx,
+            Path::new(SCALER),
+            "scaler-bench",
+            &["--resync", "10m"],
+        )
+        .await?;
         loop {
-            let decided = scaler.metric("blink_scaler_first_decisions_total").await.unwrap_or(0.0);
+            let decided = scaler
+                .metric("blink_scaler_first_decisions_total")
+                .await
+                .unwrap_or(0.0);
             if decided as usize >= functions {
                 break;
             }
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "no full pass after 10 min ({decided} decided)");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "no full pass after 10 min ({decided} decided)"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let first_pass = started.elapsed();
         let rss_after_pass = scaler.rss_bytes().unwrap_or(0);
-        println!("scaler start → first full pass over {functions}: {first_pass:.2?}; RSS {} MB", rss_after_pass / 1_000_000);
+        println!(
+            "scaler start → first full pass over {functions}: {first_pass:.2?}; RSS {} MB",
+            rss_after_pass / 1_000_000
+        );
 
         // Steady demand: a tenth of the functions at a constant 20 concurrent (→ 2 each),
         // the rest silent; snapshots every second, as activators send them.
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
-        let mut client = DemandClient::new(scaler.demand_addr, Some(token.clone()), "bench-activator");
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let mut client =
+            DemandClient::new(scaler.demand_addr, Some(token.clone()), "bench-activator");
         let busy: Vec<FunctionKey> = (0..functions / 10)
             .map(|i| FunctionKey::new(&ns, format!("f{i:05}")))
             .collect::<Result<_, _>>()?;
@@ -111,7 +134,9 @@ fn main() {
             let name = format!("f{:05}", functions - 1 - i);
             let key = FunctionKey::new(&ns, &name)?;
             let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let mut changes = watcher::watcher(deployments.clone(), config).applied_objects().boxed();
+            let mut changes = watcher::watcher(deployments.clone(), config)
+                .applied_objects()
+                .boxed();
             // The first event is the current state (0 replicas).
             changes.try_next().await?.context("initial state")?;
             let sent = Instant::now();
@@ -125,7 +150,8 @@ fn main() {
             }
         }
         latencies.sort();
-        let p = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        let p =
+            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
         println!(
             "poke → PATCH seen by a watch, {} pokes: p50 {:.2?}, p99 {:.2?}, max {:.2?}",
             latencies.len(),
@@ -134,7 +160,10 @@ fn main() {
             latencies[latencies.len() - 1]
         );
         let metrics = scaler.metrics().await?;
-        for line in metrics.lines().filter(|l| l.starts_with("blink_scaler_poke_to_patch_seconds")) {
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("blink_scaler_poke_to_patch_seconds"))
+        {
             println!("  {line}");
         }
         scaler.stop().await;

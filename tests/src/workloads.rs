@@ -7,7 +7,7 @@ use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Event, Pod, Service},
 };
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
 use crate::TestContext;
@@ -82,9 +82,7 @@ pub async fn condition(
     kind: &str,
 ) -> anyhow::Result<Option<Condition>> {
     let object = ctx.api::<ScaledObject>().get(name).await?;
-    Ok(object
-        .status
-        .and_then(|s| s.condition(kind).cloned()))
+    Ok(object.status.and_then(|s| s.condition(kind).cloned()))
 }
 
 /// `(status, reason)` of a condition, for `until_eq`.
@@ -93,12 +91,9 @@ pub async fn condition_state(
     name: &str,
     kind: &str,
 ) -> anyhow::Result<Option<(String, String)>> {
-    Ok(condition(ctx, name, kind).await?.map(|c| {
-        (
-            c.status.clone(),
-            c.reason.clone().unwrap_or_default(),
-        )
-    }))
+    Ok(condition(ctx, name, kind)
+        .await?
+        .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default())))
 }
 
 /// `(reason, message)` of every Event about object `name` in the namespace.

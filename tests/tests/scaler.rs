@@ -13,7 +13,9 @@ use blink_tests::{
     kafka, rabbitmq,
     scaler::{ACTIVATOR_SERVICE_ACCOUNT, ScalerProcess, leader_address, release_finalizers},
     wait,
-    workloads::{condition_state, create_deployment, create_scaled_object, desired, events, running_pods},
+    workloads::{
+        condition_state, create_deployment, create_scaled_object, desired, events, running_pods,
+    },
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -41,7 +43,10 @@ fn key(ctx: &TestContext, name: &str) -> FunctionKey {
 }
 
 async fn until_desired(ctx: &TestContext, name: &str, expected: i32) -> anyhow::Result<()> {
-    wait::until_eq(LONG, &format!("{name} replicas"), expected, || desired(ctx, name)).await
+    wait::until_eq(LONG, &format!("{name} replicas"), expected, || {
+        desired(ctx, name)
+    })
+    .await
 }
 
 async fn until_condition(
@@ -92,7 +97,14 @@ spec:
             ),
         )
         .await?;
-        until_condition(&ctx, "worker", Condition::READY, "True", "ScaledObjectReady").await?;
+        until_condition(
+            &ctx,
+            "worker",
+            Condition::READY,
+            "True",
+            "ScaledObjectReady",
+        )
+        .await?;
         let conn = rabbitmq::connect(&amqp).await?;
         rabbitmq::publish(&conn, &queue, 100).await?;
         until_desired(&ctx, "worker", 5).await?;
@@ -101,12 +113,26 @@ spec:
 
         let channel = conn.create_channel().await?;
         channel
-            .queue_purge(&queue, lapin::options::QueuePurgeOptions::default())
+            .queue_purge(
+                queue.as_str().into(),
+                lapin::options::QueuePurgeOptions::default(),
+            )
             .await?;
         until_desired(&ctx, "worker", 0).await?;
-        until_condition(&ctx, "worker", Condition::ACTIVE, "False", "TriggersInactive").await?;
+        until_condition(
+            &ctx,
+            "worker",
+            Condition::ACTIVE,
+            "False",
+            "TriggersInactive",
+        )
+        .await?;
         let reasons: Vec<String> = wait::until(LONG, "scale events", || async {
-            let reasons: Vec<String> = events(&ctx, "worker").await?.into_iter().map(|e| e.0).collect();
+            let reasons: Vec<String> = events(&ctx, "worker")
+                .await?
+                .into_iter()
+                .map(|e| e.0)
+                .collect();
             Ok((reasons.contains(&"ScaledFromZero".to_owned())
                 && reasons.contains(&"ScaledToZero".to_owned()))
             .then_some(reasons))
@@ -130,7 +156,8 @@ fn kafka_lag_scales_to_the_partition_count_unless_idle_consumers_are_allowed() {
         kafka::create_topic(&bootstrap, &topic, 3).await?;
         {
             let (b, g, t) = (bootstrap.clone(), group.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || kafka::consume_and_commit(&b, &g, &t, 3, 0)).await??;
+            tokio::task::spawn_blocking(move || kafka::consume_and_commit(&b, &g, &t, 3, 0))
+                .await??;
         }
         let partitions: Vec<i32> = (0..50).map(|i| i % 3).collect();
         kafka::produce(&bootstrap, &topic, &partitions).await?;
@@ -138,7 +165,10 @@ fn kafka_lag_scales_to_the_partition_count_unless_idle_consumers_are_allowed() {
             let (b, g, t) = (bootstrap.clone(), group.clone(), topic.clone());
             tokio::task::spawn_blocking(move || kafka::lag(&b, &g, &t)).await??
         };
-        ensure!(lag == 50 && uncommitted.is_empty(), "lag {lag}, uncommitted {uncommitted:?}");
+        ensure!(
+            lag == 50 && uncommitted.is_empty(),
+            "lag {lag}, uncommitted {uncommitted:?}"
+        );
 
         create_deployment(&ctx, "consumer", 0, json!({})).await?;
         let scaler = start_scaler(&ctx, "scaler-kafka").await?;
@@ -190,7 +220,8 @@ spec:
         )
         .await?;
         until_condition(&ctx, "web", Condition::READY, "True", "ScaledObjectReady").await?;
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let web = key(&ctx, "web");
 
@@ -208,7 +239,9 @@ spec:
                 }
             }
         };
-        tokio::time::timeout(LONG, steady).await.context("25 replicas")??;
+        tokio::time::timeout(LONG, steady)
+            .await
+            .context("25 replicas")??;
         // Held there under the same demand: no PATCH in between.
         let writes_at_25 = scale_writes_by(&ctx, "scaler-http")?.len();
         for _ in 0..4 {
@@ -227,7 +260,10 @@ spec:
             client.snapshot(vec![demand(&web, 0.01, 3)]).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        ensure!(desired(&ctx, "web").await? >= 1, "sparse requests let it idle");
+        ensure!(
+            desired(&ctx, "web").await? >= 1,
+            "sparse requests let it idle"
+        );
 
         // Silence: empty snapshots → 0 after the cooldown.
         let silence = async {
@@ -239,20 +275,35 @@ spec:
                 }
             }
         };
-        tokio::time::timeout(LONG, silence).await.context("back to 0")??;
+        tokio::time::timeout(LONG, silence)
+            .await
+            .context("back to 0")??;
 
         // One PATCH per change, and every one by this scaler.
         let writes = scale_writes_by(&ctx, "scaler-http")?;
-        let all = audit::scale_writes(&audit::read(&ctx.bed().audit_log)?, ctx.namespace(), "deployments");
-        ensure!(writes.len() == all.len(), "someone else wrote /scale: {all:?}");
+        let all = audit::scale_writes(
+            &audit::read(&ctx.bed().audit_log)?,
+            ctx.namespace(),
+            "deployments",
+        );
+        ensure!(
+            writes.len() == all.len(),
+            "someone else wrote /scale: {all:?}"
+        );
         ensure!(
             (3..=8).contains(&writes.len()),
             "expected a handful of PATCHes (0→1, up to 25, down steps, →0), saw {}",
             writes.len()
         );
         let metrics = scaler.metrics().await?;
-        ensure!(metrics.contains("blink_scaler_poke_to_patch_seconds_count"), "{metrics}");
-        ensure!(metrics.contains("blink_scaler_cold_starts_total{"), "{metrics}");
+        ensure!(
+            metrics.contains("blink_scaler_poke_to_patch_seconds_count"),
+            "{metrics}"
+        );
+        ensure!(
+            metrics.contains("blink_scaler_cold_starts_total{"),
+            "{metrics}"
+        );
         finish(&ctx, scaler).await
     });
 }
@@ -312,10 +363,17 @@ fn an_annotated_deployment_behaves_the_same_and_a_second_claim_is_a_conflict() {
         })
         .await?;
         ensure!(
-            generated.metadata.labels.as_ref().and_then(|l| l.get("blink.sh/generated")).map(String::as_str) == Some("true")
+            generated
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("blink.sh/generated"))
+                .map(String::as_str)
+                == Some("true")
         );
         until_condition(&ctx, "hello", Condition::READY, "True", "ScaledObjectReady").await?;
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let hello = key(&ctx, "hello");
         ensure!(client.poke(&hello).await? == 200);
@@ -336,14 +394,24 @@ spec:
 ",
         )
         .await?;
-        until_condition(&ctx, "hello-user", Condition::CONFLICT, "True", "TargetConflict").await?;
+        until_condition(
+            &ctx,
+            "hello-user",
+            Condition::CONFLICT,
+            "True",
+            "TargetConflict",
+        )
+        .await?;
         until_condition(&ctx, "hello", Condition::CONFLICT, "True", "TargetConflict").await?;
         let before = scale_writes_by(&ctx, "scaler-annotated")?.len();
         for _ in 0..3 {
             client.snapshot(vec![demand(&hello, 90.0, 60)]).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        ensure!(desired(&ctx, "hello").await? == 3, "a conflicted target was scaled");
+        ensure!(
+            desired(&ctx, "hello").await? == 3,
+            "a conflicted target was scaled"
+        );
         ensure!(scale_writes_by(&ctx, "scaler-annotated")?.len() == before);
         finish(&ctx, scaler).await
     });
@@ -399,7 +467,7 @@ fn only_the_leader_writes_and_a_killed_leader_is_replaced() {
         create_deployment(&ctx, "web", 0, json!({})).await?;
         let mut first = start_scaler(&ctx, "scaler-one").await?;
         // The first holds the lease before the second starts.
-        wait::until(LONG, "a leader", || async { Ok(leader_address(&ctx).await?) }).await?;
+        wait::until(LONG, "a leader", || leader_address(&ctx)).await?;
         let second = start_scaler(&ctx, "scaler-two").await?;
         create_scaled_object(
             &ctx,
@@ -413,24 +481,34 @@ spec:
 ",
         )
         .await?;
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let web = key(&ctx, "web");
         let (holder, addr) = leader_address(&ctx).await?.context("leader")?;
-        ensure!(holder == "scaler-one", "the first scaler should lead, {holder} does");
+        ensure!(
+            holder == "scaler-one",
+            "the first scaler should lead, {holder} does"
+        );
         // The follower refuses reports with 421.
-        let to_follower = DemandClient::new(second.demand_addr, Some(token.clone()), "test-activator");
+        let to_follower =
+            DemandClient::new(second.demand_addr, Some(token.clone()), "test-activator");
         ensure!(to_follower.poke(&web).await? == 421);
         let mut client = DemandClient::new(addr, Some(token.clone()), "test-activator");
         client.snapshot(vec![demand(&web, 40.0, 100)]).await?;
         until_desired(&ctx, "web", 4).await?;
         ensure!(!scale_writes_by(&ctx, "scaler-one")?.is_empty());
-        ensure!(scale_writes_by(&ctx, "scaler-two")?.is_empty(), "the follower wrote");
+        ensure!(
+            scale_writes_by(&ctx, "scaler-two")?.is_empty(),
+            "the follower wrote"
+        );
 
         // kill -9 the leader: the other takes over within the lease duration + 1 s.
         first.kill().await;
         let killed_at = std::time::Instant::now();
         let (holder, addr) = wait::until(Duration::from_secs(6), "the new leader", || async {
-            Ok(leader_address(&ctx).await?.filter(|(h, _)| h == "scaler-two"))
+            Ok(leader_address(&ctx)
+                .await?
+                .filter(|(h, _)| h == "scaler-two"))
         })
         .await?;
         ensure!(holder == "scaler-two");
@@ -441,11 +519,17 @@ spec:
         for _ in 0..5 {
             client.snapshot(vec![]).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            ensure!(desired(&ctx, "web").await? == 4, "scaled down in the first stable window");
+            ensure!(
+                desired(&ctx, "web").await? == 4,
+                "scaled down in the first stable window"
+            );
         }
         client.snapshot(vec![demand(&web, 90.0, 100)]).await?;
         until_desired(&ctx, "web", 9).await?;
-        ensure!(!scale_writes_by(&ctx, "scaler-two")?.is_empty(), "the new leader never wrote");
+        ensure!(
+            !scale_writes_by(&ctx, "scaler-two")?.is_empty(),
+            "the new leader never wrote"
+        );
         eprintln!("leader replaced {took:?} after kill -9");
         second.stop().await;
         first.stop().await;
@@ -476,18 +560,32 @@ spec:
         let by_hand = ctx.client_as("someone").await?;
         let deployments: kube::Api<Deployment> = kube::Api::namespaced(by_hand, ctx.namespace());
         deployments
-            .patch_scale("app", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": 6}})))
+            .patch_scale(
+                "app",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": 6}})),
+            )
             .await?;
         until_desired(&ctx, "app", 3).await?;
         wait::until(LONG, "ReplicasRestored event", || async {
-            Ok(events(&ctx, "app").await?.into_iter().find(|e| e.0 == "ReplicasRestored"))
+            Ok(events(&ctx, "app")
+                .await?
+                .into_iter()
+                .find(|e| e.0 == "ReplicasRestored"))
         })
         .await?;
         // Deleted with restoreToOriginalReplicaCount: the original 2 come back.
-        ctx.api::<ScaledObject>().delete("app", &DeleteParams::default()).await?;
+        ctx.api::<ScaledObject>()
+            .delete("app", &DeleteParams::default())
+            .await?;
         until_desired(&ctx, "app", 2).await?;
         wait::until(LONG, "object gone", || async {
-            Ok(ctx.api::<ScaledObject>().get_opt("app").await?.is_none().then_some(()))
+            Ok(ctx
+                .api::<ScaledObject>()
+                .get_opt("app")
+                .await?
+                .is_none()
+                .then_some(()))
         })
         .await?;
         finish(&ctx, scaler).await
@@ -502,14 +600,48 @@ fn invalid_input_is_reported_and_held_while_others_keep_scaling() {
         let scaler = start_scaler(&ctx, "scaler-invalid").await?;
         let amqp = ctx.bed().amqp_url.clone();
         let cases = [
-            ("unreachable", "{name: held}", "rabbitmq", "{host: 'amqp://guest:guest@127.0.0.1:1/', queueName: q}".to_owned(), "TriggerSourceUnreachable"),
-            ("no-secret", "{name: held}", "rabbitmq", "{queueName: q}".to_owned(), "TriggerAuthenticationFailed"),
-            ("no-target", "{name: missing}", "http", "{}".to_owned(), "ScaleTargetNotFound"),
-            ("no-scale", "{apiVersion: v1, kind: ConfigMap, name: cm}", "http", "{}".to_owned(), "ScaleTargetNotScalable"),
-            ("unsupported", "{name: held}", "aws-sqs-queue", "{queueURL: q}".to_owned(), "UnsupportedTrigger"),
+            (
+                "unreachable",
+                "{name: held}",
+                "rabbitmq",
+                "{host: 'amqp://guest:guest@127.0.0.1:1/', queueName: q}".to_owned(),
+                "TriggerSourceUnreachable",
+            ),
+            (
+                "no-secret",
+                "{name: held}",
+                "rabbitmq",
+                "{queueName: q}".to_owned(),
+                "TriggerAuthenticationFailed",
+            ),
+            (
+                "no-target",
+                "{name: missing}",
+                "http",
+                "{}".to_owned(),
+                "ScaleTargetNotFound",
+            ),
+            (
+                "no-scale",
+                "{apiVersion: v1, kind: ConfigMap, name: cm}",
+                "http",
+                "{}".to_owned(),
+                "ScaleTargetNotScalable",
+            ),
+            (
+                "unsupported",
+                "{name: held}",
+                "aws-sqs-queue",
+                "{queueURL: q}".to_owned(),
+                "UnsupportedTrigger",
+            ),
         ];
         for (name, target, kind, metadata, _) in &cases {
-            let auth = if *name == "no-secret" { "\n    authenticationRef: {name: rabbit-auth}" } else { "" };
+            let auth = if *name == "no-secret" {
+                "\n    authenticationRef: {name: rabbit-auth}"
+            } else {
+                ""
+            };
             create_scaled_object(
                 &ctx,
                 &format!(
@@ -542,7 +674,10 @@ spec:
                 .await?
                 .context("Ready")?;
             let message = condition.message.unwrap_or_default();
-            ensure!(!message.contains("guest:guest"), "a credential leaked: {message}");
+            ensure!(
+                !message.contains("guest:guest"),
+                "a credential leaked: {message}"
+            );
         }
         // Counts held: the Deployment that broken objects point at keeps its 2.
         ensure!(desired(&ctx, "held").await? == 2);
@@ -587,7 +722,8 @@ spec:
         )
         .await?;
         until_condition(&ctx, "wide", Condition::READY, "True", "ScaledObjectReady").await?;
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let wide = key(&ctx, "wide");
         // Demand for 1,000 at once, with queued work (a poke and the same snapshot).
@@ -622,11 +758,17 @@ spec:
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(120), keep).await.context("1,000 running")??;
+        tokio::time::timeout(Duration::from_secs(120), keep)
+            .await
+            .context("1,000 running")??;
         let scale_to_zero = json!({"spec": {"replicas": 0}});
         finish(&ctx, scaler).await?;
         ctx.api::<Deployment>()
-            .patch_scale("wide", &PatchParams::default(), &Patch::Merge(&scale_to_zero))
+            .patch_scale(
+                "wide",
+                &PatchParams::default(),
+                &Patch::Merge(&scale_to_zero),
+            )
             .await?;
         Ok(())
     });
@@ -654,7 +796,8 @@ spec:
         )
         .await?;
         until_condition(&ctx, "stuck", Condition::READY, "True", "ScaledObjectReady").await?;
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let stuck = key(&ctx, "stuck");
         ensure!(client.poke(&stuck).await? == 200);
@@ -678,7 +821,9 @@ spec:
                 }
             }
         };
-        tokio::time::timeout(LONG, stalled).await.context("ScaleUpStalled")??;
+        tokio::time::timeout(LONG, stalled)
+            .await
+            .context("ScaleUpStalled")??;
         // Held: neither dropped to zero (arrivals keep it active) nor raised.
         for _ in 0..5 {
             client.snapshot(vec![report.clone()]).await?;

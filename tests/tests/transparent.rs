@@ -32,9 +32,12 @@ async fn blink_slice(ctx: &TestContext, service: &str) -> anyhow::Result<Option<
 }
 
 async fn until_slice(ctx: &TestContext, service: &str, present: bool) -> anyhow::Result<()> {
-    wait::until_eq(LONG, &format!("Blink slice present = {present}"), present, || async {
-        Ok(blink_slice(ctx, service).await?.is_some())
-    })
+    wait::until_eq(
+        LONG,
+        &format!("Blink slice present = {present}"),
+        present,
+        || async { Ok(blink_slice(ctx, service).await?.is_some()) },
+    )
     .await
 }
 
@@ -54,16 +57,22 @@ async fn ready_addresses(ctx: &TestContext, service: &str) -> anyhow::Result<BTr
 }
 
 async fn until_desired(ctx: &TestContext, name: &str, expected: i32) -> anyhow::Result<()> {
-    wait::until_eq(LONG, &format!("{name} replicas"), expected, || desired(ctx, name)).await
+    wait::until_eq(LONG, &format!("{name} replicas"), expected, || {
+        desired(ctx, name)
+    })
+    .await
 }
 
 /// An "activator": a Deployment and Service named `blink-activator` in the test's
 /// namespace (the scaler's namespace), with a stand-in process on its pod IP.
 async fn stand_in_activator(ctx: &TestContext) -> anyhow::Result<(PodProcesses, String)> {
     create_deployment(ctx, "blink-activator", 1, json!({})).await?;
-    let processes = PodProcesses::start(ctx.client(), ctx.namespace(), "app=blink-activator", |pod| {
-        replica_command(Path::new(REPLICA), pod)
-    });
+    let processes = PodProcesses::start(
+        ctx.client(),
+        ctx.namespace(),
+        "app=blink-activator",
+        |pod| replica_command(Path::new(REPLICA), pod),
+    );
     let pods = processes.wait_for(1, LONG).await?;
     let name = pods[0].name.clone();
     Ok((processes, name))
@@ -72,7 +81,9 @@ async fn stand_in_activator(ctx: &TestContext) -> anyhow::Result<(PodProcesses, 
 async fn get_through_cluster_ip(ctx: &TestContext, service: &str) -> anyhow::Result<String> {
     let svc = ctx.api::<Service>().get(service).await?;
     let ip = svc.spec.and_then(|s| s.cluster_ip).context("ClusterIP")?;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     Ok(http
         .get(format!("http://{ip}:80/"))
         .send()
@@ -85,12 +96,16 @@ async fn get_through_cluster_ip(ctx: &TestContext, service: &str) -> anyhow::Res
 
 fn writes_in_order(ctx: &TestContext, user: &str) -> anyhow::Result<Vec<String>> {
     let events = audit::read(&ctx.bed().audit_log)?;
-    let mut writes: Vec<audit::AuditEvent> = audit::scale_writes(&events, ctx.namespace(), "deployments")
-        .into_iter()
-        .chain(audit::endpoint_slice_writes(&events, ctx.namespace()))
-        .filter(|e| e.user.username == user)
-        .collect();
-    writes.sort_by(|a, b| a.request_received_timestamp.cmp(&b.request_received_timestamp));
+    let mut writes: Vec<audit::AuditEvent> =
+        audit::scale_writes(&events, ctx.namespace(), "deployments")
+            .into_iter()
+            .chain(audit::endpoint_slice_writes(&events, ctx.namespace()))
+            .filter(|e| e.user.username == user)
+            .collect();
+    writes.sort_by(|a, b| {
+        a.request_received_timestamp
+            .cmp(&b.request_received_timestamp)
+    });
     Ok(writes
         .iter()
         .map(|e| {
@@ -121,7 +136,8 @@ fn parking_zero_and_waking_follow_the_state_machine() {
             &["--parking-settle", "4s"],
         )
         .await?;
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let hello = FunctionKey::new(ctx.namespace(), "hello")?;
         create_scaled_object(
@@ -147,23 +163,37 @@ spec:
         until_slice(&ctx, "hello", true).await?;
         client.snapshot(vec![demand(&hello, 1.0, 5)]).await?;
         until_slice(&ctx, "hello", false).await?;
-        ensure!(desired(&ctx, "hello").await? == 1, "parking with demand went to zero");
+        ensure!(
+            desired(&ctx, "hello").await? == 1,
+            "parking with demand went to zero"
+        );
         client.snapshot(vec![]).await?;
 
         // Quiet: parking again, then zero. The slice is written before the PATCH to 0.
         until_desired(&ctx, "hello", 0).await?;
-        ensure!(blink_slice(&ctx, "hello").await?.is_some(), "at zero without Blink's slice");
-        let order = writes_in_order(&ctx, "scaler-transparent")?;
-        let first_zero = order.iter().position(|w| w == "patch scale").context("a PATCH")?;
         ensure!(
-            order[..first_zero].iter().any(|w| w.ends_with("endpointslices")),
+            blink_slice(&ctx, "hello").await?.is_some(),
+            "at zero without Blink's slice"
+        );
+        let order = writes_in_order(&ctx, "scaler-transparent")?;
+        let first_zero = order
+            .iter()
+            .position(|w| w == "patch scale")
+            .context("a PATCH")?;
+        ensure!(
+            order[..first_zero]
+                .iter()
+                .any(|w| w.ends_with("endpointslices")),
             "PATCH to 0 before the slice: {order:?}"
         );
         replicas.wait_for(0, LONG).await?;
 
         // At zero the ClusterIP reaches the activator the slice names.
         let answer = wait::until(LONG, "ClusterIP through Blink's slice", || async {
-            Ok(get_through_cluster_ip(&ctx, "hello").await.ok().filter(|a| *a == activator_pod))
+            Ok(get_through_cluster_ip(&ctx, "hello")
+                .await
+                .ok()
+                .filter(|a| *a == activator_pod))
         })
         .await?;
         ensure!(answer == activator_pod);
@@ -186,7 +216,11 @@ spec:
         // ...and it goes once the controller's slice shows a ready endpoint.
         let schedulable = json!({"spec": {"template": {"spec": {"nodeSelector": null}}}});
         ctx.api::<Deployment>()
-            .patch("hello", &PatchParams::default(), &Patch::Merge(&schedulable))
+            .patch(
+                "hello",
+                &PatchParams::default(),
+                &Patch::Merge(&schedulable),
+            )
             .await?;
         until_slice(&ctx, "hello", false).await?;
         replicas.wait_for(1, LONG).await?;
@@ -226,7 +260,8 @@ spec:
         // Deleting at zero: the Service always has a ready endpoint, and ends with a replica.
         let object = ctx.api::<ScaledObject>().get("solo").await?;
         ensure!(object.metadata.deletion_timestamp.is_none());
-        let token = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let solo = FunctionKey::new(ctx.namespace(), "solo")?;
 
@@ -235,9 +270,17 @@ spec:
         until_desired(&ctx, "solo", 1).await?;
         until_slice(&ctx, "solo", false).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;
-        ensure!(desired(&ctx, "solo").await? >= 1, "an http-only transparent object idled");
-        let ready = condition(&ctx, "solo", Condition::READY).await?.context("Ready")?;
-        ensure!(ready.reason.as_deref() == Some("NoWarmTrafficTrigger"), "{ready:?}");
+        ensure!(
+            desired(&ctx, "solo").await? >= 1,
+            "an http-only transparent object idled"
+        );
+        let ready = condition(&ctx, "solo", Condition::READY)
+            .await?
+            .context("Ready")?;
+        ensure!(
+            ready.reason.as_deref() == Some("NoWarmTrafficTrigger"),
+            "{ready:?}"
+        );
 
         // Back to zero by hand (paused-replicas 0), then deleted at zero.
         let pause = json!({"metadata": {"annotations": {"blink.sh/paused-replicas": "0"}}});
@@ -250,7 +293,9 @@ spec:
             Ok(ready_addresses(&ctx, "solo").await?.len())
         })
         .await?;
-        ctx.api::<ScaledObject>().delete("solo", &DeleteParams::default()).await?;
+        ctx.api::<ScaledObject>()
+            .delete("solo", &DeleteParams::default())
+            .await?;
         let watched = async {
             loop {
                 let addresses = ready_addresses(&ctx, "solo").await?;
@@ -261,7 +306,9 @@ spec:
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        tokio::time::timeout(LONG, watched).await.context("object deleted")??;
+        tokio::time::timeout(LONG, watched)
+            .await
+            .context("object deleted")??;
         ensure!(desired(&ctx, "solo").await? >= 1);
         ensure!(blink_slice(&ctx, "solo").await?.is_none());
         scaler.stop().await;

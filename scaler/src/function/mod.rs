@@ -394,7 +394,9 @@ impl Worker {
                     Ok(Err(e)) => (None, Err(e)),
                     Err(_) => (
                         None,
-                        Err(TriggerError::Timeout(format!("no answer within {timeout:?}"))),
+                        Err(TriggerError::Timeout(format!(
+                            "no answer within {timeout:?}"
+                        ))),
                     ),
                 };
                 let _ = tx
@@ -431,7 +433,11 @@ impl Worker {
         };
         match result.result {
             Ok(m) => {
-                self.ctx.metrics.trigger_value.get_or_create(&labels).set(m.value);
+                self.ctx
+                    .metrics
+                    .trigger_value
+                    .get_or_create(&labels)
+                    .set(m.value);
                 slot.reading = Some(Reading::Metric {
                     value: m.value,
                     target: m.target,
@@ -554,7 +560,8 @@ impl Worker {
         let Some(replicas) = self.ensure_replicas(&plan).await else {
             if let Some(e) = &self.target_error {
                 let (reason, message) = (e.reason(), e.to_string());
-                self.book.condition(Condition::READY, false, reason, message);
+                self.book
+                    .condition(Condition::READY, false, reason, message);
             }
             return;
         };
@@ -563,11 +570,7 @@ impl Worker {
         }
         // Wait for every pull trigger's first read: deciding on "no reading yet" would
         // count as a failure or as silence, and neither is true.
-        if self
-            .pulls
-            .iter()
-            .any(|slot| slot.reading.is_none())
-        {
+        if self.pulls.iter().any(|slot| slot.reading.is_none()) {
             return;
         }
         self.check_stalled(&plan, replicas).await;
@@ -636,7 +639,8 @@ impl Worker {
             self.transparent_step(&plan, replicas, &decision, &readings, poked_at, demand_seen)
                 .await;
         } else if decision.replicas != replicas.desired {
-            self.scale(&plan, replicas, &decision, &readings, poked_at).await;
+            self.scale(&plan, replicas, &decision, &readings, poked_at)
+                .await;
         }
     }
 
@@ -664,7 +668,10 @@ impl Worker {
             self.parking_demand = true;
         }
         let replica_ready = match phase {
-            Phase::Waking | Phase::Warm => slices.replica_ready(&namespace, &service).await.unwrap_or(false),
+            Phase::Waking | Phase::Warm => slices
+                .replica_ready(&namespace, &service)
+                .await
+                .unwrap_or(false),
             _ => false,
         };
         let observed = transparent::Observed {
@@ -674,7 +681,8 @@ impl Worker {
             demand_seen: self.parking_demand,
             replica_ready,
         };
-        let (mut next, actions) = transparent::next(phase, observed, self.ctx.config.parking_settle);
+        let (mut next, actions) =
+            transparent::next(phase, observed, self.ctx.config.parking_settle);
         for action in actions {
             self.ctx.leadership.writable().await;
             let done = match action {
@@ -685,15 +693,22 @@ impl Worker {
                         .await
                         .map_err(|e| e.to_string())
                 }
-                transparent::Action::RemoveSlice => {
-                    slices.remove(&namespace, &service).await.map_err(|e| e.to_string())
-                }
+                transparent::Action::RemoveSlice => slices
+                    .remove(&namespace, &service)
+                    .await
+                    .map_err(|e| e.to_string()),
                 transparent::Action::Scale => {
-                    match self.scale(plan, replicas, decision, readings, poked_at).await {
+                    match self
+                        .scale(plan, replicas, decision, readings, poked_at)
+                        .await
+                    {
                         Some(Written::ZeroVetoed) => {
                             // Work arrived at the last moment: back to warm.
                             next = Phase::Warm;
-                            slices.remove(&namespace, &service).await.map_err(|e| e.to_string())
+                            slices
+                                .remove(&namespace, &service)
+                                .await
+                                .map_err(|e| e.to_string())
                         }
                         Some(Written::ZeroRewoken(_)) => {
                             next = Phase::Waking;
@@ -745,7 +760,13 @@ impl Worker {
             return;
         }
         self.last_stall_check = Some(Instant::now());
-        match self.ctx.writer.scale().unschedulable(&plan.target, bound).await {
+        match self
+            .ctx
+            .writer
+            .scale()
+            .unschedulable(&plan.target, bound)
+            .await
+        {
             Ok(0) => self.stalled = None,
             Ok(n) => {
                 if self.stalled.is_none() {
@@ -753,12 +774,17 @@ impl Worker {
                         EventType::Warning,
                         Condition::REASON_SCALE_UP_STALLED,
                         "Scale",
-                        format!("{n} pods of {} cannot be scheduled; holding at {}", plan.target, replicas.desired),
+                        format!(
+                            "{n} pods of {} cannot be scheduled; holding at {}",
+                            plan.target, replicas.desired
+                        ),
                     );
                 }
                 self.stalled = Some(n);
             }
-            Err(e) => debug!(function = %self.key, error = %e, "could not check for unschedulable pods"),
+            Err(e) => {
+                debug!(function = %self.key, error = %e, "could not check for unschedulable pods")
+            }
         }
     }
 
@@ -778,14 +804,22 @@ impl Worker {
                 Condition::READY,
                 false,
                 Condition::REASON_SCALE_UP_STALLED,
-                format!("{stuck} pods of {} cannot be scheduled; the count is held", plan.target),
+                format!(
+                    "{stuck} pods of {} cannot be scheduled; the count is held",
+                    plan.target
+                ),
             );
         } else if let Some(conflict) = self.conflict.as_ref().or(self.drift_conflict.as_ref()) {
             let message = format!("Blink leaves {} alone: {conflict}", plan.target);
             book.condition(Condition::CONFLICT, true, "TargetConflict", message.clone());
             book.condition(Condition::READY, false, "Conflict", message);
         } else {
-            book.condition(Condition::CONFLICT, false, "NoConflict", "Blink is the only owner of the target");
+            book.condition(
+                Condition::CONFLICT,
+                false,
+                "NoConflict",
+                "Blink is the only owner of the target",
+            );
             match failing {
                 Some((name, error)) => book.condition(
                     Condition::READY,
@@ -803,9 +837,24 @@ impl Worker {
             }
         }
         match plan.paused {
-            Some(Paused::At(n)) => book.condition(Condition::PAUSED, true, "PausedReplicas", format!("paused at {n} replicas by annotation")),
-            Some(Paused::Hold) => book.condition(Condition::PAUSED, true, "Paused", "paused by annotation: the count is frozen"),
-            None => book.condition(Condition::PAUSED, false, "NotPaused", "scaling follows the triggers"),
+            Some(Paused::At(n)) => book.condition(
+                Condition::PAUSED,
+                true,
+                "PausedReplicas",
+                format!("paused at {n} replicas by annotation"),
+            ),
+            Some(Paused::Hold) => book.condition(
+                Condition::PAUSED,
+                true,
+                "Paused",
+                "paused by annotation: the count is frozen",
+            ),
+            None => book.condition(
+                Condition::PAUSED,
+                false,
+                "NotPaused",
+                "scaling follows the triggers",
+            ),
         }
         if decision.fallback {
             let replicas = plan
@@ -821,12 +870,27 @@ impl Worker {
                 format!("a trigger failed past its failureThreshold; its share is the fallback count ({replicas} replicas)"),
             );
         } else {
-            book.condition(Condition::FALLBACK, false, "NoFallback", "every trigger is read");
+            book.condition(
+                Condition::FALLBACK,
+                false,
+                "NoFallback",
+                "every trigger is read",
+            );
         }
         if decision.active {
-            book.condition(Condition::ACTIVE, true, "TriggerActive", "a trigger is active or an activator holds work");
+            book.condition(
+                Condition::ACTIVE,
+                true,
+                "TriggerActive",
+                "a trigger is active or an activator holds work",
+            );
         } else {
-            book.condition(Condition::ACTIVE, false, "TriggersInactive", "no trigger is active and no work is held");
+            book.condition(
+                Condition::ACTIVE,
+                false,
+                "TriggersInactive",
+                "no trigger is active and no work is held",
+            );
         }
         // lastActiveTime is written when activity ends (the cooldown starts counting),
         // not on every active tick.
@@ -850,13 +914,22 @@ impl Worker {
             self.book
                 .update(|s| s.original_replica_count = Some(replicas.desired));
         }
-        self.book.update(|s| s.last_active_time = Some(status::now()));
+        self.book
+            .update(|s| s.last_active_time = Some(status::now()));
         if !self.object.finalizers().iter().any(|f| f == FINALIZER) {
             let mut finalizers = self.object.finalizers().to_vec();
             finalizers.push(FINALIZER.to_owned());
             let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
             self.ctx.metrics.wrote("finalizer");
-            if let Err(e) = self.api().patch(self.key.name(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            if let Err(e) = self
+                .api()
+                .patch(
+                    self.key.name(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
                 warn!(function = %self.key, error = %e, "could not add the finalizer");
                 self.taken_over = false;
             }
@@ -888,7 +961,17 @@ impl Worker {
                 Some(written)
             }
             Ok(written @ Written::ZeroRewoken(after)) => {
-                self.after_scale(plan, before.desired, Replicas { desired: 0, ..after }, decision, readings, None);
+                self.after_scale(
+                    plan,
+                    before.desired,
+                    Replicas {
+                        desired: 0,
+                        ..after
+                    },
+                    decision,
+                    readings,
+                    None,
+                );
                 self.after_scale(plan, 0, after, decision, readings, Some(Instant::now()));
                 Some(written)
             }
@@ -900,7 +983,8 @@ impl Worker {
                 warn!(function = %self.key, error = %e, "scale failed");
                 self.replicas = None;
                 let (reason, message) = (e.reason(), e.to_string());
-                self.book.condition(Condition::READY, false, reason, message);
+                self.book
+                    .condition(Condition::READY, false, reason, message);
                 None
             }
         }
@@ -919,7 +1003,10 @@ impl Worker {
         self.replicas = Some(after);
         self.last_set = Some(to);
         if let Some(at) = poked_at {
-            self.ctx.metrics.poke_to_patch.observe(at.elapsed().as_secs_f64());
+            self.ctx
+                .metrics
+                .poke_to_patch
+                .observe(at.elapsed().as_secs_f64());
         }
         let direction = if to > from { "up" } else { "down" };
         self.ctx
@@ -935,7 +1022,11 @@ impl Worker {
             self.scaled_up_at = Some(Instant::now());
         }
         if from == 0 && to > 0 {
-            self.ctx.metrics.cold_starts.get_or_create(&self.labels).inc();
+            self.ctx
+                .metrics
+                .cold_starts
+                .get_or_create(&self.labels)
+                .inc();
         }
         let why = explain(plan, decision, readings);
         info!(function = %self.key, from, to, step = ?decision.step, %why, "scaled");
@@ -967,7 +1058,10 @@ impl Worker {
         if plan.transparent && !self.release_transparent(plan, original).await {
             return;
         }
-        if let (true, Some(original)) = (plan.restore_original, original.filter(|o| !plan.transparent || *o > 0)) {
+        if let (true, Some(original)) = (
+            plan.restore_original,
+            original.filter(|o| !plan.transparent || *o > 0),
+        ) {
             match self
                 .ctx
                 .writer
@@ -978,7 +1072,10 @@ impl Worker {
                     EventType::Normal,
                     "ReplicasRestored",
                     "Finalize",
-                    format!("{} restored to its original {original} replicas", plan.target),
+                    format!(
+                        "{} restored to its original {original} replicas",
+                        plan.target
+                    ),
                 ),
                 Err(TargetError::NotFound(_)) => {}
                 Err(e) => {
@@ -997,7 +1094,11 @@ impl Worker {
         let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
         if let Err(e) = self
             .api()
-            .patch(self.key.name(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                self.key.name(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
             warn!(function = %self.key, error = %e, "could not remove the finalizer; will retry");
@@ -1024,7 +1125,11 @@ impl Worker {
         let floor = original.unwrap_or(1).max(1);
         match self.ctx.writer.scale().get(&plan.target).await {
             Ok(replicas) if replicas.desired < 1 => {
-                let _ = self.ctx.writer.set(&self.key, &plan.target, floor, floor).await;
+                let _ = self
+                    .ctx
+                    .writer
+                    .set(&self.key, &plan.target, floor, floor)
+                    .await;
                 return false;
             }
             Ok(_) => {}
@@ -1034,7 +1139,11 @@ impl Worker {
             }
             Err(_) => return false,
         }
-        if !slices.replica_ready(&namespace, &service).await.unwrap_or(false) {
+        if !slices
+            .replica_ready(&namespace, &service)
+            .await
+            .unwrap_or(false)
+        {
             return false;
         }
         self.ctx.leadership.writable().await;
@@ -1064,7 +1173,8 @@ impl Worker {
             }
             Err(e) => {
                 debug!(function = %self.key, error = %e, "status write failed; will retry");
-                self.book.written(ScaledObjectStatus::default(), Instant::now());
+                self.book
+                    .written(ScaledObjectStatus::default(), Instant::now());
             }
         }
     }

@@ -171,7 +171,11 @@ pub fn plan(object: &ScaledObject) -> Result<Plan, Refusal> {
     })
 }
 
-fn http_trigger(index: usize, name: String, trigger: &ScaleTrigger) -> Result<TriggerPlan, Refusal> {
+fn http_trigger(
+    index: usize,
+    name: String,
+    trigger: &ScaleTrigger,
+) -> Result<TriggerPlan, Refusal> {
     let target_concurrency = match trigger.metadata.get("targetConcurrency") {
         None => DEFAULT_TARGET_CONCURRENCY,
         Some(text) => match text.parse::<f64>() {
@@ -274,7 +278,10 @@ spec:
                 "targetConcurrency",
             ),
             (
-                BASE.replace("name: hello, namespace: ns", "name: hello, namespace: ns, annotations: {blink.sh/paused-replicas: 'x'}"),
+                BASE.replace(
+                    "name: hello, namespace: ns",
+                    "name: hello, namespace: ns, annotations: {blink.sh/paused-replicas: 'x'}",
+                ),
                 "InvalidAnnotation",
                 "paused-replicas",
             ),
@@ -307,7 +314,11 @@ spec:
                 "name: hello, namespace: ns",
                 &format!("name: hello, namespace: ns, annotations: {annotations}"),
             );
-            assert_eq!(plan(&object(&yaml)).expect("plans").paused, expected, "{annotations}");
+            assert_eq!(
+                plan(&object(&yaml)).expect("plans").paused,
+                expected,
+                "{annotations}"
+            );
         }
     }
 

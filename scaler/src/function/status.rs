@@ -32,7 +32,13 @@ impl StatusBook {
     }
 
     /// Sets a condition; its transition time moves only when its status changes.
-    pub fn condition(&mut self, kind: &str, status: bool, reason: &str, message: impl Into<String>) {
+    pub fn condition(
+        &mut self,
+        kind: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
         let mut next = Condition::new(kind, status, reason, message);
         let conditions = &mut self.wanted.conditions;
         match conditions.iter_mut().find(|c| c.condition_type == kind) {
@@ -78,7 +84,10 @@ impl StatusBook {
         if self.written.as_ref() == Some(&self.wanted) {
             return None;
         }
-        Some(self.last_write.map_or_else(Instant::now, |at| at + self.interval))
+        Some(
+            self.last_write
+                .map_or_else(Instant::now, |at| at + self.interval),
+        )
     }
 
     pub fn written(&mut self, status: ScaledObjectStatus, at: Instant) {
@@ -105,10 +114,20 @@ mod tests {
         assert_eq!(book.due(start), None, "nothing changed");
         book.update(|s| s.desired_replicas = Some(2));
         book.update(|s| s.desired_replicas = Some(3));
-        assert_eq!(book.due(start + Duration::from_millis(500)), None, "too soon");
+        assert_eq!(
+            book.due(start + Duration::from_millis(500)),
+            None,
+            "too soon"
+        );
         assert_eq!(book.next_write_at(), Some(start + Duration::from_secs(1)));
-        let second = book.due(start + Duration::from_secs(1)).expect("due after 1 s");
-        assert_eq!(second.desired_replicas, Some(3), "only the latest is written");
+        let second = book
+            .due(start + Duration::from_secs(1))
+            .expect("due after 1 s");
+        assert_eq!(
+            second.desired_replicas,
+            Some(3),
+            "only the latest is written"
+        );
     }
 
     #[test]
