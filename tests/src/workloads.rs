@@ -106,3 +106,43 @@ pub async fn events(ctx: &TestContext, name: &str) -> anyhow::Result<Vec<(String
         .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect())
 }
+
+/// Every value a Deployment's `spec.replicas` took, in order, as a watch saw them.
+#[derive(Debug)]
+pub struct ReplicaHistory {
+    values: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplicaHistory {
+    pub fn watch(ctx: &TestContext, name: &str) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let values = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let stream = watcher::watcher(ctx.api::<Deployment>(), config).applied_objects();
+        let seen = values.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = stream.boxed();
+            while let Some(Ok(deployment)) = stream.next().await {
+                let replicas = deployment.spec.and_then(|s| s.replicas).unwrap_or(0);
+                if let Ok(mut values) = seen.lock()
+                    && values.last() != Some(&replicas)
+                {
+                    values.push(replicas);
+                }
+            }
+        });
+        Self { values, task }
+    }
+
+    pub fn values(&self) -> Vec<i32> {
+        self.values.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for ReplicaHistory {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
