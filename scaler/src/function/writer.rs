@@ -97,3 +97,125 @@ impl Writer {
         demand.held_work || demand.active
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use blink_crds::Poke;
+
+    use super::*;
+    use crate::demand::DemandConfig;
+
+    /// Records every count it is set to.
+    #[derive(Debug, Default)]
+    struct Recorded {
+        sets: Mutex<Vec<i32>>,
+    }
+
+    impl ScaleTarget for Recorded {
+        fn get(
+            &self,
+            _: &TargetRef,
+        ) -> futures::future::BoxFuture<'_, Result<Replicas, TargetError>> {
+            Box::pin(async { Ok(Replicas::default()) })
+        }
+
+        fn set(
+            &self,
+            _: &TargetRef,
+            replicas: i32,
+        ) -> futures::future::BoxFuture<'_, Result<Replicas, TargetError>> {
+            if let Ok(mut sets) = self.sets.lock() {
+                sets.push(replicas);
+            }
+            Box::pin(async move {
+                Ok(Replicas {
+                    desired: replicas,
+                    current: replicas,
+                })
+            })
+        }
+
+        fn unschedulable(
+            &self,
+            _: &TargetRef,
+            _: std::time::Duration,
+        ) -> futures::future::BoxFuture<'_, Result<usize, TargetError>> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    fn setup() -> (Arc<Recorded>, Arc<Demand>, Writer, FunctionKey, TargetRef) {
+        let target = Arc::new(Recorded::default());
+        let demand = Demand::new(DemandConfig::default());
+        let writer = Writer::new(
+            target.clone(),
+            demand.clone(),
+            Leadership::always(Instant::now()),
+        );
+        let key: FunctionKey = "ns/web".parse().expect("key");
+        let target_ref = TargetRef {
+            namespace: "ns".into(),
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "web".into(),
+        };
+        (target, demand, writer, key, target_ref)
+    }
+
+    fn poke(demand: &Demand, key: &FunctionKey) {
+        demand.apply_poke(
+            Poke {
+                activator: "a-0".into(),
+                session: "s".into(),
+                key: key.clone(),
+            },
+            Instant::now(),
+        );
+    }
+
+    fn sets(target: &Recorded) -> Vec<i32> {
+        target.sets.lock().expect("lock").clone()
+    }
+
+    #[tokio::test]
+    async fn a_quiet_function_goes_to_zero() {
+        let (target, _, writer, key, target_ref) = setup();
+        let written = writer.set(&key, &target_ref, 0, 1).await.expect("set");
+        assert!(matches!(written, Written::Set(Replicas { desired: 0, .. })));
+        assert_eq!(sets(&target), [0]);
+    }
+
+    #[tokio::test]
+    async fn work_held_before_the_patch_vetoes_it() {
+        let (target, demand, writer, key, target_ref) = setup();
+        poke(&demand, &key);
+        let written = writer.set(&key, &target_ref, 0, 1).await.expect("set");
+        assert_eq!(written, Written::ZeroVetoed);
+        assert!(sets(&target).is_empty(), "no PATCH to zero with work held");
+    }
+
+    #[tokio::test]
+    async fn a_poke_racing_the_patch_to_zero_wins() {
+        let (target, demand, writer, key, target_ref) = setup();
+        let (seam_demand, seam_key) = (demand.clone(), key.clone());
+        // The poke lands after the re-read of demand and before the PATCH.
+        let writer = writer.with_seam(Arc::new(move || poke(&seam_demand, &seam_key)));
+        let written = writer.set(&key, &target_ref, 0, 2).await.expect("set");
+        assert!(
+            matches!(written, Written::ZeroRewoken(Replicas { desired: 2, .. })),
+            "{written:?}"
+        );
+        assert_eq!(sets(&target), [0, 2], "woken again at once");
+    }
+
+    #[tokio::test]
+    async fn non_zero_counts_are_set_without_a_guard() {
+        let (target, demand, writer, key, target_ref) = setup();
+        poke(&demand, &key);
+        let written = writer.set(&key, &target_ref, 5, 1).await.expect("set");
+        assert!(matches!(written, Written::Set(Replicas { desired: 5, .. })));
+        assert_eq!(sets(&target), [5]);
+    }
+}
