@@ -53,6 +53,22 @@ struct Inner {
     kafka: Mutex<Pool<Arc<BaseConsumer>>>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A Kafka consumer's drop waits for its close: do that off the runtime.
+        let kafka = std::mem::take(&mut lock(&self.kafka).entries);
+        if kafka.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(move || drop(kafka));
+            }
+            Err(_) => drop(kafka),
+        }
+    }
+}
+
 impl fmt::Debug for Connections {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Pool keys hold credentials: show counts only.

@@ -108,6 +108,23 @@ impl TriggerError {
     }
 }
 
+/// An error and its sources on one line (`error sending request: tcp connect error:
+/// Connection refused`): the top-level message of an HTTP error alone says little.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some errors repeat their source's text in their own; say it once.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// A built pull trigger: cheap to poll, connections shared through [`Connections`].
 pub trait PullTrigger: Send + Sync + fmt::Debug {
     fn measure(&self) -> BoxFuture<'_, Result<Measurement, TriggerError>>;
@@ -162,6 +179,15 @@ mod tests {
             assert!(reason.chars().all(|c| c.is_ascii_alphabetic()));
             assert!(reason.starts_with(|c: char| c.is_ascii_uppercase()));
         }
+    }
+
+    #[test]
+    fn error_chains_read_as_one_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("tcp connect error"));
+        assert_eq!(error_chain(&e), "error sending request: tcp connect error");
     }
 
     #[test]

@@ -326,7 +326,11 @@ impl PrometheusTrigger {
     fn http_error(&self, e: reqwest::Error) -> TriggerError {
         let timeout = e.is_timeout();
         // The request URL repeats the query string: name the server instead.
-        let msg = format!("Prometheus at {}: {}", self.config.shown(), e.without_url());
+        let msg = format!(
+            "Prometheus at {}: {}",
+            self.config.shown(),
+            super::error_chain(&e.without_url())
+        );
         if timeout {
             TriggerError::Timeout(msg)
         } else {

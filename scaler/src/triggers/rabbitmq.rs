@@ -492,7 +492,11 @@ impl RabbitMqTrigger {
     fn http_error(&self, e: reqwest::Error) -> TriggerError {
         // `without_url`: the request URL is built from the host, keep it out.
         let e = e.without_url();
-        let msg = format!("RabbitMQ management API at {}: {e}", self.config.shown);
+        let msg = format!(
+            "RabbitMQ management API at {}: {}",
+            self.config.shown,
+            super::error_chain(&e)
+        );
         if e.is_timeout() {
             TriggerError::Timeout(msg)
         } else {
