@@ -18,11 +18,11 @@
 //! 1. **Paused:** `blink.sh/paused-replicas: N` → N; `blink.sh/paused` → no change.
 //! 2. **Conflict** (another owner of the target) → no change.
 //! 3. **Errors:** a failing trigger is neither active nor inactive and contributes its
-//!    last good desire. Past `fallback.failureThreshold` consecutive failures it
-//!    contributes the fallback count shaped by `fallback.behavior`, and the step
-//!    decides — even from zero, and `replicas: 0` is honoured. Before the threshold (or
-//!    with no fallback) an error neither wakes nor idles: with no trigger active and no
-//!    work held, the count holds.
+//!    last good desire. Past `fallback.failureThreshold` consecutive failures
+//!    (counted per poll, not per decision) it contributes the fallback count shaped by
+//!    `fallback.behavior`, and the step decides — even from zero, and `replicas: 0` is
+//!    honoured. Before the threshold (or with no fallback) an error neither wakes nor
+//!    idles: with no trigger active and no work held, the count holds.
 //! 4. **Stalled** (`ScaleUpStalled`) → hold the count.
 //! 5. **Idle:** every trigger inactive and no work held for `cooldownPeriod` since the
 //!    last active moment (and `initialCooldownPeriod` since the object was first seen,
@@ -78,6 +78,9 @@ pub struct Policy {
     pub panic_threshold_percentage: f64,
     pub max_scale_up_rate: f64,
     pub max_scale_down_rate: f64,
+    /// `pollingInterval`: consecutive failures of a pull trigger are counted per poll,
+    /// not per decision.
+    pub polling_interval: Duration,
     pub fallback: Option<Fallback>,
     /// One per `spec.triggers` entry, same order as `Input::triggers`.
     pub triggers: Vec<TriggerPolicy>,
@@ -113,6 +116,7 @@ impl Default for Policy {
             panic_threshold_percentage: d::DEFAULT_PANIC_THRESHOLD_PERCENTAGE,
             max_scale_up_rate: d::DEFAULT_MAX_SCALE_UP_RATE,
             max_scale_down_rate: d::DEFAULT_MAX_SCALE_DOWN_RATE,
+            polling_interval: d::DEFAULT_POLLING_INTERVAL,
             fallback: None,
             triggers: Vec::new(),
             transparent_http_only: false,
@@ -139,6 +143,7 @@ impl Policy {
             panic_threshold_percentage: spec.panic_threshold_percentage(),
             max_scale_up_rate: spec.max_scale_up_rate(),
             max_scale_down_rate: spec.max_scale_down_rate(),
+            polling_interval: spec.polling_interval(),
             fallback: spec.fallback.clone(),
             triggers: spec
                 .triggers
@@ -276,9 +281,38 @@ pub struct State {
 
 #[derive(Clone, Debug, Default)]
 struct TriggerMemory {
-    failures: u32,
+    /// The first decision of the current run of failures.
+    failing_since: Option<Instant>,
     last_good: Option<i32>,
+    /// The trigger last read as `http` (its reads come every 1 s, not every poll).
+    http: bool,
     window: Window,
+}
+
+impl TriggerMemory {
+    /// Consecutive failed reads so far, counting the one at `now`.
+    ///
+    /// Decisions run more often than pull triggers are polled (every 1 s when the
+    /// object also has an `http` trigger, and at once on a poke), and each gets the
+    /// trigger's latest reading, so counting decisions would count one failed poll
+    /// several times. The count is the polls that can have happened since the first
+    /// failed one: one per `pollingInterval` (1 s for `http`), with a tenth of an
+    /// interval of slack so a poll that lands a little early still counts.
+    fn failures(&mut self, now: Instant, polling_interval: Duration) -> u64 {
+        let since = *self.failing_since.get_or_insert(now);
+        let interval = if self.http {
+            Duration::from_secs(1)
+        } else {
+            polling_interval
+        };
+        let elapsed = now.saturating_duration_since(since) + interval / 10;
+        match interval.as_nanos() {
+            0 => 1,
+            n => u64::try_from(elapsed.as_nanos() / n)
+                .unwrap_or(u64::MAX)
+                .saturating_add(1),
+        }
+    }
 }
 
 impl State {
@@ -411,6 +445,7 @@ impl State {
                         ceil_count(value / target)
                     };
                     obs.active |= value > activation;
+                    mem.http = false;
                     Some(Contribution {
                         steady: Some(d),
                         panic: None,
@@ -428,6 +463,7 @@ impl State {
                     obs.panic_over |=
                         kpa::over_threshold(panic, ready, policy.panic_threshold_percentage);
                     obs.active |= active;
+                    mem.http = true;
                     Some(Contribution {
                         steady: Some(steady),
                         panic: Some(panic),
@@ -439,17 +475,17 @@ impl State {
             };
             let contribution = match contribution {
                 Some(c) => {
-                    mem.failures = 0;
+                    mem.failing_since = None;
                     mem.last_good = c.steady;
                     c
                 }
                 None => {
-                    mem.failures = mem.failures.saturating_add(1);
+                    let failures = mem.failures(input.now, policy.polling_interval);
                     obs.failing = true;
-                    let past = policy
-                        .fallback
-                        .as_ref()
-                        .filter(|f| i64::from(mem.failures) >= i64::from(f.failure_threshold));
+                    let past = policy.fallback.as_ref().filter(|f| {
+                        // A negative threshold (past the schema) counts as 0.
+                        failures >= u64::try_from(f.failure_threshold).unwrap_or(0)
+                    });
                     match past {
                         Some(f) => {
                             obs.past_threshold = true;
@@ -514,6 +550,12 @@ pub fn decide(policy: &Policy, state: &mut State, input: &Input<'_>) -> Decision
         .unwrap_or(0);
 
     let idle_target = policy.idle_target(state.warm_seen);
+    // A transparent `http`-only object, once warm, is blind to its traffic: keep one.
+    let floor = if policy.transparent_http_only && state.warm_seen {
+        policy.min.max(1)
+    } else {
+        policy.min
+    };
     let at_rest = current == 0 || Some(current) == idle_target;
     let waking = at_rest && active;
     let recommendation = if waking { d_burst } else { d_steady };
@@ -538,6 +580,7 @@ pub fn decide(policy: &Policy, state: &mut State, input: &Input<'_>) -> Decision
         active,
         panicking,
         idle_target,
+        floor,
         at_rest,
         d_steady,
         d_burst,
@@ -574,6 +617,8 @@ struct Ctx<'a> {
     active: bool,
     panicking: bool,
     idle_target: Option<i32>,
+    /// The lowest count outside idle: `min`, or 1 for a warm transparent object.
+    floor: i32,
     at_rest: bool,
     d_steady: i32,
     d_burst: i32,
@@ -733,12 +778,6 @@ impl Ctx<'_> {
         if Some(n) == self.idle_target {
             return n;
         }
-        let p = self.policy;
-        let floor = if p.transparent_http_only && self.idle_target.is_none() {
-            p.min.max(1)
-        } else {
-            p.min
-        };
-        n.max(floor).min(p.max.max(0))
+        n.max(self.floor).min(self.policy.max.max(0))
     }
 }

@@ -512,24 +512,59 @@ fn fallback_behaviors_shape_the_count() {
 
 #[test]
 fn fallback_waits_for_the_threshold_and_holds_before_it() {
-    let mut run = Run::new(Policy {
+    let policy = Policy {
         fallback: fallback(3, 4, FallbackBehavior::Static),
+        polling_interval: Duration::from_secs(5),
         ..pull_policy()
-    });
-    // From zero: two failures neither wake nor do anything else.
-    for k in 0..2 {
+    };
+    let mut run = Run::new(policy.clone());
+    // From zero, decisions every second (as with an `http` trigger beside it) while
+    // the polls at +0 and +5 fail: two failures, which neither wake nor do anything.
+    for k in 0..10 {
         let d = run.tick(LATE + f64::from(k), 0, &[Reading::Failed]);
         assert_eq!(
             (d.step, d.replicas, d.fallback),
-            (Step::ErrorHold, 0, false)
+            (Step::ErrorHold, 0, false),
+            "at +{k}"
         );
     }
-    let d = run.tick(LATE + 2.0, 0, &[Reading::Failed]);
+    // The third failed poll, at +10.
+    let d = run.tick(LATE + 10.0, 0, &[Reading::Failed]);
     assert_eq!((d.step, d.replicas, d.fallback), (Step::Fallback, 4, true));
     // One good read resets the count.
-    run.tick(LATE + 3.0, 4, &[metric(30.0)]);
-    let d = run.tick(LATE + 4.0, 4, &[Reading::Failed]);
+    run.tick(LATE + 11.0, 4, &[metric(30.0)]);
+    let d = run.tick(LATE + 12.0, 4, &[Reading::Failed]);
     assert_eq!((d.step, d.replicas), (Step::ErrorHold, 4));
+
+    // Decisions only at polls, which land a little early: still three failures.
+    let mut run = Run::new(policy);
+    for t in [0.0, 4.8] {
+        assert_eq!(
+            run.tick(LATE + t, 2, &[Reading::Failed]).step,
+            Step::ErrorHold
+        );
+    }
+    assert_eq!(
+        run.tick(LATE + 9.7, 2, &[Reading::Failed]).step,
+        Step::Fallback
+    );
+}
+
+#[test]
+fn a_failing_http_trigger_counts_a_failure_per_second() {
+    let mut run = Run::new(Policy {
+        fallback: fallback(3, 4, FallbackBehavior::Static),
+        ..http_policy()
+    });
+    run.tick(LATE, 2, &[http(20.0, true)]);
+    for k in 1..3 {
+        let d = run.tick(LATE + f64::from(k), 2, &[Reading::Failed]);
+        assert_eq!(d.step, Step::ErrorHold, "at +{k}");
+    }
+    assert_eq!(
+        run.tick(LATE + 3.0, 2, &[Reading::Failed]).step,
+        Step::Fallback
+    );
 }
 
 #[test]
@@ -1086,6 +1121,7 @@ maxReplicaCount: 9
 idleReplicaCount: 1
 cooldownPeriod: 7
 initialCooldownPeriod: 11
+pollingInterval: 2
 fallback: {failureThreshold: 3, replicas: 4, behavior: currentReplicasIfHigher}
 advanced:
   stableWindowSeconds: 30
@@ -1109,6 +1145,7 @@ triggers: [{type: rabbitmq, metricType: AverageValue, metadata: {queueName: q}}]
     let p = Policy::from_spec(&spec, false);
     assert_eq!((p.min, p.max, p.idle), (2, 9, Some(1)));
     assert_eq!(p.cooldown, Duration::from_secs(7));
+    assert_eq!(p.polling_interval, Duration::from_secs(2));
     assert_eq!(p.initial_cooldown, Duration::from_secs(11));
     assert_eq!(p.stable_window, Duration::from_secs(30));
     assert_eq!(
@@ -1195,7 +1232,7 @@ mod properties {
         );
         (
             (0..4_i32, 1..30_i32, prop::option::of(0..4_i32)),
-            (0..40_u64, 0..30_u64, 1..30_u64),
+            (0..40_u64, 0..30_u64, 1..30_u64, 1..8_u64),
             (5.0..50.0_f64, 110.0..400.0_f64, 1.0..10.0_f64, 1.0..4.0_f64),
             fb,
             kinds,
@@ -1205,7 +1242,7 @@ mod properties {
             .prop_map(
                 |(
                     (min, extra, idle),
-                    (cooldown, initial, stable),
+                    (cooldown, initial, stable, polling),
                     (pwp, ptp, up, down),
                     fb,
                     kinds,
@@ -1223,6 +1260,7 @@ mod properties {
                         panic_threshold_percentage: ptp,
                         max_scale_up_rate: up,
                         max_scale_down_rate: down,
+                        polling_interval: Duration::from_secs(polling),
                         fallback: fb.map(|(t, r, b)| Fallback {
                             behavior: Some(b),
                             failure_threshold: t,
