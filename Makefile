@@ -1,11 +1,11 @@
 # The two commands a newcomer needs (README.md), and one to stop.
 .PHONY: run test stop
 
-# Run Blink: the test bed with Blink's CRDs installed.
+# Run Blink: the test bed, Blink's CRDs, and the scaler in the foreground (Ctrl-C stops it).
 run:
 	@tests/bed/install
 	@tests/bed/bed start
-	@tests/bed/bed kubectl apply --server-side --force-conflicts -f crds/blink.sh_crds.yaml
+	@tests/bed/run-scaler
 
 # Run every check and test, against real servers.
 test:
