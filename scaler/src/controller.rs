@@ -15,7 +15,10 @@ use std::{
 use blink_crds::{FunctionKey, ScaledObject};
 use futures::StreamExt;
 use k8s_openapi::{
-    api::apps::v1::{Deployment, StatefulSet},
+    api::{
+        apps::v1::{Deployment, StatefulSet},
+        autoscaling::v2::HorizontalPodAutoscaler,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -40,12 +43,25 @@ use crate::{
 type TargetId = (String, String, String);
 
 fn target_id(target: &TargetRef) -> TargetId {
-    (
-        target.namespace.clone(),
-        target.kind.clone(),
-        target.name.clone(),
-    )
+    // A SpinApp is scaled through the Deployment of its name: one target, not two.
+    let kind = if crate::target::is_spin_app(target) {
+        "Deployment".to_owned()
+    } else {
+        target.kind.clone()
+    };
+    (target.namespace.clone(), kind, target.name.clone())
 }
+
+/// The `apiVersion` of the workload kinds Blink follows by annotation.
+fn api_version_of(kind: &str) -> &'static str {
+    if kind == "SpinApp" {
+        SPIN_APP_API_VERSION
+    } else {
+        "apps/v1"
+    }
+}
+
+const SPIN_APP_API_VERSION: &str = "core.spinkube.dev/v1alpha1";
 
 struct Entry {
     handle: Handle,
@@ -60,11 +76,14 @@ struct Controller {
     claims: HashMap<TargetId, BTreeSet<FunctionKey>>,
     /// Workloads seen (metadata), for generated objects and change detection.
     workloads: HashMap<TargetId, ObjectMeta>,
+    /// HorizontalPodAutoscalers by the target they scale: another owner of it.
+    autoscalers: HashMap<TargetId, BTreeSet<String>>,
     /// What was last applied for each generated object, so it is written on change only.
     generated: HashMap<TargetId, Option<ScaledObject>>,
 }
 
 enum Change {
+    Autoscaler(Box<Event<HorizontalPodAutoscaler>>),
     Object(Box<Event<ScaledObject>>),
     Workload(&'static str, Box<Event<ObjectMeta>>),
     Leadership(bool),
@@ -82,7 +101,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         let leader = rx.borrow_and_update().is_leader;
         Some((leader, rx))
     });
-    let mut changes = futures::stream::select_all([
+    let autoscalers: Api<HorizontalPodAutoscaler> = scoped(client.clone(), &namespace);
+    let mut streams = vec![
+        watcher::watcher(autoscalers, config.clone())
+            .default_backoff()
+            .filter_map(|e| async move { e.ok().map(|e| Change::Autoscaler(Box::new(e))) })
+            .boxed(),
         watcher::watcher(objects, config.clone())
             .default_backoff()
             .filter_map(|e| async move { e.ok().map(|e| Change::Object(Box::new(e))) })
@@ -102,12 +126,34 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
             })
             .boxed(),
         leader_changes.map(Change::Leadership).boxed(),
-    ]);
+    ];
+    // SpinApps are followed only where SpinKube's CRD is installed.
+    let spin_gvk =
+        kube::api::GroupVersionKind::gvk(crate::target::SPIN_GROUP, "v1alpha1", "SpinApp");
+    if let Ok((resource, _)) = kube::discovery::pinned_kind(&client, &spin_gvk).await {
+        info!("SpinApp CRD found: following annotated SpinApps");
+        let apps: Api<PartialObjectMeta<kube::api::DynamicObject>> = if namespace.is_empty() {
+            Api::all_with(client.clone(), &resource)
+        } else {
+            Api::namespaced_with(client.clone(), &namespace, &resource)
+        };
+        streams.push(
+            watcher::watcher(apps, watcher::Config::default())
+                .default_backoff()
+                .filter_map(|e| async move {
+                    e.ok()
+                        .map(|e| Change::Workload("SpinApp", Box::new(metadata_of(e))))
+                })
+                .boxed(),
+        );
+    }
+    let mut changes = futures::stream::select_all(streams);
     let mut controller = Controller {
         ctx,
         functions: HashMap::new(),
         claims: HashMap::new(),
         workloads: HashMap::new(),
+        autoscalers: HashMap::new(),
         generated: HashMap::new(),
     };
     loop {
@@ -116,6 +162,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
             change = changes.next() => match change {
                 Some(Change::Object(event)) => controller.on_object(*event).await,
                 Some(Change::Workload(kind, event)) => controller.on_workload(kind, *event).await,
+                Some(Change::Autoscaler(event)) => controller.on_autoscaler(*event),
                 Some(Change::Leadership(true)) => controller.reconcile_generated().await,
                 Some(Change::Leadership(false)) => {}
                 None => break,
@@ -264,11 +311,58 @@ impl Controller {
         self.publish_claims(&entry.target.clone());
     }
 
-    /// Sends each claimant of `target` its input, with a conflict when there are two.
+    /// An HPA on a target Blink scales makes two owners: both are left alone.
+    fn on_autoscaler(&mut self, event: Event<HorizontalPodAutoscaler>) {
+        let id_of = |hpa: &HorizontalPodAutoscaler| -> Option<(TargetId, String)> {
+            let spec = hpa.spec.as_ref()?;
+            let target = &spec.scale_target_ref;
+            Some((
+                (
+                    hpa.metadata.namespace.clone().unwrap_or_default(),
+                    target.kind.clone(),
+                    target.name.clone(),
+                ),
+                hpa.metadata.name.clone().unwrap_or_default(),
+            ))
+        };
+        let mut touched = Vec::new();
+        match event {
+            Event::Apply(hpa) | Event::InitApply(hpa) => {
+                let name = hpa.metadata.name.clone().unwrap_or_default();
+                // Its target may have changed: drop the old claim first.
+                for (id, names) in self.autoscalers.iter_mut() {
+                    if names.remove(&name) {
+                        touched.push(id.clone());
+                    }
+                }
+                if let Some((id, name)) = id_of(&hpa) {
+                    self.autoscalers.entry(id.clone()).or_default().insert(name);
+                    touched.push(id);
+                }
+            }
+            Event::Delete(hpa) => {
+                if let Some((id, name)) = id_of(&hpa) {
+                    if let Some(names) = self.autoscalers.get_mut(&id) {
+                        names.remove(&name);
+                    }
+                    touched.push(id);
+                }
+            }
+            Event::Init | Event::InitDone => {}
+        }
+        self.autoscalers.retain(|_, names| !names.is_empty());
+        for id in touched {
+            self.publish_claims(&id);
+        }
+    }
+
+    /// Sends each claimant of `target` its input, with a conflict when there are two
+    /// owners (two objects, or an object and an HPA).
     fn publish_claims(&self, target: &TargetId) {
         let Some(claimants) = self.claims.get(target) else {
             return;
         };
+        let autoscalers = self.autoscalers.get(target);
         for key in claimants {
             let Some(entry) = self.functions.get(key) else {
                 continue;
@@ -277,6 +371,12 @@ impl Controller {
                 .iter()
                 .filter(|k| *k != key)
                 .map(|k| format!("ScaledObject {}", k.name()))
+                .chain(
+                    autoscalers
+                        .into_iter()
+                        .flatten()
+                        .map(|name| format!("HorizontalPodAutoscaler {name}")),
+                )
                 .collect();
             let conflict = (!others.is_empty()).then(|| {
                 format!(
@@ -360,7 +460,7 @@ impl Controller {
             }
             return;
         }
-        let wanted = match generated::generate("apps/v1", &id.1, &metadata) {
+        let wanted = match generated::generate(api_version_of(&id.1), &id.1, &metadata) {
             Ok(object) => object,
             Err(message) => {
                 self.workload_event(
@@ -430,7 +530,7 @@ impl Controller {
         note: String,
     ) {
         let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("apps/v1".to_owned()),
+            api_version: Some(api_version_of(&id.1).to_owned()),
             kind: Some(id.1.clone()),
             name: metadata.name.clone(),
             namespace: metadata.namespace.clone(),

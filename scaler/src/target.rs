@@ -76,6 +76,10 @@ pub enum TargetError {
     UnknownKind(String),
     #[error("scale target {0} has no /scale subresource")]
     NoScaleSubresource(String),
+    #[error(
+        "SpinApp {0} does not set spec.enableAutoscaling: true, so the spin-operator owns its replicas; set it to let Blink scale the Deployment of the same name"
+    )]
+    SpinAppNotAutoscaled(String),
     #[error("scale target {target}: {source}")]
     Api {
         target: String,
@@ -90,6 +94,7 @@ impl TargetError {
             Self::NotFound(_) => "ScaleTargetNotFound",
             Self::UnknownKind(_) => "ScaleTargetKindUnknown",
             Self::NoScaleSubresource(_) => "ScaleTargetNotScalable",
+            Self::SpinAppNotAutoscaled(_) => "SpinAppAutoscalingDisabled",
             Self::Api { .. } => "ScaleTargetError",
         }
     }
@@ -134,6 +139,9 @@ impl KubeScale {
     }
 
     async fn api(&self, target: &TargetRef) -> Result<Api<DynamicObject>, TargetError> {
+        if is_spin_app(target) {
+            return self.spin_app_deployment(target).await;
+        }
         let gvk = target.gvk();
         let cached = self.resources.lock().await.get(&gvk).cloned();
         let resource = match cached {
@@ -186,11 +194,54 @@ impl KubeScale {
         }
     }
 
+    /// A SpinApp has no `/scale`: with `enableAutoscaling: true` the spin-operator leaves
+    /// the replicas of the Deployment of the same name free, and that is what Blink
+    /// scales (DESIGN.md, "Acting on the cluster").
+    async fn spin_app_deployment(
+        &self,
+        target: &TargetRef,
+    ) -> Result<Api<DynamicObject>, TargetError> {
+        let (resource, _) = discovery::pinned_kind(&self.client, &target.gvk())
+            .await
+            .map_err(|_| {
+                TargetError::UnknownKind(format!("{} ({})", target.kind, target.api_version))
+            })?;
+        let apps: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &target.namespace, &resource);
+        let app = apps
+            .get_opt(&target.name)
+            .await
+            .map_err(|e| api_error(target, e))?
+            .ok_or_else(|| TargetError::NotFound(target.to_string()))?;
+        let autoscaling = app
+            .data
+            .get("spec")
+            .and_then(|spec| spec.get("enableAutoscaling"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        if !autoscaling {
+            return Err(TargetError::SpinAppNotAutoscaled(target.to_string()));
+        }
+        let deployments = ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&());
+        Ok(Api::namespaced_with(
+            self.client.clone(),
+            &target.namespace,
+            &deployments,
+        ))
+    }
+
     /// Forgets what discovery said, so a CRD installed later is found.
     pub async fn forget_kinds(&self) {
         self.resources.lock().await.clear();
     }
 }
+
+/// SpinKube's `SpinApp` (`core.spinkube.dev`).
+pub fn is_spin_app(target: &TargetRef) -> bool {
+    target.kind == "SpinApp" && target.gvk().group == SPIN_GROUP
+}
+
+pub const SPIN_GROUP: &str = "core.spinkube.dev";
 
 fn replicas_of(scale: &k8s_openapi::api::autoscaling::v1::Scale) -> Replicas {
     Replicas {

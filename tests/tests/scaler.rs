@@ -849,3 +849,68 @@ spec:
         finish(&ctx, scaler).await
     });
 }
+
+#[test]
+fn an_hpa_on_the_same_target_is_a_conflict_reported_not_fought() {
+    blink_tests::run("scaler-hpa-conflict", |ctx| async move {
+        create_deployment(&ctx, "busy", 2, json!({})).await?;
+        let hpa: k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler =
+            serde_json::from_value(json!({
+                "metadata": {"name": "busy-hpa"},
+                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "busy"},
+                         "minReplicas": 1, "maxReplicas": 5}
+            }))?;
+        ctx.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>()
+            .create(&Default::default(), &hpa)
+            .await?;
+        let scaler = start_scaler(&ctx, "scaler-hpa").await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: busy}
+spec:
+  scaleTargetRef: {name: busy}
+  minReplicaCount: 4
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        until_condition(&ctx, "busy", Condition::CONFLICT, "True", "TargetConflict").await?;
+        let message = blink_tests::workloads::condition(&ctx, "busy", Condition::CONFLICT)
+            .await?
+            .and_then(|c| c.message)
+            .unwrap_or_default();
+        ensure!(
+            message.contains("HorizontalPodAutoscaler busy-hpa"),
+            "{message}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            desired(&ctx, "busy").await? == 2,
+            "a target with an HPA was scaled"
+        );
+        ensure!(scale_writes_by(&ctx, "scaler-hpa")?.is_empty());
+        // The HPA goes: Blink takes the target (min 4).
+        ctx.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>()
+            .delete("busy-hpa", &Default::default())
+            .await?;
+        until_desired(&ctx, "busy", 4).await?;
+        finish(&ctx, scaler).await
+    });
+}
+
+#[test]
+fn a_bad_flag_exits_64_with_one_line() -> anyhow::Result<()> {
+    let output = std::process::Command::new(SCALER)
+        .args(["--lease-duration", "soon"])
+        .output()?;
+    ensure!(output.status.code() == Some(64), "{:?}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(stderr.lines().count() == 1, "{stderr}");
+    ensure!(stderr.contains("--lease-duration"), "{stderr}");
+    let output = std::process::Command::new(SCALER)
+        .args(["--lease-duration", "5s", "--lease-grace", "9s"])
+        .output()?;
+    ensure!(output.status.code() == Some(64), "{:?}", output.status);
+    Ok(())
+}
