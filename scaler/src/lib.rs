@@ -37,6 +37,9 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+/// Reads and background writes in flight at once (status, finalizers, `/scale` reads).
+pub const API_CONCURRENCY: usize = 64;
+
 /// The `blink-scaler` binary: flags, logs, a runtime, and [`run`].
 pub fn main_entry() {
     let config = config::Config::from_args();
@@ -157,6 +160,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         transparent::Slices::new(client.clone(), activator_addresses, config.activator_port);
     let ctx = Arc::new(function::Context {
         slices: Some(slices),
+        api_permits: tokio::sync::Semaphore::new(API_CONCURRENCY),
         client,
         writer: function::writer::Writer::new(scale, demand.clone(), leadership.clone()),
         config: config.clone(),

@@ -669,6 +669,20 @@ fn idles_a_cooldown_after_the_last_active_moment() {
 }
 
 #[test]
+fn with_no_cooldown_it_idles_at_the_first_quiet_decision_and_never_while_active() {
+    let mut run = Run::new(Policy {
+        cooldown: Duration::ZERO,
+        ..pull_policy()
+    });
+    let d = run.tick(LATE, 2, &[metric(20.0)]);
+    assert_eq!((d.step, d.replicas), (Step::Scale, 2));
+    let d = run.tick_with(LATE + 1.0, 2, &[metric(0.0)], |i| i.held_work = true);
+    assert_eq!((d.step, d.replicas), (Step::Scale, 2));
+    let d = run.tick(LATE + 2.0, 2, &[metric(0.0)]);
+    assert_eq!((d.step, d.replicas), (Step::Idle, 0));
+}
+
+#[test]
 fn held_work_counts_as_activity() {
     let mut run = Run::new(pull_policy());
     run.tick(LATE, 2, &[metric(20.0)]);
@@ -1232,7 +1246,12 @@ mod properties {
         );
         (
             (0..4_i32, 1..30_i32, prop::option::of(0..4_i32)),
-            (0..40_u64, 0..30_u64, 1..30_u64, 1..8_u64),
+            (
+                prop_oneof![Just(0_u64), 0..40_u64],
+                prop_oneof![Just(0_u64), 0..30_u64],
+                1..30_u64,
+                1..8_u64,
+            ),
             (5.0..50.0_f64, 110.0..400.0_f64, 1.0..10.0_f64, 1.0..4.0_f64),
             fb,
             kinds,
@@ -1545,12 +1564,31 @@ mod properties {
                 external: None,
                 ready_fraction: 1.0,
             };
-            // Long enough for the slowest generated rate policy (1 pod or 10 % per
-            // 29 s) to cover the whole range.
-            for _ in 0..4000 {
+            // Settled: unchanged for longer than every window, cooldown and policy
+            // period together. The slowest generated rate policy (1 pod or 10 % per
+            // 29 s) crosses the whole range well within the 4000 s allowed.
+            let rules = |r: &ScalingRules| {
+                r.policies.iter().map(|p| p.period).max().unwrap_or_default()
+                    + r.stabilization_window.unwrap_or_default()
+            };
+            let span = (policy.stable_window
+                + policy.cooldown
+                + policy.initial_cooldown
+                + rules(&policy.scale_up)
+                + rules(&policy.scale_down))
+            .as_secs()
+                + 10;
+            let mut unchanged = 0;
+            let mut elapsed = 0;
+            while unchanged < span {
+                prop_assert!(elapsed < 4000, "still moving after {} s", elapsed);
+                let before = sim.current;
                 sim.t += Duration::from_secs(1);
                 sim.step(&policy, &mut state, Duration::ZERO, &readings, &calm)?;
+                unchanged = if sim.current == before { unchanged + 1 } else { 0 };
+                elapsed += 1;
             }
+            // And it stays put.
             let settled = sim.current;
             for k in 0..(policy.stable_window.as_secs() * 2 + 30) {
                 sim.t += Duration::from_secs(1);

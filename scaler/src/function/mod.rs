@@ -71,6 +71,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Blink's EndpointSlices for transparent mode.
     pub slices: Option<transparent::Slices>,
+    /// Bounds the reads and background writes in flight, so a start with thousands
+    /// of functions queues here instead of opening thousands of connections.
+    pub api_permits: tokio::sync::Semaphore,
 }
 
 impl fmt::Debug for Context {
@@ -438,11 +441,7 @@ impl Worker {
                     .trigger_value
                     .get_or_create(&labels)
                     .set(m.value);
-                slot.reading = Some(Reading::Metric {
-                    value: m.value,
-                    target: m.target,
-                    activation: m.activation,
-                });
+                slot.reading = Some(reading_of(m));
                 slot.last_error = None;
             }
             Err(e) => {
@@ -466,6 +465,7 @@ impl Worker {
     }
 
     async fn read_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
+        let _permit = self.ctx.api_permits.acquire().await.ok();
         match self.ctx.writer.scale().get(&plan.target).await {
             Ok(replicas) => {
                 self.replicas = Some(replicas);
@@ -921,6 +921,7 @@ impl Worker {
             finalizers.push(FINALIZER.to_owned());
             let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
             self.ctx.metrics.wrote("finalizer");
+            let _permit = self.ctx.api_permits.acquire().await.ok();
             if let Err(e) = self
                 .api()
                 .patch(
@@ -1158,6 +1159,9 @@ impl Worker {
             return;
         };
         let patch = serde_json::json!({ "status": status_patch(&status) });
+        // Background writes queue behind a bounded number in flight (scale writes do
+        // not: a wake must not wait behind 10,000 status updates).
+        let _permit = self.ctx.api_permits.acquire().await.ok();
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..PatchParams::default()
@@ -1205,6 +1209,24 @@ impl Worker {
     }
 }
 
+/// A measurement as the decision reads it. The decision calls a metric active when
+/// `value > activation`; where a trigger's own verdict differs (a cron window active
+/// with `desiredReplicas: 0`, a `MessageRate` queue with messages waiting, persistent
+/// lag excluded from the count but not from activity), the threshold passed on is
+/// moved just enough that the decision reaches the trigger's verdict.
+fn reading_of(m: Measurement) -> Reading {
+    let activation = match (m.active, m.value > m.activation) {
+        (true, false) => m.value - m.value.abs().max(1.0) * 1e-9,
+        (false, true) => m.value,
+        _ => m.activation,
+    };
+    Reading::Metric {
+        value: m.value,
+        target: m.target,
+        activation,
+    }
+}
+
 /// A merge patch sets only the fields it names; conditions are replaced whole.
 fn status_patch(status: &ScaledObjectStatus) -> serde_json::Value {
     serde_json::to_value(status).unwrap_or_default()
@@ -1231,4 +1253,40 @@ fn explain(plan: &Plan, decision: &Decision, readings: &[Reading]) -> String {
         parts.push("fallback".to_owned());
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_triggers_own_activity_verdict_survives() {
+        let cases = [
+            // (value, activation, trigger says active) → decision sees active
+            (5.0, 0.0, true),
+            (0.0, 0.0, false),
+            (0.0, 0.0, true),  // cron window with desiredReplicas: 0
+            (3.0, 5.0, true),  // messages waiting under a rate threshold
+            (7.0, 5.0, false), // lag that KEDA excludes from activity
+            (1e12, 0.0, true),
+        ];
+        for (value, activation, active) in cases {
+            let m = Measurement {
+                value,
+                target: 1.0,
+                activation,
+                active,
+            };
+            let Reading::Metric {
+                value: v,
+                activation: a,
+                ..
+            } = reading_of(m)
+            else {
+                panic!("a metric");
+            };
+            assert_eq!(v, value, "the value is passed on unchanged");
+            assert_eq!(v > a, active, "{value} {activation} {active}");
+        }
+    }
 }
