@@ -396,20 +396,21 @@ impl Controller {
 
     async fn on_workload(&mut self, kind: &'static str, event: Event<ObjectMeta>) {
         match event {
-            Event::Apply(meta) | Event::InitApply(meta) => {
+            Event::Apply(mut meta) | Event::InitApply(mut meta) => {
                 let id = (
                     meta.namespace.clone().unwrap_or_default(),
                     kind.to_owned(),
                     meta.name.clone().unwrap_or_default(),
                 );
+                // Managed fields matter only now (who set the replicas); not kept.
+                let manager = replicas_manager(&meta);
+                meta.managed_fields = None;
                 let previous = self.workloads.insert(id.clone(), meta.clone());
                 let generation_changed = previous
                     .as_ref()
                     .is_some_and(|p| p.generation != meta.generation);
                 if let Some(claimants) = self.claims.get(&id) {
-                    let manager = generation_changed
-                        .then(|| replicas_manager(&meta))
-                        .flatten();
+                    let manager = manager.filter(|_| generation_changed);
                     for key in claimants {
                         if let Some(entry) = self.functions.get(key) {
                             entry.handle.target_changed.send_replace(manager.clone());

@@ -55,6 +55,7 @@ fn main() {
                         "apiVersion": "blink.sh/v1alpha1", "kind": "ScaledObject",
                         "metadata": {"name": name},
                         "spec": {"scaleTargetRef": {"name": name}, "cooldownPeriod": 30,
+                                 "advanced": {"stableWindowSeconds": 10},
                                  "triggers": [{"type": "http", "metadata": {"targetConcurrency": "10"}}]}
                     }))?;
                     objects.create(&PostParams::default(), &object).await?;
@@ -98,38 +99,11 @@ fn main() {
             rss_after_pass / 1_000_000
         );
 
-        // Steady demand: a tenth of the functions at a constant 20 concurrent (→ 2 each),
-        // the rest silent; snapshots every second, as activators send them.
         let token =
             service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
-        let mut client =
-            DemandClient::new(scaler.demand_addr, Some(token.clone()), "bench-activator");
-        let busy: Vec<FunctionKey> = (0..functions / 10)
-            .map(|i| FunctionKey::new(&ns, format!("f{i:05}")))
-            .collect::<Result<_, _>>()?;
-        let snapshot: Vec<_> = busy.iter().map(|k| demand(k, 20.0, 40)).collect();
-        for _ in 0..20 {
-            client.snapshot(snapshot.clone()).await?;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let writes_before = scaler.metric("blink_scaler_api_writes_total").await?;
-        let cpu_before = scaler.cpu_seconds().unwrap_or(0.0);
-        let steady = Instant::now();
-        while steady.elapsed() < Duration::from_secs(60) {
-            client.snapshot(snapshot.clone()).await?;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let writes = scaler.metric("blink_scaler_api_writes_total").await? - writes_before;
-        let cpu = scaler.cpu_seconds().unwrap_or(0.0) - cpu_before;
-        let rss_steady = scaler.rss_bytes().unwrap_or(0);
-        println!(
-            "steady demand (1,000 busy at 2 replicas, the rest at zero) for 60 s: {writes} API writes; scaler CPU {cpu:.1} s/min; RSS {} MB",
-            rss_steady / 1_000_000
-        );
-
         // Poke → PATCH for functions at zero while the others exist.
         let mut latencies = Vec::new();
-        let poker = DemandClient::new(scaler.demand_addr, Some(token), "bench-poker");
+        let poker = DemandClient::new(scaler.demand_addr, Some(token.clone()), "bench-poker");
         for i in 0..200 {
             let name = format!("f{:05}", functions - 1 - i);
             let key = FunctionKey::new(&ns, &name)?;
@@ -166,6 +140,36 @@ fn main() {
         {
             println!("  {line}");
         }
+        // Steady demand: a hundredth of the functions at a constant 20 concurrent (→ 2 each),
+        // the rest silent; snapshots every second, as activators send them.
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let mut client =
+            DemandClient::new(scaler.demand_addr, Some(token.clone()), "bench-activator");
+        let busy: Vec<FunctionKey> = (0..functions / 100)
+            .map(|i| FunctionKey::new(&ns, format!("f{i:05}")))
+            .collect::<Result<_, _>>()?;
+        let snapshot: Vec<_> = busy.iter().map(|k| demand(k, 20.0, 40)).collect();
+        for _ in 0..30 {
+            client.snapshot(snapshot.clone()).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let writes_before = scaler.metric("blink_scaler_api_writes_total").await?;
+        let cpu_before = scaler.cpu_seconds().unwrap_or(0.0);
+        let steady = Instant::now();
+        while steady.elapsed() < Duration::from_secs(60) {
+            client.snapshot(snapshot.clone()).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let writes = scaler.metric("blink_scaler_api_writes_total").await? - writes_before;
+        let cpu = scaler.cpu_seconds().unwrap_or(0.0) - cpu_before;
+        let rss_steady = scaler.rss_bytes().unwrap_or(0);
+        println!(
+            "steady demand ({} busy at 2 replicas, the rest at zero) for 60 s: {writes} API writes; scaler CPU {cpu:.1} s/min; RSS {} MB",
+            busy.len(),
+            rss_steady / 1_000_000
+        );
+
         scaler.stop().await;
         release_finalizers(&ctx).await?;
         Ok(())
