@@ -108,7 +108,9 @@ impl Function {
 
     fn read(&mut self, tick: u64) {
         let n = noise(self.seed, tick);
-        let phase = (self.seed % 600 + tick) % 600;
+        // A per-function offset, hashed so that profiles do not move in lockstep.
+        let offset = (noise(self.seed, u64::MAX) * 600.0) as u64;
+        let phase = (offset + tick) % 600;
         self.readings.clear();
         match self.profile {
             Profile::Http => self.readings.push(http(20.0 + 40.0 * n)),
