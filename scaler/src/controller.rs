@@ -469,7 +469,13 @@ impl Controller {
         let wanted = match generated::generate(api_version_of(&id.1), &id.1, &metadata) {
             Ok(object) => object,
             Err(message) => {
-                self.workload_event(id, &metadata, EventType::Warning, "InvalidAnnotation", message);
+                self.workload_event(
+                    id,
+                    &metadata,
+                    EventType::Warning,
+                    "InvalidAnnotation",
+                    message,
+                );
                 return;
             }
         };

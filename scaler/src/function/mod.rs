@@ -576,12 +576,19 @@ impl Worker {
         self.check_stalled(&plan, replicas).await;
         let now = Instant::now();
         let acquired_at = leader.acquired_at.unwrap_or(now);
+        let created = instant_of(self.object.metadata.creation_timestamp.as_ref(), now);
         let state = self.state.get_or_insert_with(|| {
-            decide::State::seeded(
+            let seeded = decide::State::seeded(
                 now,
                 replicas.desired,
                 self.object.status.as_ref().and_then(|s| s.desired_replicas),
-            )
+            );
+            // The cooldown restarts with the term (lastActiveTime is stamped at takeover);
+            // initialCooldownPeriod counts from the object's creation, not this term.
+            match created {
+                Some(created) => seeded.created_at(created),
+                None => seeded,
+            }
         });
         let demand = self.ctx.demand.aggregate(&self.key, now);
         let mut readings = Vec::with_capacity(plan.triggers.len());
@@ -1214,6 +1221,18 @@ impl Worker {
             }
         });
     }
+}
+
+/// A wall-clock time from the API as a monotonic instant (`None` if in the future or
+/// further back than the process's clock can express).
+fn instant_of(
+    time: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    now: Instant,
+) -> Option<Instant> {
+    let time = time?;
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(time.0);
+    let age = Duration::try_from(age).ok()?;
+    now.checked_sub(age)
 }
 
 /// A measurement as the decision reads it. The decision calls a metric active when
