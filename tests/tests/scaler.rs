@@ -225,6 +225,11 @@ spec:
         .await?;
         until_condition(&ctx, "web", Condition::READY, "True", "ScaledObjectReady").await?;
         let history = ReplicaHistory::watch(&ctx, "web");
+        // The watch has seen the starting count before anything changes it.
+        wait::until(LONG, "replica history started", || async {
+            Ok(history.values().first().copied())
+        })
+        .await?;
         let token =
             service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
