@@ -413,7 +413,14 @@ impl Controller {
                     let manager = manager.filter(|_| generation_changed);
                     for key in claimants {
                         if let Some(entry) = self.functions.get(key) {
-                            entry.handle.target_changed.send_replace(manager.clone());
+                            // Every change wakes the worker; the replica writer's name
+                            // is kept until a newer one is seen, so a status update
+                            // right after a PATCH does not erase who made it.
+                            entry.handle.target_changed.send_modify(|current| {
+                                if manager.is_some() {
+                                    current.clone_from(&manager);
+                                }
+                            });
                         }
                     }
                 }

@@ -919,3 +919,61 @@ fn a_bad_flag_exits_64_with_one_line() -> anyhow::Result<()> {
     ensure!(output.status.code() == Some(64), "{:?}", output.status);
     Ok(())
 }
+
+#[test]
+fn repeated_changes_by_another_writer_end_in_conflict_not_a_fight() {
+    blink_tests::run("scaler-drift-conflict", |ctx| async move {
+        create_deployment(&ctx, "contested", 0, json!({})).await?;
+        let scaler = start_scaler(&ctx, "scaler-contested").await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: contested}
+spec:
+  scaleTargetRef: {name: contested}
+  minReplicaCount: 2
+  maxReplicaCount: 2
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        until_desired(&ctx, "contested", 2).await?;
+        let other = ctx.client_as("other-autoscaler").await?;
+        let deployments: kube::Api<Deployment> = kube::Api::namespaced(other, ctx.namespace());
+        // The default limit is 3 undos per field manager; the fourth change stands.
+        for round in 1..=4 {
+            deployments
+                .patch_scale(
+                    "contested",
+                    &PatchParams {
+                        field_manager: Some("other-autoscaler".to_owned()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(&json!({"spec": {"replicas": 5 + round}})),
+                )
+                .await?;
+            if round <= 3 {
+                until_desired(&ctx, "contested", 2).await?;
+            }
+        }
+        until_condition(
+            &ctx,
+            "contested",
+            Condition::CONFLICT,
+            "True",
+            "TargetConflict",
+        )
+        .await?;
+        let message = blink_tests::workloads::condition(&ctx, "contested", Condition::CONFLICT)
+            .await?
+            .and_then(|c| c.message)
+            .unwrap_or_default();
+        ensure!(
+            message.contains("other-autoscaler") || message.contains("kube"),
+            "{message}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(desired(&ctx, "contested").await? == 9, "Blink fought on");
+        finish(&ctx, scaler).await
+    });
+}
