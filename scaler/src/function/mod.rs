@@ -255,7 +255,7 @@ impl Worker {
                         break;
                     }
                     let manager = self.target_changed.borrow_and_update().clone();
-                    self.on_target_changed(manager).await;
+                    Box::pin(self.on_target_changed(manager)).await;
                 }
                 Some(result) = self.results_rx.recv() => self.on_pull_result(result),
                 changed = leadership.changed() => {
@@ -271,11 +271,14 @@ impl Worker {
                 }
                 _ = tick.tick() => self.poll_due(),
                 _ = sleep_until(status_due.unwrap_or_else(Instant::now).into()), if status_due.is_some() => {
-                    self.write_status().await;
+                    Box::pin(self.write_status()).await;
                     continue;
                 }
             }
-            self.step().await;
+            // Boxed: the task of an idle function holds only a pointer to the
+            // decision's future (its kube requests nest deep), not the future itself;
+            // with 10,000 functions that is most of the scaler's memory.
+            Box::pin(self.step()).await;
         }
         debug!(function = %self.key, "worker stopped");
     }
