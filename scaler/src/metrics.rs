@@ -48,6 +48,7 @@ pub struct Metrics {
     pub scale_actions: Family<ScaleLabels, Counter>,
     pub cold_starts: Family<FunctionLabels, Counter>,
     pub poke_to_patch: Histogram,
+    pub poke_to_patch_sent: Histogram,
     pub functions: Gauge,
 }
 
@@ -71,6 +72,10 @@ impl Metrics {
             // 100 µs … ~1.6 s: a poke should reach the API server in milliseconds.
             poke_to_patch: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 15),
+            ),
+            // 10 µs … ~80 ms: Blink's own part, before the API server answers.
+            poke_to_patch_sent: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1e-5, 2.0, 14),
             ),
             functions: Gauge::default(),
         };
@@ -125,6 +130,12 @@ impl Metrics {
             "first_decisions",
             "Functions that made their first decision since start (a full pass when equal to functions)",
             metrics.first_decisions.clone(),
+        );
+        registry.register_with_unit(
+            "poke_to_patch_sent",
+            "From a poke's arrival to the /scale PATCH it caused being sent",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.poke_to_patch_sent.clone(),
         );
         registry.register(
             "functions",

@@ -197,7 +197,7 @@ fn main() {
         let metrics = scaler.metrics().await?;
         for line in metrics
             .lines()
-            .filter(|l| l.starts_with("blink_scaler_poke_to_patch_seconds"))
+            .filter(|l| l.starts_with("blink_scaler_poke_to_patch"))
         {
             println!("  {line}");
         }

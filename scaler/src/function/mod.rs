@@ -964,6 +964,12 @@ impl Worker {
     ) -> Option<Written> {
         let to = decision.replicas;
         let wake = plan.policy.min.max(1);
+        if let Some(at) = poked_at {
+            self.ctx
+                .metrics
+                .poke_to_patch_sent
+                .observe(at.elapsed().as_secs_f64());
+        }
         let result = self.ctx.writer.set(&self.key, &plan.target, to, wake).await;
         match &result {
             Ok(Written::Set(_)) => self.ctx.metrics.wrote("scale"),
