@@ -283,14 +283,11 @@ impl Worker {
         debug!(function = %self.key, "worker stopped");
     }
 
+    /// Every valid object ticks each second: `http` samples concurrency per second, and
+    /// pull triggers keep their own `pollingInterval` in [`Self::poll_due`].
     fn tick_period(&self) -> Duration {
         match &self.plan {
-            Ok(plan) if plan.has_http() => Duration::from_secs(1),
-            Ok(plan) => plan.polling_interval.min(Duration::from_secs(1)).max(
-                // Pull-only objects still tick each second so pokes of held messages and
-                // status coalescing are served; reads keep their own interval.
-                Duration::from_secs(1),
-            ),
+            Ok(_) => Duration::from_secs(1),
             Err(_) => Duration::from_secs(5),
         }
     }
