@@ -229,11 +229,6 @@ impl KubeScale {
             &deployments,
         ))
     }
-
-    /// Forgets what discovery said, so a CRD installed later is found.
-    pub async fn forget_kinds(&self) {
-        self.resources.lock().await.clear();
-    }
 }
 
 /// SpinKube's `SpinApp` (`core.spinkube.dev`).
