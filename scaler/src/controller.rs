@@ -147,6 +147,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
                 .boxed(),
         );
     }
+    // Every watch but the leadership one lists first; until all have, a worker could
+    // act on a target whose other owner (an HPA, a second object) is not known yet.
+    let mut listing = streams.len() - 1;
     let mut changes = futures::stream::select_all(streams);
     let mut controller = Controller {
         ctx,
@@ -159,13 +162,27 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            change = changes.next() => match change {
+            change = changes.next() => {
+                let list_done = matches!(
+                    &change,
+                    Some(Change::Object(e)) if matches!(**e, Event::InitDone)
+                ) || matches!(&change, Some(Change::Workload(_, e)) if matches!(**e, Event::InitDone))
+                    || matches!(&change, Some(Change::Autoscaler(e)) if matches!(**e, Event::InitDone));
+                if list_done {
+                    listing = listing.saturating_sub(1);
+                    if listing == 0 {
+                        info!("initial lists done: workers may act");
+                        controller.ctx.synced.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                }
+                match change {
                 Some(Change::Object(event)) => controller.on_object(*event).await,
                 Some(Change::Workload(kind, event)) => controller.on_workload(kind, *event).await,
                 Some(Change::Autoscaler(event)) => controller.on_autoscaler(*event),
                 Some(Change::Leadership(true)) => controller.reconcile_generated().await,
                 Some(Change::Leadership(false)) => {}
                 None => break,
+                }
             }
         }
     }

@@ -161,6 +161,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     let ctx = Arc::new(function::Context {
         slices: Some(slices),
         api_permits: tokio::sync::Semaphore::new(API_CONCURRENCY),
+        synced: AtomicBool::new(false),
         client,
         writer: function::writer::Writer::new(scale, demand.clone(), leadership.clone()),
         config: config.clone(),

@@ -74,6 +74,9 @@ pub struct Context {
     /// Bounds the reads and background writes in flight, so a start with thousands
     /// of functions queues here instead of opening thousands of connections.
     pub api_permits: tokio::sync::Semaphore,
+    /// Set by the controller once every watch has listed: no decision acts before
+    /// every owner of every target is known.
+    pub synced: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Context {
@@ -541,7 +544,7 @@ impl Worker {
     /// One decision, and whatever it takes to act on it.
     async fn step(&mut self) {
         let leader = self.ctx.leadership.state();
-        if !leader.is_leader {
+        if !leader.is_leader || !self.ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let plan = match &self.plan {
