@@ -491,7 +491,10 @@ impl Worker {
 
     async fn on_target_changed(&mut self, manager: Option<String>) {
         let Ok(plan) = self.plan.clone() else { return };
-        if !self.ctx.leadership.state().is_leader {
+        // A deleted object's count belongs to the finalizer (restoring the original is
+        // not drift), and a follower writes nothing.
+        if !self.ctx.leadership.state().is_leader || self.object.meta().deletion_timestamp.is_some()
+        {
             return;
         }
         let Some(replicas) = self.read_replicas(&plan).await else {
@@ -910,17 +913,22 @@ impl Worker {
         self.was_active = decision.active;
     }
 
+    /// The count to restore on deletion: what this worker recorded (before its
+    /// coalesced status write lands), else what an earlier leader wrote.
+    fn original_replica_count(&self) -> Option<i32> {
+        self.book.wanted().original_replica_count.or_else(|| {
+            self.object
+                .status
+                .as_ref()
+                .and_then(|s| s.original_replica_count)
+        })
+    }
+
     /// First decision of this term: record the original count (once per object) and
     /// make sure the finalizer is there; a new leader also stamps lastActiveTime.
     async fn take_over(&mut self, replicas: Replicas) {
         self.taken_over = true;
-        if self
-            .object
-            .status
-            .as_ref()
-            .and_then(|s| s.original_replica_count)
-            .is_none()
-        {
+        if self.original_replica_count().is_none() {
             self.book
                 .update(|s| s.original_replica_count = Some(replicas.desired));
         }
@@ -1074,11 +1082,7 @@ impl Worker {
         if !self.object.finalizers().iter().any(|f| f == FINALIZER) {
             return;
         }
-        let original = self
-            .object
-            .status
-            .as_ref()
-            .and_then(|s| s.original_replica_count);
+        let original = self.original_replica_count();
         if plan.transparent && !self.release_transparent(plan, original).await {
             return;
         }
@@ -1092,15 +1096,18 @@ impl Worker {
                 .set(&self.key, &plan.target, original, original.max(1))
                 .await
             {
-                Ok(_) => self.event(
-                    EventType::Normal,
-                    "ReplicasRestored",
-                    "Finalize",
-                    format!(
-                        "{} restored to its original {original} replicas",
-                        plan.target
-                    ),
-                ),
+                Ok(_) => {
+                    self.last_set = Some(original);
+                    self.event(
+                        EventType::Normal,
+                        "ReplicasRestored",
+                        "Finalize",
+                        format!(
+                            "{} restored to its original {original} replicas",
+                            plan.target
+                        ),
+                    );
+                }
                 Err(TargetError::NotFound(_)) => {}
                 Err(e) => {
                     warn!(function = %self.key, error = %e, "could not restore the original count; will retry");
