@@ -26,6 +26,15 @@ pub const SNAPSHOT_PATH: &str = "/v1/demand/snapshot";
 /// JSON.
 pub const POKE_PATH: &str = "/v1/demand/poke";
 
+/// The header a scaler that does not hold the Lease names the holder in, on its `421`.
+pub const LEADER_HEADER: &str = "blink-leader";
+
+/// The demand endpoint's address in a Lease's `holderIdentity`,
+/// `<pod-name>@<ip>:<port>` (IPv6 bracketed: `pod@[fd00::1]:9090`).
+pub fn leader_address(holder_identity: &str) -> Option<std::net::SocketAddr> {
+    holder_identity.rsplit_once('@')?.1.parse().ok()
+}
+
 /// One activator's demand over the last interval.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -187,6 +196,20 @@ impl<'de> Deserialize<'de> for FunctionKey {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn leader_addresses() {
+        for (identity, expected) in [
+            ("scaler-0@10.244.0.5:9090", Some("10.244.0.5:9090")),
+            ("scaler@0@10.244.0.5:9090", Some("10.244.0.5:9090")),
+            ("pod@[fd00::1]:9090", Some("[fd00::1]:9090")),
+            ("pod", None),
+            ("pod@nowhere", None),
+        ] {
+            let expected = expected.map(|e| e.parse().expect("addr"));
+            assert_eq!(super::leader_address(identity), expected, "{identity}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -8,6 +8,8 @@
 //! - [`status`]: the `ScaledObject` status and its conditions.
 //! - [`auth`]: `TriggerAuthentication` and `ClusterTriggerAuthentication`.
 //! - [`demand`]: the activator → scaler messages (snapshots, pokes, function keys).
+//! - [`routing`]: what an `http` trigger claims on the activator, and who keeps a claim
+//!   two objects want.
 //! - [`all_crds`] / [`crds_yaml`]: the CustomResourceDefinitions as installed; the
 //!   `crdgen` binary prints them and a test keeps the committed YAML equal to them.
 //!   Install these, not the derive's `ScaledObject::crd()`, which still marks optional
@@ -21,6 +23,8 @@
 pub mod auth;
 mod crdgen;
 pub mod demand;
+pub mod duration;
+pub mod routing;
 pub mod scaled_object;
 pub mod status;
 pub mod trigger;

@@ -69,17 +69,54 @@ struct Entry {
     target: TargetId,
 }
 
+/// The objects claiming one target, sorted. Almost always one: a Vec, where a BTreeSet
+/// would allocate a half-kilobyte node per target.
+#[derive(Debug, Default)]
+struct Claimants(Vec<FunctionKey>);
+
+impl Claimants {
+    fn insert(&mut self, key: FunctionKey) {
+        if let Err(at) = self.0.binary_search(&key) {
+            self.0.insert(at, key);
+        }
+    }
+
+    fn remove(&mut self, key: &FunctionKey) {
+        if let Ok(at) = self.0.binary_search(key) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, FunctionKey> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Claimants {
+    type Item = &'a FunctionKey;
+    type IntoIter = std::slice::Iter<'a, FunctionKey>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Everything the controller knows; owned by its one loop, so no locks.
 struct Controller {
     ctx: Arc<Context>,
     functions: HashMap<FunctionKey, Entry>,
-    claims: HashMap<TargetId, BTreeSet<FunctionKey>>,
-    /// Workloads seen (metadata), for generated objects and change detection.
-    workloads: HashMap<TargetId, ObjectMeta>,
+    claims: HashMap<TargetId, Claimants>,
+    /// Workloads seen, for generated objects and change detection: only what those
+    /// need ([`workload_record`]), boxed, so 10,000 plain Deployments cost little.
+    workloads: HashMap<TargetId, Box<ObjectMeta>>,
     /// HorizontalPodAutoscalers by the target they scale: another owner of it.
     autoscalers: HashMap<TargetId, BTreeSet<String>>,
     /// What was last applied for each generated object, so it is written on change only.
-    generated: HashMap<TargetId, Option<ScaledObject>>,
+    generated: HashMap<TargetId, ScaledObject>,
 }
 
 enum Change {
@@ -105,11 +142,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
     let mut streams = vec![
         watcher::watcher(autoscalers, config.clone())
             .default_backoff()
-            .filter_map(|e| async move { e.ok().map(|e| Change::Autoscaler(Box::new(e))) })
+            .filter_map(|e| async move {
+                e.ok()
+                    .map(|e| Change::Autoscaler(Box::new(e.modify(forget_managed_fields))))
+            })
             .boxed(),
         watcher::watcher(objects, config.clone())
             .default_backoff()
-            .filter_map(|e| async move { e.ok().map(|e| Change::Object(Box::new(e))) })
+            .filter_map(|e| async move {
+                e.ok()
+                    .map(|e| Change::Object(Box::new(e.modify(forget_managed_fields))))
+            })
             .boxed(),
         watcher::watcher(deployments, config.clone())
             .default_backoff()
@@ -190,6 +233,30 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         entry.handle.stop().await;
     }
     Ok(())
+}
+
+/// What the controller keeps of a workload: its identity, its generation and Blink's
+/// annotations — all that generated objects, Events and change detection read.
+fn workload_record(meta: ObjectMeta) -> Box<ObjectMeta> {
+    Box::new(ObjectMeta {
+        annotations: meta.annotations.map(|annotations| {
+            annotations
+                .into_iter()
+                .filter(|(key, _)| key.starts_with(generated::ANNOTATION_PREFIX))
+                .collect()
+        }),
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        generation: meta.generation,
+        ..ObjectMeta::default()
+    })
+}
+
+/// Who wrote which field is not needed from these objects, and at 10,000 of them it
+/// would be most of the memory they take.
+fn forget_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 fn scoped<K>(client: kube::Client, namespace: &str) -> Api<K>
@@ -413,7 +480,7 @@ impl Controller {
 
     async fn on_workload(&mut self, kind: &'static str, event: Event<ObjectMeta>) {
         match event {
-            Event::Apply(mut meta) | Event::InitApply(mut meta) => {
+            Event::Apply(meta) | Event::InitApply(meta) => {
                 let id = (
                     meta.namespace.clone().unwrap_or_default(),
                     kind.to_owned(),
@@ -421,11 +488,10 @@ impl Controller {
                 );
                 // Managed fields matter only now (who set the replicas); not kept.
                 let manager = replicas_manager(&meta);
-                meta.managed_fields = None;
-                let previous = self.workloads.insert(id.clone(), meta.clone());
-                let generation_changed = previous
-                    .as_ref()
-                    .is_some_and(|p| p.generation != meta.generation);
+                let generation = meta.generation;
+                let previous = self.workloads.insert(id.clone(), workload_record(meta));
+                let generation_changed =
+                    previous.as_ref().is_some_and(|p| p.generation != generation);
                 if let Some(claimants) = self.claims.get(&id) {
                     let manager = manager.filter(|_| generation_changed);
                     for key in claimants {
@@ -473,7 +539,7 @@ impl Controller {
         let Some(meta) = self.workloads.get(id) else {
             return;
         };
-        let metadata = meta.clone();
+        let metadata = ObjectMeta::clone(meta);
         let empty = BTreeMap::new();
         let annotations = metadata.annotations.as_ref().unwrap_or(&empty);
         let api: Api<ScaledObject> = Api::namespaced(self.ctx.client.clone(), &id.0);
@@ -484,7 +550,7 @@ impl Controller {
             .and_then(|key| self.functions.get(&key))
             .map(|entry| entry.object.clone());
         if !generated::opted_in(annotations) {
-            self.generated.insert(id.clone(), None);
+            self.generated.remove(id);
             if existing.is_some_and(|o| generated::is_generated(&o)) {
                 self.delete_generated(&api, &id.2).await;
             }
@@ -503,7 +569,7 @@ impl Controller {
                 return;
             }
         };
-        if self.generated.get(id).and_then(|o| o.as_ref()) == Some(&wanted) {
+        if self.generated.get(id) == Some(&wanted) {
             return;
         }
         match existing {
@@ -524,7 +590,7 @@ impl Controller {
                 if existing.spec == wanted.spec
                     && existing.metadata.annotations == wanted.metadata.annotations =>
             {
-                self.generated.insert(id.clone(), Some(wanted));
+                self.generated.insert(id.clone(), wanted);
                 return;
             }
             _ => {}
@@ -533,7 +599,7 @@ impl Controller {
         self.ctx.metrics.wrote("generated");
         match api.patch(&id.2, &params, &Patch::Apply(&wanted)).await {
             Ok(_) => {
-                self.generated.insert(id.clone(), Some(wanted));
+                self.generated.insert(id.clone(), wanted);
             }
             Err(e) => {
                 warn!(workload = %id.2, error = %e, "could not write the generated ScaledObject")

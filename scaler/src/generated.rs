@@ -14,6 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use crate::config::parse_duration;
 
 pub const ANNOTATION_SCALE_TO_ZERO: &str = "blink.sh/scale-to-zero";
+/// Every annotation Blink reads on a workload starts with this.
+pub const ANNOTATION_PREFIX: &str = "blink.sh/";
 pub const LABEL_GENERATED: &str = "blink.sh/generated";
 
 /// Annotations copied from the workload to its generated object, where the worker reads

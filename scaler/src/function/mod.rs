@@ -152,8 +152,9 @@ struct Worker {
     /// Bumped on every rebuild, so results of an older plan's reads are dropped.
     generation: u64,
     pulls: Vec<PullSlot>,
-    results_tx: mpsc::Sender<PullResult>,
-    results_rx: mpsc::Receiver<PullResult>,
+    /// Where pull reads report, made with the first read: a channel allocates its
+    /// first block of slots at once, and most functions (`http` only) never read.
+    results: Option<(mpsc::Sender<PullResult>, mpsc::Receiver<PullResult>)>,
     state: Option<decide::State>,
     replicas: Option<Replicas>,
     last_read: Option<Instant>,
@@ -184,7 +185,6 @@ impl Worker {
         target_changed: watch::Receiver<Option<String>>,
     ) -> Self {
         let first = input.borrow().clone();
-        let (results_tx, results_rx) = mpsc::channel(64);
         let waker = ctx.demand.waker(&key);
         let labels = FunctionLabels {
             namespace: key.namespace().to_owned(),
@@ -204,8 +204,7 @@ impl Worker {
             waker,
             generation: 0,
             pulls: Vec::new(),
-            results_tx,
-            results_rx,
+            results: None,
             state: None,
             replicas: None,
             last_read: None,
@@ -226,7 +225,7 @@ impl Worker {
     }
 
     async fn run(mut self, cancel: CancellationToken) {
-        self.rebuild().await;
+        Box::pin(self.rebuild()).await;
         let mut leadership = self.ctx.leadership.subscribe();
         let mut tick = interval(self.tick_period());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -245,7 +244,7 @@ impl Worker {
                     self.object = input.object;
                     self.conflict = input.conflict;
                     if spec_changed {
-                        self.rebuild().await;
+                        Box::pin(self.rebuild()).await;
                         tick = interval(self.tick_period());
                         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                     }
@@ -260,7 +259,7 @@ impl Worker {
                     let manager = self.target_changed.borrow_and_update().clone();
                     Box::pin(self.on_target_changed(manager)).await;
                 }
-                Some(result) = self.results_rx.recv() => self.on_pull_result(result),
+                Some(result) = next_result(&mut self.results) => self.on_pull_result(result),
                 changed = leadership.changed() => {
                     if changed.is_err() {
                         break;
@@ -362,7 +361,11 @@ impl Worker {
             }
             slot.next_poll = now + plan.polling_interval;
             slot.in_flight = true;
-            let tx = self.results_tx.clone();
+            let tx = self
+                .results
+                .get_or_insert_with(|| mpsc::channel(64))
+                .0
+                .clone();
             let generation = self.generation;
             let built = slot.trigger.clone();
             let spec = slot.spec.clone();
@@ -1185,13 +1188,14 @@ impl Worker {
         if !self.ctx.leadership.can_write(Instant::now()) {
             return;
         }
+        // Background writes queue behind a bounded number in flight (scale writes do
+        // not: a wake must not wait behind 10,000 status updates). The patch is built
+        // after the wait, so 10,000 queued writers do not each hold one.
+        let _permit = self.ctx.api_permits.acquire().await.ok();
         let Some(status) = self.book.due(Instant::now()) else {
             return;
         };
         let patch = serde_json::json!({ "status": status_patch(&status) });
-        // Background writes queue behind a bounded number in flight (scale writes do
-        // not: a wake must not wait behind 10,000 status updates).
-        let _permit = self.ctx.api_permits.acquire().await.ok();
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..PatchParams::default()
@@ -1241,6 +1245,16 @@ impl Worker {
 
 /// A wall-clock time from the API as a monotonic instant (`None` if in the future or
 /// further back than the process's clock can express).
+/// The next pull result, or never when no read was ever started.
+async fn next_result(
+    results: &mut Option<(mpsc::Sender<PullResult>, mpsc::Receiver<PullResult>)>,
+) -> Option<PullResult> {
+    match results {
+        Some((_, receiver)) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn instant_of(
     time: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     now: Instant,

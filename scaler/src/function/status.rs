@@ -11,7 +11,9 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 #[derive(Debug)]
 pub struct StatusBook {
     wanted: ScaledObjectStatus,
-    written: Option<ScaledObjectStatus>,
+    /// `wanted` differs from what was last written (a flag, not a copy of the written
+    /// status: 10,000 functions would keep 10,000 copies).
+    unwritten: bool,
     last_write: Option<Instant>,
     interval: Duration,
 }
@@ -20,8 +22,8 @@ impl StatusBook {
     /// Starts from the status the object has, so a restart does not rewrite it.
     pub fn new(existing: Option<ScaledObjectStatus>, interval: Duration) -> Self {
         Self {
-            wanted: existing.clone().unwrap_or_default(),
-            written: existing,
+            unwritten: existing.is_none(),
+            wanted: existing.unwrap_or_default(),
             last_write: None,
             interval,
         }
@@ -48,11 +50,15 @@ impl StatusBook {
                 } else {
                     Some(now())
                 };
-                *existing = next;
+                if *existing != next {
+                    *existing = next;
+                    self.unwritten = true;
+                }
             }
             None => {
                 next.last_transition_time = Some(now());
                 conditions.push(next);
+                self.unwritten = true;
             }
         }
     }
@@ -64,13 +70,17 @@ impl StatusBook {
     }
 
     pub fn update(&mut self, edit: impl FnOnce(&mut ScaledObjectStatus)) {
+        let before = self.wanted.clone();
         edit(&mut self.wanted);
+        if self.wanted != before {
+            self.unwritten = true;
+        }
     }
 
     /// The status to write now, if it differs from what was written and the last write
     /// is at least one interval old; else `None` (see [`Self::next_write_at`]).
     pub fn due(&self, now: Instant) -> Option<ScaledObjectStatus> {
-        if self.written.as_ref() == Some(&self.wanted) {
+        if !self.unwritten {
             return None;
         }
         match self.last_write {
@@ -81,7 +91,7 @@ impl StatusBook {
 
     /// When a pending change may be written.
     pub fn next_write_at(&self) -> Option<Instant> {
-        if self.written.as_ref() == Some(&self.wanted) {
+        if !self.unwritten {
             return None;
         }
         Some(
@@ -90,8 +100,10 @@ impl StatusBook {
         )
     }
 
+    /// `status` was written at `at` (a failed write passes the default status: the
+    /// wanted one is still to be written, after an interval).
     pub fn written(&mut self, status: ScaledObjectStatus, at: Instant) {
-        self.written = Some(status);
+        self.unwritten = status != self.wanted;
         self.last_write = Some(at);
     }
 }

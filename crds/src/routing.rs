@@ -1,0 +1,381 @@
+//! What a ScaledObject's `http` trigger claims on the activator, and who keeps a claim
+//! when two objects want the same one. The scaler (which reports `Conflict`) and the
+//! activator (which routes) both decide with this module, so they never disagree.
+//!
+//! A function claims:
+//! - each `host` × `pathPrefix` of its `http` trigger (`hosts` and `pathPrefixes`,
+//!   comma-separated; prefixes default to `/`), hosts compared without case or port;
+//! - its Service (`service`, default the target's name) in its namespace, which stands
+//!   for the Service's own names (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`,
+//!   the ClusterIP) and, in transparent mode, for its endpoints.
+//!
+//! Two objects claiming the same thing: the older (creation time, then namespace/name)
+//! keeps every claim it has; the newer is in `Conflict` and routes nothing, so a
+//! function is never half-routed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kube::ResourceExt;
+
+use crate::{ScaledObject, demand::FunctionKey};
+
+/// The `http` trigger's metadata keys read by the activator.
+pub mod keys {
+    /// Comma-separated host names.
+    pub const HOSTS: &str = "hosts";
+    /// Comma-separated path prefixes (default `/`).
+    pub const PATH_PREFIXES: &str = "pathPrefixes";
+    /// The function's Service (default: the scale target's name).
+    pub const SERVICE: &str = "service";
+    /// The Service port, by name or number (default: the Service's only port).
+    pub const PORT: &str = "port";
+    /// Requests one replica serves at once (Knative's `containerConcurrency`); unset or
+    /// `0` means no limit.
+    pub const CONTAINER_CONCURRENCY: &str = "containerConcurrency";
+    /// Seconds a request may wait for a replica before a 504.
+    pub const WAIT_TIMEOUT: &str = "waitTimeout";
+    /// Requests held for the function at once, at most.
+    pub const QUEUE_LIMIT: &str = "queueLimit";
+}
+
+/// One function's `http` routing, read from its ScaledObject.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRoute {
+    pub key: FunctionKey,
+    /// Lowercase, without port.
+    pub hosts: Vec<String>,
+    /// Each starts with `/`.
+    pub path_prefixes: Vec<String>,
+    pub service: String,
+    /// Name or number, as written.
+    pub port: Option<String>,
+    pub container_concurrency: Option<u32>,
+    pub wait_timeout: Option<std::time::Duration>,
+    pub queue_limit: Option<usize>,
+}
+
+/// Why an `http` trigger cannot be routed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("spec.triggers[{index}].metadata.{key} {value:?} {problem}")]
+pub struct RouteError {
+    pub index: usize,
+    pub key: &'static str,
+    pub value: String,
+    pub problem: &'static str,
+}
+
+/// The routing of `object`'s first `http` trigger; `None` without one.
+pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>> {
+    let key = object.function_key().ok()?;
+    let (index, trigger) = object
+        .spec
+        .triggers
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.trigger_type == "http")?;
+    let metadata = &trigger.metadata;
+    let list = |name: &str| -> Vec<String> {
+        metadata
+            .get(name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let error = |key: &'static str, value: &str, problem: &'static str| RouteError {
+        index,
+        key,
+        value: value.to_owned(),
+        problem,
+    };
+    let mut hosts = Vec::new();
+    for host in list(keys::HOSTS) {
+        let bare = strip_port(&host).to_ascii_lowercase();
+        if bare.is_empty() || bare.contains('/') || bare.contains(' ') {
+            return Some(Err(error(keys::HOSTS, &host, "is not a host name")));
+        }
+        hosts.push(bare);
+    }
+    let mut path_prefixes = list(keys::PATH_PREFIXES);
+    if let Some(bad) = path_prefixes.iter().find(|p| !p.starts_with('/')) {
+        return Some(Err(error(keys::PATH_PREFIXES, bad, "does not start with /")));
+    }
+    if path_prefixes.is_empty() {
+        path_prefixes.push("/".to_owned());
+    }
+    let number = |name: &'static str| -> Result<Option<u64>, RouteError> {
+        match metadata.get(name).map(|v| v.trim()) {
+            None | Some("") => Ok(None),
+            Some(v) => v
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| error(name, v, "is not a non-negative integer")),
+        }
+    };
+    let container_concurrency = match number(keys::CONTAINER_CONCURRENCY) {
+        Ok(n) => n.filter(|n| *n > 0).map(|n| n.min(u64::from(u32::MAX)) as u32),
+        Err(e) => return Some(Err(e)),
+    };
+    let wait_timeout = match number(keys::WAIT_TIMEOUT) {
+        Ok(Some(0)) => {
+            return Some(Err(error(keys::WAIT_TIMEOUT, "0", "must be at least 1 second")));
+        }
+        Ok(n) => n.map(std::time::Duration::from_secs),
+        Err(e) => return Some(Err(e)),
+    };
+    let queue_limit = match number(keys::QUEUE_LIMIT) {
+        Ok(n) => n.map(|n| n as usize),
+        Err(e) => return Some(Err(e)),
+    };
+    let service = metadata
+        .get(keys::SERVICE)
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| object.spec.scale_target_ref.name.clone());
+    Some(Ok(HttpRoute {
+        key,
+        hosts,
+        path_prefixes,
+        service,
+        port: metadata
+            .get(keys::PORT)
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty()),
+        container_concurrency,
+        wait_timeout,
+        queue_limit,
+    }))
+}
+
+/// `host` without a `:port` (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h)
+}
+
+/// A claim one object makes; equal claims conflict.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Claim {
+    HostPath { host: String, prefix: String },
+    Service { namespace: String, name: String },
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::HostPath { host, prefix } => write!(f, "host {host} path {prefix}"),
+            Self::Service { namespace, name } => write!(f, "Service {namespace}/{name}"),
+        }
+    }
+}
+
+impl HttpRoute {
+    pub fn claims(&self) -> Vec<Claim> {
+        let mut claims: Vec<Claim> = self
+            .hosts
+            .iter()
+            .flat_map(|host| {
+                self.path_prefixes.iter().map(|prefix| Claim::HostPath {
+                    host: host.clone(),
+                    prefix: prefix.clone(),
+                })
+            })
+            .collect();
+        claims.push(Claim::Service {
+            namespace: self.key.namespace().to_owned(),
+            name: self.service.clone(),
+        });
+        claims
+    }
+}
+
+/// An object's place in the "older keeps it" order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Age {
+    /// Creation time; an object without one counts as the newest.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
+    pub key: FunctionKey,
+}
+
+impl Age {
+    pub fn of(object: &ScaledObject, key: FunctionKey) -> Self {
+        Self {
+            created: object.creation_timestamp().map(|t| t.0),
+            key,
+        }
+    }
+}
+
+/// Routes that keep their claims, and the objects in `Conflict` with the reason.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    pub routes: Vec<HttpRoute>,
+    pub conflicts: BTreeMap<FunctionKey, String>,
+}
+
+/// Settles every claim: oldest first, an object whose claims are all free takes them;
+/// one that meets a taken claim is in `Conflict`, naming the holder.
+pub fn resolve(mut routes: Vec<(Age, HttpRoute)>) -> Resolution {
+    routes.sort_by(|a, b| {
+        let newest = |age: &Age| age.created.is_none();
+        (newest(&a.0), &a.0).cmp(&(newest(&b.0), &b.0))
+    });
+    let mut taken: HashMap<Claim, FunctionKey> = HashMap::new();
+    let mut resolution = Resolution::default();
+    for (_, route) in routes {
+        let claims = route.claims();
+        if let Some((claim, holder)) = claims
+            .iter()
+            .find_map(|c| taken.get(c).map(|holder| (c, holder)))
+        {
+            resolution.conflicts.insert(
+                route.key.clone(),
+                format!("{claim} is already routed to {holder}, which is older"),
+            );
+            continue;
+        }
+        for claim in claims {
+            taken.insert(claim, route.key.clone());
+        }
+        resolution.routes.push(route);
+    }
+    resolution
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(name: &str, created: &str, metadata: &[(&str, &str)]) -> ScaledObject {
+        let metadata: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "blink.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created},
+            "spec": {"scaleTargetRef": {"name": name},
+                     "triggers": [{"type": "http", "metadata": metadata}]}
+        }))
+        .expect("valid object")
+    }
+
+    fn route(o: &ScaledObject) -> HttpRoute {
+        http_route(o).expect("http trigger").expect("valid route")
+    }
+
+    #[test]
+    fn defaults_and_parsing() {
+        let r = route(&object("hello", "2026-01-01T00:00:00Z", &[]));
+        assert_eq!(r.service, "hello");
+        assert_eq!(r.path_prefixes, ["/"]);
+        assert!(r.hosts.is_empty());
+        assert_eq!(r.port, None);
+        let r = route(&object(
+            "hello",
+            "2026-01-01T00:00:00Z",
+            &[
+                ("hosts", "Hello.Example.com:8080, api.example.com"),
+                ("pathPrefixes", "/a,/b"),
+                ("service", "svc"),
+                ("port", "http"),
+                ("containerConcurrency", "4"),
+                ("waitTimeout", "30"),
+                ("queueLimit", "500"),
+            ],
+        ));
+        assert_eq!(r.hosts, ["hello.example.com", "api.example.com"]);
+        assert_eq!(r.path_prefixes, ["/a", "/b"]);
+        assert_eq!(r.service, "svc");
+        assert_eq!(r.port.as_deref(), Some("http"));
+        assert_eq!(r.container_concurrency, Some(4));
+        assert_eq!(r.wait_timeout, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(r.queue_limit, Some(500));
+        assert_eq!(r.claims().len(), 5);
+    }
+
+    #[test]
+    fn bad_metadata_is_named() {
+        for (key, value, problem) in [
+            ("pathPrefixes", "api", "does not start with /"),
+            ("containerConcurrency", "-1", "is not a non-negative integer"),
+            ("waitTimeout", "0", "must be at least 1 second"),
+            ("queueLimit", "many", "is not a non-negative integer"),
+            ("hosts", "a/b", "is not a host name"),
+        ] {
+            let e = http_route(&object("f", "2026-01-01T00:00:00Z", &[(key, value)]))
+                .expect("http trigger")
+                .expect_err(key);
+            assert_eq!((e.key, e.problem), (key, problem), "{key}={value}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn ports_are_stripped() {
+        for (host, bare) in [
+            ("a.example.com", "a.example.com"),
+            ("a.example.com:80", "a.example.com"),
+            ("10.96.0.1:8080", "10.96.0.1"),
+            ("[::1]:80", "[::1]"),
+            ("[::1]", "[::1]"),
+        ] {
+            assert_eq!(strip_port(host), bare);
+        }
+    }
+
+    #[test]
+    fn the_older_object_keeps_a_shared_claim() {
+        let old = object("old", "2026-01-01T00:00:00Z", &[("hosts", "h.example")]);
+        let new = object("new", "2026-02-01T00:00:00Z", &[("hosts", "H.example")]);
+        let other = object("other", "2026-03-01T00:00:00Z", &[("hosts", "o.example")]);
+        let with_age = |o: &ScaledObject| {
+            let r = route(o);
+            (Age::of(o, r.key.clone()), r)
+        };
+        // Whatever order they arrive in.
+        for order in [[&new, &old, &other], [&old, &other, &new]] {
+            let resolution = resolve(order.iter().map(|o| with_age(o)).collect());
+            let routed: Vec<&str> = resolution.routes.iter().map(|r| r.key.name()).collect();
+            assert_eq!(routed, ["old", "other"]);
+            let reason = &resolution.conflicts[&route(&new).key];
+            assert!(reason.contains("h.example") && reason.contains("ns/old"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn one_service_is_one_function() {
+        let a = object("a", "2026-01-01T00:00:00Z", &[("service", "web")]);
+        let b = object("b", "2026-01-02T00:00:00Z", &[("service", "web")]);
+        let resolution = resolve(
+            [&b, &a]
+                .iter()
+                .map(|o| (Age::of(o, route(o).key), route(o)))
+                .collect(),
+        );
+        assert_eq!(resolution.routes.len(), 1);
+        assert!(resolution.conflicts[&route(&b).key].contains("Service ns/web"));
+    }
+
+    #[test]
+    fn different_prefixes_on_one_host_share_it() {
+        let a = object("a", "2026-01-01T00:00:00Z", &[("hosts", "h"), ("pathPrefixes", "/a")]);
+        let b = object("b", "2026-01-02T00:00:00Z", &[("hosts", "h"), ("pathPrefixes", "/b")]);
+        let resolution = resolve(
+            [&a, &b]
+                .iter()
+                .map(|o| (Age::of(o, route(o).key), route(o)))
+                .collect(),
+        );
+        assert_eq!(resolution.routes.len(), 2);
+        assert!(resolution.conflicts.is_empty());
+    }
+}
