@@ -1,0 +1,142 @@
+//! The activator's flags (each also an environment variable). A bad flag exits with
+//! status 64 and one line saying which.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use blink_crds::duration::parse_duration;
+use clap::Parser;
+
+/// Blink's activator: holds HTTP requests for functions at zero, wakes the scaler at
+/// once, and proxies to ready replicas.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "blink-activator", version, args_override_self = true)]
+pub struct Config {
+    /// Where clients connect (HTTP/1.1 and h2c).
+    #[arg(long, env = "BLINK_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Metrics, /healthz and /readyz.
+    #[arg(long, env = "BLINK_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
+    pub admin_addr: SocketAddr,
+
+    /// This pod's name: the `activator` of every demand report.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+
+    /// Blink's namespace (the scaler's Lease and the activator Service).
+    #[arg(long, env = "BLINK_NAMESPACE", default_value = "blink-system")]
+    pub namespace: String,
+
+    /// Follow functions in this namespace only (default: every namespace).
+    #[arg(long, env = "BLINK_WATCH_NAMESPACE", default_value = "")]
+    pub watch_namespace: String,
+
+    /// The scaler's Lease, in Blink's namespace.
+    #[arg(long, env = "BLINK_SCALER_LEASE", default_value = "blink-scaler")]
+    pub scaler_lease: String,
+
+    /// The activator Service, in Blink's namespace: its ready endpoints count the
+    /// activators that share each function's containerConcurrency.
+    #[arg(
+        long,
+        env = "BLINK_ACTIVATOR_SERVICE",
+        default_value = "blink-activator"
+    )]
+    pub activator_service: String,
+
+    /// The projected ServiceAccount token with audience `blink-scaler`.
+    #[arg(long, env = "BLINK_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// How often demand snapshots go to the scaler (pokes go at once).
+    #[arg(long, env = "BLINK_STATS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub stats_interval: Duration,
+
+    /// How long a request may wait for a replica (a function's `waitTimeout`
+    /// overrides it): then 504.
+    #[arg(long, env = "BLINK_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// Requests held per function (a function's `queueLimit` overrides it): then 503.
+    #[arg(long, env = "BLINK_QUEUE_LIMIT", default_value_t = 10_000)]
+    pub queue_limit: usize,
+
+    /// Body bytes held per function (see the hold module for how a request counts).
+    #[arg(long, env = "BLINK_QUEUE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub queue_bytes: u64,
+
+    /// Client connections open at once: more are answered 503.
+    #[arg(long, env = "BLINK_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// Connections per replica at most (HTTP/1.1); more requests wait for one.
+    #[arg(long, env = "BLINK_MAX_UPSTREAM_CONNECTIONS", default_value_t = 1000)]
+    pub max_upstream_connections: usize,
+
+    /// A client must send a request head within this time.
+    #[arg(long, env = "BLINK_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Largest request head accepted: then 431.
+    #[arg(long, env = "BLINK_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// A replica must accept a connection within this time.
+    #[arg(long, env = "BLINK_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Connection attempts per request beyond the first (another replica, or the
+    /// same after a short backoff).
+    #[arg(long, env = "BLINK_CONNECT_RETRIES", default_value_t = 6)]
+    pub connect_retries: u32,
+
+    /// Listen backlog (capped by the kernel's somaxconn).
+    #[arg(long, env = "BLINK_BACKLOG", default_value_t = 65_535)]
+    pub backlog: u32,
+
+    /// On SIGTERM: how long in-flight and held requests have before what is still
+    /// held is answered 503.
+    #[arg(long, env = "BLINK_DRAIN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub drain_grace: Duration,
+
+    /// `json` for JSON logs.
+    #[arg(long, env = "BLINK_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// The read buffer of a client connection: hyper's smallest. A held request can have
+/// read at most this much past its head.
+pub const READ_BUFFER: usize = 8192;
+
+impl Config {
+    /// Parses the command line; a bad flag exits 64 with one line.
+    pub fn from_args() -> Self {
+        match Self::try_parse() {
+            Ok(config) => config,
+            Err(e) if e.use_stderr() => {
+                let first = e.to_string();
+                let line = first.lines().next().unwrap_or("bad arguments");
+                eprintln!("blink-activator: {line}");
+                std::process::exit(64);
+            }
+            Err(e) => {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let config =
+            Config::try_parse_from(["blink-activator", "--pod-name", "a-0"]).expect("parse");
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.stats_interval, Duration::from_secs(1));
+        assert!(Config::try_parse_from(["blink-activator"]).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! The client side of the demand protocol: pokes the moment a request waits for a
+//! function with no replica, and a snapshot of every function's demand each interval,
+//! to the scaler that holds the Lease, over one h2c connection.
+//!
+//! It follows the leader through the Lease (and through a `421` naming another), and
+//! after any reconnect or change of leader sends a full snapshot at once. It never
+//! blocks the request path (pokes go through an unbounded channel, deduplicated per
+//! function) and never stops: every failure is logged, counted and retried.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use blink_crds::{
+    FunctionDemand, FunctionKey, Poke, Snapshot,
+    demand::{LEADER_HEADER, POKE_PATH, SNAPSHOT_PATH, leader_address},
+};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::{metrics::Metrics, proxy, registry::Registry};
+
+/// A poke for the same function is not repeated within this time: the first one
+/// already woke the scaler, and the next snapshot carries the rest.
+const POKE_REPEAT_AFTER: Duration = Duration::from_millis(250);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct ReporterConfig {
+    /// This activator's pod name (the `activator` of every report).
+    pub activator: String,
+    pub interval: Duration,
+    /// The projected ServiceAccount token (audience `blink-scaler`); re-read on every
+    /// connection, since the kubelet rotates it.
+    pub token_file: Option<PathBuf>,
+    /// The scaler's Lease: namespace and name.
+    pub lease: (String, String),
+}
+
+/// The request path's end: [`proxy::Poke`] into the reporter.
+#[derive(Debug, Clone)]
+pub struct Poker {
+    sender: mpsc::UnboundedSender<FunctionKey>,
+}
+
+impl proxy::Poke for Poker {
+    fn poke(&self, function: &FunctionKey) {
+        let _ = self.sender.send(function.clone());
+    }
+}
+
+/// Follows the scaler's Lease: the leader's demand address as it changes.
+pub async fn follow_lease(
+    client: Client,
+    lease: (String, String),
+    leader: watch::Sender<Option<SocketAddr>>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &lease.0);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", lease.1));
+    let mut leases = watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    loop {
+        match leases.try_next().await {
+            Ok(Some(lease)) => {
+                let address = lease
+                    .spec
+                    .and_then(|s| s.holder_identity)
+                    .as_deref()
+                    .and_then(leader_address);
+                leader.send_if_modified(|current| {
+                    let changed = *current != address;
+                    *current = address;
+                    changed
+                });
+            }
+            Ok(None) => return,
+            Err(e) => warn!(error = %e, "Lease watch failed; retrying"),
+        }
+    }
+}
+
+use futures::StreamExt as _;
+
+/// Starts the reporter; returns the poke handle for the request path.
+pub fn start(
+    config: ReporterConfig,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    leader: watch::Receiver<Option<SocketAddr>>,
+) -> Poker {
+    let (sender, pokes) = mpsc::unbounded_channel();
+    let reporter = Reporter {
+        session: session_id(),
+        seq: 0,
+        config,
+        registry,
+        metrics,
+        leader,
+        redirect: None,
+        pokes,
+        last_poke: HashMap::new(),
+    };
+    tokio::spawn(reporter.run());
+    Poker { sender }
+}
+
+fn session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+struct Reporter {
+    session: String,
+    seq: u64,
+    config: ReporterConfig,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    leader: watch::Receiver<Option<SocketAddr>>,
+    /// A leader named by a `421`, until the Lease says otherwise.
+    redirect: Option<SocketAddr>,
+    pokes: mpsc::UnboundedReceiver<FunctionKey>,
+    last_poke: HashMap<FunctionKey, Instant>,
+}
+
+/// Why a connection to the scaler was left.
+enum Leave {
+    LeaderChanged,
+    Redirected(SocketAddr),
+    Broken,
+}
+
+impl Reporter {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            let target = self.redirect.or(*self.leader.borrow_and_update());
+            let Some(addr) = target else {
+                // No leader known: wait for one, keeping count of what waits.
+                tokio::select! {
+                    _ = self.leader.changed() => {}
+                    _ = tokio::time::sleep(self.config.interval) => self.discard_window(),
+                }
+                continue;
+            };
+            match self.connect(addr).await {
+                Ok(sender) => {
+                    failures = 0;
+                    info!(scaler = %addr, "reporting demand");
+                    match self.report(sender, addr).await {
+                        Leave::LeaderChanged => self.redirect = None,
+                        Leave::Redirected(to) => {
+                            info!(from = %addr, to = %to, "scaler named another leader");
+                            self.redirect = Some(to);
+                        }
+                        Leave::Broken => {}
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(scaler = %addr, error = %e, "cannot reach the scaler; retrying");
+                    self.redirect = None;
+                    let pause = Duration::from_millis(100 << failures.min(4));
+                    tokio::select! {
+                        _ = self.leader.changed() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Demand no scaler will see: the meters start a new window so a later
+    /// snapshot is not a mix.
+    fn discard_window(&mut self) {
+        let now = Instant::now();
+        for function in self.registry.functions() {
+            function.take_demand(now);
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> anyhow::Result<http2::SendRequest<Full<Bytes>>> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in {CONNECT_TIMEOUT:?}"))??;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "scaler connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn token(&self) -> Option<String> {
+        let path = self.config.token_file.as_ref()?;
+        match std::fs::read_to_string(path) {
+            Ok(token) => Some(token.trim().to_owned()),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read the ServiceAccount token");
+                None
+            }
+        }
+    }
+
+    /// Sends a full snapshot at once, then pokes as they come and a snapshot every
+    /// interval, until the connection breaks or the leader changes.
+    async fn report(&mut self, sender: http2::SendRequest<Full<Bytes>>, addr: SocketAddr) -> Leave {
+        let token = self.token();
+        let client = ScalerClient {
+            sender,
+            addr,
+            token,
+        };
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                changed = self.leader.changed() => {
+                    if changed.is_ok() {
+                        return Leave::LeaderChanged;
+                    }
+                }
+                Some(key) = self.pokes.recv() => {
+                    let now = Instant::now();
+                    if self.last_poke.get(&key).is_some_and(|at| now - *at < POKE_REPEAT_AFTER) {
+                        continue;
+                    }
+                    self.last_poke.insert(key.clone(), now);
+                    if self.last_poke.len() > 10_000 {
+                        self.last_poke.retain(|_, at| now - *at < POKE_REPEAT_AFTER);
+                    }
+                    let poke = Poke {
+                        activator: self.config.activator.clone(),
+                        session: self.session.clone(),
+                        key,
+                    };
+                    // Pokes do not wait for each other's answers.
+                    let client = client.clone();
+                    let metrics = self.metrics.clone();
+                    tokio::spawn(async move {
+                        match client.post(POKE_PATH, &poke).await {
+                            Ok((status, _)) if status.is_success() => {
+                                metrics.pokes_sent.inc();
+                            }
+                            Ok((status, _)) => warn!(%status, "the scaler refused a poke"),
+                            Err(e) => warn!(error = %e, "poke failed"),
+                        }
+                    });
+                }
+                _ = tick.tick() => {
+                    match self.snapshot(&client).await {
+                        Ok(()) => {}
+                        Err(leave) => return leave,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn snapshot(&mut self, client: &ScalerClient) -> Result<(), Leave> {
+        let now = Instant::now();
+        let functions: Vec<FunctionDemand> = self
+            .registry
+            .functions()
+            .into_iter()
+            .filter_map(|function| {
+                let reading = function.take_demand(now);
+                (!reading.is_zero()).then(|| FunctionDemand {
+                    key: function.key().clone(),
+                    in_flight: reading.in_flight,
+                    queued: reading.queued,
+                    requests: reading.requests,
+                    held_messages: 0,
+                })
+            })
+            .collect();
+        self.seq += 1;
+        let snapshot = Snapshot {
+            activator: self.config.activator.clone(),
+            session: self.session.clone(),
+            seq: self.seq,
+            functions,
+        };
+        match client.post(SNAPSHOT_PATH, &snapshot).await {
+            Ok((status, _)) if status.is_success() => {
+                self.metrics.snapshots.get_or_create(&kind("sent")).inc();
+                Ok(())
+            }
+            Ok((StatusCode::MISDIRECTED_REQUEST, leader)) => {
+                self.metrics.snapshots.get_or_create(&kind("refused")).inc();
+                match leader.filter(|l| *l != client.addr) {
+                    Some(leader) => Err(Leave::Redirected(leader)),
+                    // It does not know the leader either: the Lease will tell.
+                    None => Ok(()),
+                }
+            }
+            Ok((status, _)) => {
+                self.metrics.snapshots.get_or_create(&kind("refused")).inc();
+                warn!(%status, "the scaler refused a snapshot");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.snapshots.get_or_create(&kind("failed")).inc();
+                warn!(error = %e, "snapshot failed; reconnecting");
+                Err(Leave::Broken)
+            }
+        }
+    }
+}
+
+fn kind(kind: &'static str) -> crate::metrics::KindLabels {
+    crate::metrics::KindLabels { kind }
+}
+
+#[derive(Clone)]
+struct ScalerClient {
+    sender: http2::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    token: Option<String>,
+}
+
+impl ScalerClient {
+    /// POSTs JSON; the status and, on a `421`, the leader it names.
+    async fn post<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> anyhow::Result<(StatusCode, Option<SocketAddr>)> {
+        let body = serde_json::to_vec(body)?;
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{path}", self.addr))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(Bytes::from(body)))?;
+        let mut sender = self.sender.clone();
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            sender.ready().await?;
+            sender.send_request(request).await
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer in {REQUEST_TIMEOUT:?}"))??;
+        let status = response.status();
+        let leader = response
+            .headers()
+            .get(LEADER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(leader_address);
+        // Read the (small) body so the stream closes cleanly.
+        let _ = response.into_body().collect().await;
+        Ok((status, leader))
+    }
+}

@@ -1,0 +1,572 @@
+//! One function as the activator sees it: its ready replicas, the requests it holds,
+//! why it cannot wake (if it cannot), and the demand it reports.
+//!
+//! Admission ([`Function::admit`]) is where a request learns its fate: a replica at
+//! once (nothing waits and one has room), a place in the queue (in arrival order), or
+//! a refusal that says why. Requests leave the queue the moment a replica is ready or
+//! has room ([`Function::dispatch`]), in arrival order; a waiter that gave up (timed
+//! out, or its client went away) is skipped and its place is already free.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use blink_crds::FunctionKey;
+use tokio::sync::oneshot;
+
+use crate::{
+    balance,
+    hold::{self, Held, QueueBounds, QueueFull},
+    meter::{DemandMeter, DemandReading},
+    metrics::FunctionMetrics,
+    pool::{PoolConfig, Protocol, Upstream},
+};
+
+/// How a function is served, from its ScaledObject, its Service and the flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub protocol: Protocol,
+    /// This activator's share of `containerConcurrency` per replica.
+    pub replica_limit: Option<usize>,
+    pub wait_timeout: Duration,
+    pub bounds: QueueBounds,
+    pub pool: PoolConfigEq,
+}
+
+/// [`PoolConfig`] with equality, so settings compare.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolConfigEq {
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+}
+
+impl From<PoolConfigEq> for PoolConfig {
+    fn from(c: PoolConfigEq) -> Self {
+        PoolConfig {
+            max_connections: c.max_connections,
+            connect_timeout: c.connect_timeout,
+        }
+    }
+}
+
+/// One ready endpoint of the function's Service.
+#[derive(Debug)]
+pub struct Replica {
+    pub upstream: Upstream,
+    in_flight: AtomicUsize,
+}
+
+impl Replica {
+    pub fn addr(&self) -> SocketAddr {
+        self.upstream.addr()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a request gets no replica.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    QueueFull(#[from] QueueFull),
+    /// The function cannot wake now (`ScaleUpStalled`, paused at zero, `Conflict`).
+    #[error("{0}")]
+    CannotWake(String),
+    /// The activator is shutting down.
+    #[error("the activator is shutting down")]
+    Draining,
+}
+
+/// A slot on one replica, held from admission until the response has been sent.
+#[derive(Debug)]
+pub struct Ticket {
+    replica: Arc<Replica>,
+    function: Arc<Function>,
+}
+
+impl Ticket {
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    pub fn function(&self) -> &Arc<Function> {
+        &self.function
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.function.meter().in_flight.decrement(Instant::now());
+        // A freed slot matters only where a limit made someone wait.
+        if self.function.waiting.load(Ordering::Acquire) > 0 {
+            self.function.dispatch();
+        }
+    }
+}
+
+/// The outcome of [`Function::admit`].
+#[derive(Debug)]
+pub enum Admission {
+    Ready(Ticket),
+    Wait(Waiting),
+}
+
+/// A place in the queue: await [`Waiting::ticket`]. Dropping it (timeout, client gone)
+/// gives the place back at once.
+#[derive(Debug)]
+pub struct Waiting {
+    receiver: oneshot::Receiver<Result<Ticket, Refusal>>,
+    place: HeldPlace,
+    /// No replica was ready when this request arrived: the scaler is to be poked.
+    pub at_zero: bool,
+}
+
+impl Waiting {
+    pub async fn ticket(mut self) -> Result<Ticket, Refusal> {
+        let result = (&mut self.receiver).await.unwrap_or(Err(Refusal::Draining));
+        drop(self.place);
+        result
+    }
+}
+
+#[derive(Debug)]
+struct HeldPlace {
+    function: Arc<Function>,
+    body_bytes: u64,
+}
+
+impl Drop for HeldPlace {
+    fn drop(&mut self) {
+        let function = &self.function;
+        function.waiting.fetch_sub(1, Ordering::AcqRel);
+        function.meter().queued.decrement(Instant::now());
+        let mut state = function.state();
+        state.held.requests -= 1;
+        state.held.body_bytes -= self.body_bytes;
+        // Places given up leave closed senders behind; sweep once they dominate.
+        if state.queue.len() > 64 && state.queue.len() > 2 * state.held.requests {
+            state.queue.retain(|waiter| !waiter.is_closed());
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Ticket, Refusal>>;
+
+#[derive(Debug)]
+struct State {
+    settings: Arc<Settings>,
+    replicas: Vec<Arc<Replica>>,
+    queue: VecDeque<Waiter>,
+    held: Held,
+    cannot_wake: Option<String>,
+    draining: bool,
+}
+
+#[derive(Debug)]
+pub struct Function {
+    key: FunctionKey,
+    state: Mutex<State>,
+    /// Places held now; read without the lock on every completion.
+    waiting: AtomicUsize,
+    meter: Mutex<DemandMeter>,
+    metrics: FunctionMetrics,
+}
+
+impl Function {
+    pub fn new(key: FunctionKey, settings: Settings, metrics: FunctionMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            metrics,
+            state: Mutex::new(State {
+                settings: Arc::new(settings),
+                replicas: Vec::new(),
+                queue: VecDeque::new(),
+                held: Held::default(),
+                cannot_wake: None,
+                draining: false,
+            }),
+            waiting: AtomicUsize::new(0),
+            meter: Mutex::new(DemandMeter::new(Instant::now())),
+        })
+    }
+
+    pub fn key(&self) -> &FunctionKey {
+        &self.key
+    }
+
+    pub fn metrics(&self) -> &FunctionMetrics {
+        &self.metrics
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves nothing half-done that matters more
+        // than serving on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn meter(&self) -> MutexGuard<'_, DemandMeter> {
+        self.meter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.state().settings.clone()
+    }
+
+    pub fn ready_replicas(&self) -> usize {
+        self.state().replicas.len()
+    }
+
+    pub fn held(&self) -> Held {
+        self.state().held
+    }
+
+    /// Upstream connections open now, over every replica.
+    pub fn open_connections(&self) -> usize {
+        self.state()
+            .replicas
+            .iter()
+            .map(|r| r.upstream.open_connections())
+            .sum()
+    }
+
+    /// Arrivals, in-flight and queued averages since the last call.
+    pub fn take_demand(&self, now: Instant) -> DemandReading {
+        self.meter().take(now)
+    }
+
+    /// A request arrives with `body_bytes` it may hold (see [`hold`]).
+    pub fn admit(self: &Arc<Self>, body_bytes: u64) -> Result<Admission, Refusal> {
+        let now = Instant::now();
+        self.meter().requests += 1;
+        let mut state = self.state();
+        if state.draining {
+            return Err(Refusal::Draining);
+        }
+        if state.queue.is_empty()
+            && let Some(ticket) = self.take_slot(&state, &[])
+        {
+            return Ok(Admission::Ready(ticket));
+        }
+        if let Some(reason) = state
+            .cannot_wake
+            .as_ref()
+            .filter(|_| state.replicas.is_empty())
+        {
+            return Err(Refusal::CannotWake(reason.clone()));
+        }
+        hold::admit(state.settings.bounds, state.held, body_bytes)?;
+        let (sender, receiver) = oneshot::channel();
+        state.queue.push_back(sender);
+        state.held.requests += 1;
+        state.held.body_bytes += body_bytes;
+        let at_zero = state.replicas.is_empty();
+        drop(state);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.meter().queued.increment(now);
+        Ok(Admission::Wait(Waiting {
+            receiver,
+            place: HeldPlace {
+                function: self.clone(),
+                body_bytes,
+            },
+            at_zero,
+        }))
+    }
+
+    /// Another replica for a request whose replica refused the connection, avoiding
+    /// those already tried. `None` if no other has room now.
+    pub fn retry_slot(self: &Arc<Self>, tried: &[SocketAddr]) -> Option<Ticket> {
+        let state = self.state();
+        self.take_slot(&state, tried)
+    }
+
+    /// Picks a replica with room (power of two choices) and takes a slot on it.
+    fn take_slot(self: &Arc<Self>, state: &State, avoid: &[SocketAddr]) -> Option<Ticket> {
+        let limit = state.settings.replica_limit;
+        let replica = if avoid.is_empty() {
+            let replicas = &state.replicas;
+            let chosen = balance::pick(
+                replicas.len(),
+                |i| replicas[i].in_flight(),
+                limit,
+                |n| rand::random_range(0..n),
+            )?;
+            replicas[chosen].clone()
+        } else {
+            let replicas: Vec<&Arc<Replica>> = state
+                .replicas
+                .iter()
+                .filter(|r| !avoid.contains(&r.addr()))
+                .collect();
+            let chosen = balance::pick(
+                replicas.len(),
+                |i| replicas[i].in_flight(),
+                limit,
+                |n| rand::random_range(0..n),
+            )?;
+            replicas[chosen].clone()
+        };
+        replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.meter().in_flight.increment(Instant::now());
+        Some(Ticket {
+            replica,
+            function: self.clone(),
+        })
+    }
+
+    /// Hands replicas to waiting requests, oldest first, while any has room.
+    pub fn dispatch(self: &Arc<Self>) {
+        // Tickets of waiters that left just now; dropped once the lock is free, since
+        // dropping a ticket dispatches again.
+        let mut undelivered = Vec::new();
+        let mut state = self.state();
+        while let Some(front) = state.queue.front() {
+            if front.is_closed() {
+                state.queue.pop_front();
+                continue;
+            }
+            let Some(ticket) = self.take_slot(&state, &[]) else {
+                break;
+            };
+            if let Some(waiter) = state.queue.pop_front()
+                && let Err(Ok(ticket)) = waiter.send(Ok(ticket))
+            {
+                undelivered.push(ticket);
+            }
+        }
+        drop(state);
+        drop(undelivered);
+    }
+
+    /// The ready endpoints changed: keep the replicas still listed (their connections
+    /// and counts), add the new, forget the gone; then serve waiting requests.
+    pub fn set_replicas(self: &Arc<Self>, addrs: &[SocketAddr]) {
+        {
+            let mut state = self.state();
+            let settings = state.settings.clone();
+            let mut next = Vec::with_capacity(addrs.len());
+            for addr in addrs {
+                match state.replicas.iter().find(|r| r.addr() == *addr) {
+                    Some(existing) => next.push(existing.clone()),
+                    None => next.push(Arc::new(Replica {
+                        upstream: Upstream::new(*addr, settings.protocol, settings.pool.into()),
+                        in_flight: AtomicUsize::new(0),
+                    })),
+                }
+            }
+            state.replicas = next;
+        }
+        self.dispatch();
+    }
+
+    /// New settings (a ScaledObject or Service changed). A new upstream protocol
+    /// starts new connections.
+    pub fn set_settings(self: &Arc<Self>, settings: Settings) {
+        let addrs: Vec<SocketAddr> = {
+            let mut state = self.state();
+            if *state.settings == settings {
+                return;
+            }
+            let protocol_changed = state.settings.protocol != settings.protocol;
+            state.settings = Arc::new(settings);
+            if !protocol_changed {
+                drop(state);
+                self.dispatch();
+                return;
+            }
+            let addrs = state.replicas.iter().map(|r| r.addr()).collect();
+            state.replicas.clear();
+            addrs
+        };
+        self.set_replicas(&addrs);
+    }
+
+    /// Why the function cannot wake now (`None`: it can). Waiting requests are
+    /// answered at once while no replica is ready.
+    pub fn set_cannot_wake(&self, reason: Option<String>) {
+        let mut state = self.state();
+        state.cannot_wake = reason;
+        if let Some(reason) = state.cannot_wake.clone()
+            && state.replicas.is_empty()
+        {
+            for waiter in state.queue.drain(..) {
+                let _ = waiter.send(Err(Refusal::CannotWake(reason.clone())));
+            }
+        }
+    }
+
+    /// Shutting down: no new admissions; every waiting request is answered.
+    pub fn drain(&self) {
+        let mut state = self.state();
+        state.draining = true;
+        for waiter in state.queue.drain(..) {
+            let _ = waiter.send(Err(Refusal::Draining));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(limit: Option<usize>, max_requests: usize) -> Settings {
+        Settings {
+            protocol: Protocol::Http1,
+            replica_limit: limit,
+            wait_timeout: Duration::from_secs(5),
+            bounds: QueueBounds {
+                max_requests,
+                max_body_bytes: 1 << 20,
+            },
+            pool: PoolConfigEq {
+                max_connections: 8,
+                connect_timeout: Duration::from_secs(1),
+            },
+        }
+    }
+
+    fn function(limit: Option<usize>, max_requests: usize) -> Arc<Function> {
+        let key = FunctionKey::new("ns", "f").expect("key");
+        let metrics = crate::metrics::Metrics::register(&mut Default::default());
+        Function::new(
+            key.clone(),
+            settings(limit, max_requests),
+            metrics.function(&key),
+        )
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 244, 0, i], 8080))
+    }
+
+    fn waiting(admission: Result<Admission, Refusal>) -> Waiting {
+        match admission {
+            Ok(Admission::Wait(w)) => w,
+            other => panic!("expected to wait, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_wait_at_zero_and_leave_in_arrival_order() {
+        let f = function(Some(1), 10);
+        let first = waiting(f.admit(0));
+        let second = waiting(f.admit(0));
+        assert!(first.at_zero && second.at_zero);
+        assert_eq!(f.held().requests, 2);
+        f.set_replicas(&[addr(1)]);
+        // Limit 1: only the first gets the replica; the second follows when it is done.
+        let ticket = first.ticket().await.expect("first served");
+        assert_eq!(ticket.replica().addr(), addr(1));
+        let second = tokio::spawn(second.ticket());
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        drop(ticket);
+        let ticket = second.await.expect("joined").expect("second served");
+        assert_eq!(ticket.replica().in_flight(), 1);
+        drop(ticket);
+        assert_eq!(f.held(), Held::default());
+    }
+
+    #[tokio::test]
+    async fn a_request_that_gives_up_frees_its_place_at_once() {
+        let f = function(None, 1);
+        let w = waiting(f.admit(100));
+        assert!(matches!(f.admit(0), Err(Refusal::QueueFull(_))));
+        drop(w);
+        assert_eq!(f.held(), Held::default());
+        let w = waiting(f.admit(0));
+        f.set_replicas(&[addr(1)]);
+        assert!(w.ticket().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn warm_requests_skip_the_queue() {
+        let f = function(None, 10);
+        f.set_replicas(&[addr(1), addr(2)]);
+        let tickets: Vec<Ticket> = (0..10)
+            .map(|_| match f.admit(0) {
+                Ok(Admission::Ready(t)) => t,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Power of two choices over two replicas: the load stays even.
+        let on_first = tickets
+            .iter()
+            .filter(|t| t.replica().addr() == addr(1))
+            .count();
+        assert_eq!(on_first, 5);
+    }
+
+    #[tokio::test]
+    async fn cannot_wake_answers_waiting_and_new_requests() {
+        let f = function(None, 10);
+        let w = waiting(f.admit(0));
+        f.set_cannot_wake(Some("ScaleUpStalled: no node fits".to_owned()));
+        assert!(
+            matches!(w.ticket().await, Err(Refusal::CannotWake(r)) if r.contains("ScaleUpStalled"))
+        );
+        assert!(matches!(f.admit(0), Err(Refusal::CannotWake(_))));
+        // With a ready replica, requests are served whatever the scaler says.
+        f.set_replicas(&[addr(1)]);
+        assert!(matches!(f.admit(0), Ok(Admission::Ready(_))));
+    }
+
+    #[tokio::test]
+    async fn retries_avoid_replicas_tried() {
+        let f = function(None, 10);
+        f.set_replicas(&[addr(1), addr(2)]);
+        let t = f.retry_slot(&[addr(1)]).expect("another");
+        assert_eq!(t.replica().addr(), addr(2));
+        assert!(f.retry_slot(&[addr(1), addr(2)]).is_none());
+    }
+
+    #[tokio::test]
+    async fn replicas_kept_across_updates_keep_their_counts() {
+        let f = function(None, 10);
+        f.set_replicas(&[addr(1)]);
+        let t = match f.admit(0) {
+            Ok(Admission::Ready(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        f.set_replicas(&[addr(2), addr(1)]);
+        assert_eq!(t.replica().in_flight(), 1);
+        let kept = f
+            .state()
+            .replicas
+            .iter()
+            .find(|r| r.addr() == addr(1))
+            .cloned();
+        assert!(Arc::ptr_eq(&kept.expect("kept"), t.replica()));
+    }
+
+    #[tokio::test]
+    async fn drain_answers_everything_waiting() {
+        let f = function(None, 10);
+        let w = waiting(f.admit(0));
+        f.drain();
+        assert!(matches!(w.ticket().await, Err(Refusal::Draining)));
+        assert!(matches!(f.admit(0), Err(Refusal::Draining)));
+    }
+
+    #[tokio::test]
+    async fn demand_counts_arrivals_and_waiting() {
+        let f = function(None, 10);
+        let w = waiting(f.admit(0));
+        std::thread::sleep(Duration::from_millis(20));
+        let reading = f.take_demand(Instant::now());
+        assert_eq!(reading.requests, 1);
+        assert!(reading.queued > 0.9, "{reading:?}");
+        drop(w);
+        let reading = f.take_demand(Instant::now());
+        assert_eq!(reading.requests, 0);
+    }
+}

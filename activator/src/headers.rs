@@ -1,0 +1,255 @@
+//! What a proxy changes in the head of a request and a response (RFC 9110 §7.6):
+//! connection-specific fields are dropped, `Forwarded` / `X-Forwarded-*` are set, and
+//! the request target takes the form the upstream protocol wants.
+
+use std::net::SocketAddr;
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Uri,
+    header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE},
+    uri::{Authority, PathAndQuery, Scheme},
+};
+
+use crate::pool::Protocol;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Is this a protocol upgrade (WebSocket): `Connection: upgrade` with an `Upgrade`?
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(CONNECTION).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Drops the fields that belong to one connection: `Connection` and every field it
+/// names, `Keep-Alive`, `Proxy-Connection`, `TE` (but `TE: trailers`), and
+/// `Transfer-Encoding`; `Upgrade` too, unless the exchange is being upgraded, when
+/// `Connection: upgrade` and `Upgrade` go on to the next hop.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+        headers.remove(CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    if headers
+        .get(TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        // The one TE value that means end to end: "I accept trailers".
+    } else {
+        headers.remove(TE);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Records the client and the host it asked for: `Forwarded` (RFC 7239) and the
+/// `X-Forwarded-*` fields many servers read, added to whatever earlier proxies set.
+pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&str>) {
+    let ip = client.ip();
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let mut forwarded = format!("for={node};proto=http");
+    if let Some(host) = host.filter(|h| is_token_or_host(h)) {
+        forwarded.push_str(";host=");
+        forwarded.push_str(host);
+    }
+    append_list(headers, &FORWARDED, &forwarded);
+    append_list(headers, &X_FORWARDED_FOR, &ip.to_string());
+    if let Some(host) = host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+        && let Ok(value) = HeaderValue::from_str(host)
+    {
+        headers.insert(&X_FORWARDED_HOST, value);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+}
+
+/// A host as it may appear unquoted in `Forwarded`.
+fn is_token_or_host(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:_[]".contains(&b))
+}
+
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    let joined = match headers.get(name).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {value}"),
+        None => value.to_owned(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(name, value);
+    }
+}
+
+/// The host a request asked for: the `Host` field (HTTP/1.1) or the URI's authority
+/// (HTTP/2's `:authority`).
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(Authority::as_str))
+}
+
+/// The request target for the upstream: origin-form (`/path?query`) with a `Host`
+/// field for HTTP/1.1; absolute-form (scheme and authority, which HTTP/2 sends as
+/// pseudo-headers) and no `Host` for h2c.
+pub fn upstream_target(
+    uri: &Uri,
+    headers: &mut HeaderMap,
+    host: Option<&str>,
+    protocol: Protocol,
+) -> Uri {
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        Protocol::Http1 => {
+            if !headers.contains_key(HOST)
+                && let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok())
+            {
+                headers.insert(HOST, value);
+            }
+            Uri::from(path)
+        }
+        Protocol::H2c => {
+            headers.remove(HOST);
+            let authority = host
+                .and_then(|h| h.parse::<Authority>().ok())
+                .unwrap_or_else(|| Authority::from_static("localhost"));
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut n: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_fields_go() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("trailer", "x-checksum"),
+            ("x-kept", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["trailer", "x-kept"]);
+    }
+
+    #[test]
+    fn te_trailers_stays() {
+        let mut h = headers(&[("te", "trailers")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["te"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_connection() {
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "sec-websocket-key", "upgrade"]);
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn forwarded_fields_are_added_to_earlier_ones() {
+        let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
+        add_forwarded(
+            &mut h,
+            "10.0.0.9:5555".parse().expect("addr"),
+            Some("f.example:8080"),
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(
+            h["forwarded"],
+            "for=1.2.3.4, for=10.0.0.9;proto=http;host=f.example:8080"
+        );
+        assert_eq!(h["x-forwarded-host"], "f.example:8080");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "[::1]:5555".parse().expect("addr"), None);
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn targets_per_protocol() {
+        let uri: Uri = "http://f.example/a?b=1".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        let target = upstream_target(&uri, &mut h, Some("f.example"), Protocol::Http1);
+        assert_eq!(target.to_string(), "/a?b=1");
+        assert_eq!(h[HOST], "f.example");
+        let uri: Uri = "/a".parse().expect("uri");
+        let mut h = headers(&[("host", "f.example:8080")]);
+        let target = upstream_target(&uri, &mut h, Some("f.example:8080"), Protocol::H2c);
+        assert_eq!(target.to_string(), "http://f.example:8080/a");
+        assert!(!h.contains_key(HOST));
+    }
+}

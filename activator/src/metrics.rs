@@ -1,0 +1,206 @@
+//! The activator's Prometheus metrics. Label sets are bounded: `namespace`, `name`,
+//! `code`, `kind` — never per pod, per replica or per request. The request path
+//! touches only handles cached per function ([`FunctionMetrics`]), never a label
+//! lookup.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use blink_crds::FunctionKey;
+use http::StatusCode;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub namespace: String,
+    pub name: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~55 s.
+    Histogram::new(exponential_buckets(1e-4, 2.0, 20))
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<CodeLabels, Counter>,
+    request_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<FunctionLabels, Gauge>,
+    queued: Family<FunctionLabels, Gauge>,
+    proxy_errors: Family<KindLabels, Counter>,
+    /// Client connections open now.
+    pub connections: Gauge,
+    /// Connections answered 503 at once because the global bound was reached.
+    pub connections_refused: Counter,
+    pub pokes_sent: Counter,
+    pub snapshots: Family<KindLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric under `blink_activator_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let registry = registry.sub_registry_with_prefix("blink_activator");
+        let metrics = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            queue_wait: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            queued: Family::default(),
+            proxy_errors: Family::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            pokes_sent: Counter::default(),
+            snapshots: Family::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by function and HTTP status code",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response head, by function",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time a request waited for a replica (the cold start, at zero), by function",
+            metrics.queue_wait.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Requests being forwarded now, by function",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "queued",
+            "Requests waiting for a replica now, by function",
+            metrics.queued.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Failures on the way to a replica, by kind (connect, stale_connection, upstream, upgrade)",
+            metrics.proxy_errors.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections open now",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections answered 503 because the connection bound was reached",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "pokes_sent",
+            "Pokes sent to the scaler",
+            metrics.pokes_sent.clone(),
+        );
+        registry.register(
+            "snapshots",
+            "Demand snapshots, by outcome (sent, refused, failed)",
+            metrics.snapshots.clone(),
+        );
+        metrics
+    }
+
+    pub fn proxy_error(&self, kind: &'static str) {
+        self.proxy_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// The handles one function's requests update.
+    pub fn function(&self, key: &FunctionKey) -> FunctionMetrics {
+        let labels = FunctionLabels {
+            namespace: key.namespace().to_owned(),
+            name: key.name().to_owned(),
+        };
+        FunctionMetrics {
+            codes: Mutex::new(Vec::new()),
+            requests: self.requests.clone(),
+            request_duration: self.request_duration.get_or_create(&labels).clone(),
+            queue_wait: self.queue_wait.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            queued: self.queued.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    /// A function is no longer routed: its series go.
+    pub fn forget(&self, key: &FunctionKey) {
+        let labels = FunctionLabels {
+            namespace: key.namespace().to_owned(),
+            name: key.name().to_owned(),
+        };
+        self.request_duration.remove(&labels);
+        self.queue_wait.remove(&labels);
+        self.in_flight.remove(&labels);
+        self.queued.remove(&labels);
+    }
+}
+
+/// One function's metric handles.
+#[derive(Debug)]
+pub struct FunctionMetrics {
+    labels: FunctionLabels,
+    /// The codes this function answered so far (a handful), each with its counter.
+    codes: Mutex<Vec<(u16, Counter)>>,
+    requests: Family<CodeLabels, Counter>,
+    request_duration: Histogram,
+    queue_wait: Histogram,
+    pub in_flight: Gauge,
+    pub queued: Gauge,
+}
+
+impl FunctionMetrics {
+    pub fn answered(&self, status: StatusCode, elapsed: Duration) {
+        self.request_duration.observe(elapsed.as_secs_f64());
+        let code = status.as_u16();
+        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counter)) = codes.iter().find(|(c, _)| *c == code) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .requests
+            .get_or_create(&CodeLabels {
+                namespace: self.labels.namespace.clone(),
+                name: self.labels.name.clone(),
+                code,
+            })
+            .clone();
+        counter.inc();
+        codes.push((code, counter));
+    }
+
+    pub fn waited(&self, waited: Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
+    }
+}
+
+/// Shared so layers can hold it.
+pub type SharedMetrics = Arc<Metrics>;

@@ -1,0 +1,237 @@
+//! Connections to one replica, kept alive and reused, and bounded.
+//!
+//! Connecting is a step of its own, before anything of the request is sent: a replica
+//! that refuses or resets the connection (just becoming ready, or just gone) costs the
+//! request nothing, and the caller may try another replica with the same, unread body.
+//!
+//! HTTP/1.1: a stack of idle connections (the most recent first, so a burst's extra
+//! connections go idle and close on the replica's side) and at most
+//! `max_connections` open at once; a request that finds none idle and none left to
+//! open waits for one to come back. h2c: one multiplexed connection, replaced when it
+//! closes.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    net::TcpStream,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+};
+
+/// The body of a request as the activator forwards it: the client's, streamed.
+pub type UpstreamBody = Incoming;
+
+/// How the activator speaks to a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (the Service port's `appProtocol` is
+    /// `kubernetes.io/h2c`).
+    H2c,
+}
+
+/// Why no connection could be had. Every case happened before any byte of the request
+/// was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr}: no answer in {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+}
+
+/// A connection ready for one request.
+#[derive(Debug)]
+pub enum Connection {
+    Http1(Http1Connection),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+/// An HTTP/1.1 connection checked out of its pool; [`Upstream::give_back`] returns it
+/// once its response has been read to the end. Dropped instead, it closes.
+#[derive(Debug)]
+pub struct Http1Connection {
+    pub sender: http1::SendRequest<UpstreamBody>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One replica's connections.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: SocketAddr,
+    protocol: Protocol,
+    config: PoolConfig,
+    idle: Mutex<Vec<Http1Connection>>,
+    /// Permits to open HTTP/1.1 connections; a connection holds one while it lives.
+    open: Arc<Semaphore>,
+    returned: Notify,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddr, protocol: Protocol, config: PoolConfig) -> Self {
+        Self {
+            addr,
+            protocol,
+            config,
+            idle: Mutex::new(Vec::new()),
+            open: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            returned: Notify::new(),
+            h2: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Connections open now (HTTP/1.1; an h2c upstream has at most one).
+    pub fn open_connections(&self) -> usize {
+        match self.protocol {
+            Protocol::Http1 => self.config.max_connections.max(1) - self.open.available_permits(),
+            Protocol::H2c => usize::from(
+                self.h2
+                    .try_lock()
+                    .map(|h2| h2.as_ref().is_some_and(|s| !s.is_closed()))
+                    .unwrap_or(true),
+            ),
+        }
+    }
+
+    /// A connection ready to take a request: an idle one, a new one, or (at the bound)
+    /// the next one given back.
+    pub async fn checkout(&self) -> Result<Connection, ConnectError> {
+        match self.protocol {
+            Protocol::Http1 => self.checkout_http1().await.map(Connection::Http1),
+            Protocol::H2c => self.checkout_h2().await.map(Connection::H2),
+        }
+    }
+
+    async fn checkout_http1(&self) -> Result<Http1Connection, ConnectError> {
+        loop {
+            while let Some(mut idle) = self.pop_idle() {
+                // An idle connection the replica closed fails here, not mid-request.
+                if idle.sender.ready().await.is_ok() {
+                    return Ok(idle);
+                }
+            }
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            // Registered before the permit check, so a connection given back in
+            // between is not missed.
+            returned.as_mut().enable();
+            if let Ok(permit) = self.open.clone().try_acquire_owned() {
+                return self.connect_http1(permit).await;
+            }
+            tokio::select! {
+                permit = self.open.clone().acquire_owned() => {
+                    if let Ok(permit) = permit {
+                        return self.connect_http1(permit).await;
+                    }
+                }
+                _ = returned => {}
+            }
+        }
+    }
+
+    fn pop_idle(&self) -> Option<Http1Connection> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    /// Back to the pool, after its response was read to the end.
+    pub fn give_back(&self, connection: Http1Connection) {
+        if connection.sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(connection);
+        }
+        self.returned.notify_one();
+    }
+
+    async fn connect_http1(
+        &self,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Http1Connection, ConnectError> {
+        let io = self.connect_tcp().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            // Errors end the connection; the request that saw them reports them.
+            let _ = connection.with_upgrades().await;
+        });
+        Ok(Http1Connection {
+            sender,
+            _permit: permit,
+        })
+    }
+
+    async fn checkout_h2(&self) -> Result<http2::SendRequest<UpstreamBody>, ConnectError> {
+        let mut shared = self.h2.lock().await;
+        if let Some(sender) = shared.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let io = self.connect_tcp().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *shared = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let timeout = self.config.connect_timeout;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                addr: self.addr,
+                timeout,
+            })?
+            .map_err(|source| ConnectError::Io {
+                addr: self.addr,
+                source,
+            })?;
+        // Requests and responses are small and interactive; never wait to coalesce.
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+}

@@ -1,0 +1,668 @@
+//! The request path, as tower layers, outermost first:
+//!
+//! 1. [`Route`] — Host (and path) → function, from the routing table; an unknown or
+//!    ambiguous host is answered 404 with a body that says which.
+//! 2. [`Observe`] — counts the answer by code and times it, per function.
+//! 3. [`Hold`] — admission: a replica with room at once, or a place in the function's
+//!    queue until one is ready (the scaler is poked when none is), or the precise
+//!    refusal: 503 + `Retry-After` for a full queue, 503 with the reason when the
+//!    function cannot wake, 504 when the wait passes the function's timeout.
+//! 4. [`Balance`] — a connection to the chosen replica; one that refuses or resets
+//!    the connection (just becoming ready, or just gone) is passed over for another,
+//!    or tried again after a short backoff, a bounded number of times. Nothing of the
+//!    request has been sent yet, so its streamed body is never needed twice.
+//! 5. [`Forward`] — sends the request with proxy headers, streams both bodies, keeps
+//!    the connection for reuse once the response is read, and tunnels upgrades.
+//!
+//! Every layer answers errors itself (the services are infallible) and is always
+//! ready: there is no backpressure through `poll_ready`, since admission is [`Hold`]'s.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tower::{Layer, Service};
+
+use crate::{
+    function::{Admission, Function, Refusal, Ticket},
+    headers,
+    hold::held_body_bytes,
+    metrics::Metrics,
+    pool::{Connection, Http1Connection, Protocol},
+    registry::Registry,
+    routes::Miss,
+};
+
+/// A request on its way through the layers, with what each layer found out.
+#[derive(Debug)]
+pub struct Exchange {
+    pub request: Request<Incoming>,
+    pub client: SocketAddr,
+    function: Option<Arc<Function>>,
+    ticket: Option<Ticket>,
+    connection: Option<Connection>,
+}
+
+impl Exchange {
+    pub fn new(request: Request<Incoming>, client: SocketAddr) -> Self {
+        Self {
+            request,
+            client,
+            function: None,
+            ticket: None,
+            connection: None,
+        }
+    }
+}
+
+pub type ProxyResponse = Response<ProxyBody>;
+type BoxFuture = Pin<Box<dyn Future<Output = Result<ProxyResponse, Infallible>> + Send>>;
+
+/// Tells the scaler, at once, that a request waits for a function with no replica.
+pub trait Poke: Send + Sync + std::fmt::Debug + 'static {
+    fn poke(&self, function: &blink_crds::FunctionKey);
+}
+
+/// Knobs of the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct PathConfig {
+    /// Connection attempts per request beyond the first.
+    pub connect_retries: u32,
+    /// The server's read buffer: what a held request may have read past its head.
+    pub read_buffer: usize,
+}
+
+/// An answer the activator makes itself.
+pub fn answer(status: StatusCode, message: impl Into<String>) -> ProxyResponse {
+    let mut body = message.into();
+    body.push('\n');
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// 503 with `Retry-After`: try again shortly.
+pub fn unavailable(message: impl Into<String>, retry_after_seconds: u32) -> ProxyResponse {
+    let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+    response
+}
+
+fn ready(response: ProxyResponse) -> BoxFuture {
+    Box::pin(std::future::ready(Ok(response)))
+}
+
+/// The whole path: route → observe → hold → balance → forward.
+pub fn service(
+    registry: Arc<Registry>,
+    poke: Arc<dyn Poke>,
+    metrics: Arc<Metrics>,
+    config: PathConfig,
+) -> Route<Observe<Hold<Balance<Forward>>>> {
+    tower::ServiceBuilder::new()
+        .layer(RouteLayer { registry })
+        .layer(ObserveLayer)
+        .layer(HoldLayer { poke, config })
+        .layer(BalanceLayer {
+            metrics: metrics.clone(),
+            config,
+        })
+        .service(Forward { metrics })
+}
+
+// ---- 1. Route -------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct RouteLayer {
+    registry: Arc<Registry>,
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route {
+            inner,
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Route<S> {
+    inner: S,
+    registry: Arc<Registry>,
+}
+
+impl<S> Service<Exchange> for Route<S>
+where
+    S: Service<Exchange, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
+        let request = &exchange.request;
+        let Some(host) = headers::request_host(request.uri(), request.headers()) else {
+            return ready(answer(
+                StatusCode::BAD_REQUEST,
+                "the request names no host (no Host field or authority)",
+            ));
+        };
+        let table = self.registry.table();
+        match table.lookup(host, request.uri().path()) {
+            Ok(function) => {
+                exchange.function = Some(function.clone());
+                self.inner.call(exchange)
+            }
+            Err(miss) => ready(answer(StatusCode::NOT_FOUND, describe_miss(host, miss))),
+        }
+    }
+}
+
+fn describe_miss(host: &str, miss: Miss) -> String {
+    match miss {
+        Miss::UnknownHost => format!("no function is routed for host {host:?}"),
+        Miss::NoPrefix => format!("host {host:?} is routed, but no path prefix of it matches"),
+        Miss::Ambiguous(a) => {
+            let namespaces: Vec<String> = a.namespaces.into_iter().collect();
+            format!(
+                "host {host:?} is ambiguous: functions in namespaces {} have a Service of that name; use {host}.<namespace>",
+                namespaces.join(", ")
+            )
+        }
+    }
+}
+
+// ---- 2. Observe -----------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+impl<S> Service<Exchange> for Observe<S>
+where
+    S: Service<Exchange, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, exchange: Exchange) -> BoxFuture {
+        let Some(function) = exchange.function.clone() else {
+            return self.inner.call(exchange);
+        };
+        let started = Instant::now();
+        let future = self.inner.call(exchange);
+        Box::pin(async move {
+            let response = future.await?;
+            function
+                .metrics()
+                .answered(response.status(), started.elapsed());
+            Ok(response)
+        })
+    }
+}
+
+// ---- 3. Hold --------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct HoldLayer {
+    poke: Arc<dyn Poke>,
+    config: PathConfig,
+}
+
+impl<S> Layer<S> for HoldLayer {
+    type Service = Hold<S>;
+    fn layer(&self, inner: S) -> Hold<S> {
+        Hold {
+            inner,
+            poke: self.poke.clone(),
+            config: self.config,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Hold<S> {
+    inner: S,
+    poke: Arc<dyn Poke>,
+    config: PathConfig,
+}
+
+impl<S> Service<Exchange> for Hold<S>
+where
+    S: Service<Exchange, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
+        let Some(function) = exchange.function.clone() else {
+            return ready(answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unrouted request",
+            ));
+        };
+        let content_length = exchange
+            .request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .or_else(|| exchange.request.body().is_end_stream().then_some(0));
+        let body_bytes = held_body_bytes(content_length, self.config.read_buffer);
+        let waiting = match function.admit(body_bytes) {
+            Ok(Admission::Ready(ticket)) => {
+                exchange.ticket = Some(ticket);
+                return self.inner.call(exchange);
+            }
+            Ok(Admission::Wait(waiting)) => waiting,
+            Err(refusal) => return ready(refused(&function, refusal)),
+        };
+        if waiting.at_zero {
+            self.poke.poke(function.key());
+        }
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let timeout = function.settings().wait_timeout;
+            let started = Instant::now();
+            let ticket = match tokio::time::timeout(timeout, waiting.ticket()).await {
+                Ok(Ok(ticket)) => ticket,
+                Ok(Err(refusal)) => return Ok(refused(&function, refusal)),
+                Err(_) => {
+                    return Ok(answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "no replica of {} could take the request within {}s",
+                            function.key(),
+                            timeout.as_secs()
+                        ),
+                    ));
+                }
+            };
+            function.metrics().waited(started.elapsed());
+            exchange.ticket = Some(ticket);
+            inner.call(exchange).await
+        })
+    }
+}
+
+fn refused(function: &Function, refusal: Refusal) -> ProxyResponse {
+    match refusal {
+        Refusal::QueueFull(full) => unavailable(format!("{}: {full}", function.key()), 1),
+        Refusal::CannotWake(reason) => {
+            unavailable(format!("{} cannot wake now: {reason}", function.key()), 10)
+        }
+        Refusal::Draining => unavailable("the activator is shutting down; retry", 1),
+    }
+}
+
+// ---- 4. Balance -----------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct BalanceLayer {
+    metrics: Arc<Metrics>,
+    config: PathConfig,
+}
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+    fn layer(&self, inner: S) -> Balance<S> {
+        Balance {
+            inner,
+            metrics: self.metrics.clone(),
+            config: self.config,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Balance<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    config: PathConfig,
+}
+
+/// The pause before trying a replica again when no other can take the request: a
+/// replica that was just reported ready may not listen yet. Short, because the wait
+/// adds straight to a cold start.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(1 << attempt.min(7))
+}
+
+impl<S> Service<Exchange> for Balance<S>
+where
+    S: Service<Exchange, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
+        let mut inner = self.inner.clone();
+        let metrics = self.metrics.clone();
+        let retries = self.config.connect_retries;
+        Box::pin(async move {
+            let Some(mut ticket) = exchange.ticket.take() else {
+                return Ok(answer(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no replica chosen",
+                ));
+            };
+            let mut tried: Vec<SocketAddr> = Vec::new();
+            let mut attempt = 0;
+            loop {
+                match ticket.replica().upstream.checkout().await {
+                    Ok(connection) => {
+                        exchange.ticket = Some(ticket);
+                        exchange.connection = Some(connection);
+                        return inner.call(exchange).await;
+                    }
+                    Err(error) => {
+                        metrics.proxy_error("connect");
+                        if attempt >= retries {
+                            return Ok(answer(
+                                StatusCode::BAD_GATEWAY,
+                                format!(
+                                    "no replica of {} accepted a connection: {error}",
+                                    ticket.function().key()
+                                ),
+                            ));
+                        }
+                        attempt += 1;
+                        tried.push(ticket.replica().addr());
+                        let function = ticket.function().clone();
+                        match function.retry_slot(&tried) {
+                            Some(other) => ticket = other,
+                            None => tokio::time::sleep(backoff(attempt)).await,
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+// ---- 5. Forward -----------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct Forward {
+    metrics: Arc<Metrics>,
+}
+
+impl Service<Exchange> for Forward {
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, exchange: Exchange) -> BoxFuture {
+        let metrics = self.metrics.clone();
+        Box::pin(async move { Ok(forward(exchange, &metrics).await) })
+    }
+}
+
+async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
+    let Exchange {
+        request,
+        client,
+        ticket,
+        connection,
+        ..
+    } = exchange;
+    let (Some(ticket), Some(connection)) = (ticket, connection) else {
+        return answer(StatusCode::INTERNAL_SERVER_ERROR, "no connection chosen");
+    };
+    let (mut parts, body) = request.into_parts();
+    let upgrade = headers::is_upgrade(&parts.headers);
+    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let host = headers::request_host(&parts.uri, &parts.headers).map(str::to_owned);
+    let protocol = ticket.replica().upstream.protocol();
+    headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+    headers::add_forwarded(&mut parts.headers, client, host.as_deref());
+    parts.uri = headers::upstream_target(&parts.uri, &mut parts.headers, host.as_deref(), protocol);
+    parts.version = match protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::H2c => Version::HTTP_2,
+    };
+    parts.extensions = http::Extensions::new();
+    let mut request = Request::from_parts(parts, body);
+    let mut connection = connection;
+    // A pooled connection can close between its check and the send; the request comes
+    // back unsent, and one more connection is tried.
+    for attempt in 0..2 {
+        let sent = match connection {
+            Connection::Http1(mut c) => match c.sender.try_send_request(request).await {
+                Ok(response) => {
+                    return respond(response, Some(c), ticket, client_upgrade, upgrade, metrics);
+                }
+                Err(mut e) => (e.take_message(), e.into_error()),
+            },
+            Connection::H2(mut sender) => {
+                if let Err(e) = sender.ready().await {
+                    (Some(request), e)
+                } else {
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            return respond(
+                                response,
+                                None,
+                                ticket,
+                                client_upgrade,
+                                upgrade,
+                                metrics,
+                            );
+                        }
+                        Err(mut e) => (e.take_message(), e.into_error()),
+                    }
+                }
+            }
+        };
+        let (unsent, error) = sent;
+        let key = ticket.function().key().clone();
+        let addr = ticket.replica().addr();
+        match unsent {
+            Some(unsent) if attempt == 0 => {
+                metrics.proxy_error("stale_connection");
+                request = unsent;
+                connection = match ticket.replica().upstream.checkout().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        metrics.proxy_error("connect");
+                        return answer(
+                            StatusCode::BAD_GATEWAY,
+                            format!("replica {addr} of {key} refused a new connection: {e}"),
+                        );
+                    }
+                };
+            }
+            _ => {
+                metrics.proxy_error("upstream");
+                return answer(
+                    StatusCode::BAD_GATEWAY,
+                    format!("replica {addr} of {key} failed the request: {error}"),
+                );
+            }
+        }
+    }
+    answer(
+        StatusCode::BAD_GATEWAY,
+        "the replica's connection closed twice",
+    )
+}
+
+fn respond(
+    mut response: Response<Incoming>,
+    connection: Option<Http1Connection>,
+    ticket: Ticket,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upgrade: bool,
+    metrics: &Arc<Metrics>,
+) -> ProxyResponse {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching
+        && upgrade
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            // The ticket and the connection's place in the pool last as long as the
+            // tunnel.
+            let _held = (ticket, connection);
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = hyper_util::rt::TokioIo::new(client);
+                    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(_) => metrics.proxy_error("upgrade"),
+            }
+        });
+        let (mut parts, _) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, true);
+        return Response::from_parts(parts, ProxyBody::empty());
+    }
+    let (mut parts, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers, false);
+    let body = UpstreamBody {
+        inner: body,
+        connection,
+        ticket: Some(ticket),
+    };
+    Response::from_parts(parts, ProxyBody::Upstream(Box::new(body)))
+}
+
+// ---- Bodies ---------------------------------------------------------------------
+
+/// A response body: the replica's, streamed, or one the activator wrote.
+#[derive(Debug)]
+pub enum ProxyBody {
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamBody>),
+}
+
+impl ProxyBody {
+    pub fn full(text: impl Into<Bytes>) -> Self {
+        Self::Full(Some(text.into()))
+    }
+
+    pub fn empty() -> Self {
+        Self::Full(None)
+    }
+}
+
+/// The replica's response body. Read to the end, it gives its connection back to the
+/// pool and frees its slot on the replica; dropped early, the connection closes (its
+/// state is unknown) and the slot is freed.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    connection: Option<Http1Connection>,
+    ticket: Option<Ticket>,
+}
+
+impl UpstreamBody {
+    fn finish(&mut self) {
+        if let (Some(connection), Some(ticket)) = (self.connection.take(), self.ticket.as_ref()) {
+            ticket.replica().upstream.give_back(connection);
+        }
+        self.ticket = None;
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Self::Upstream(body) => {
+                let polled = Pin::new(&mut body.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => body.finish(),
+                    Poll::Ready(Some(Err(_))) => {
+                        body.connection = None;
+                        body.ticket = None;
+                    }
+                    Poll::Ready(Some(Ok(_))) if body.inner.is_end_stream() => body.finish(),
+                    _ => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(data) => data.is_none(),
+            Self::Upstream(body) => body.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Upstream(body) => body.inner.size_hint(),
+        }
+    }
+}
