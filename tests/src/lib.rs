@@ -19,6 +19,7 @@
 //! the namespace, and so does `bed exec cargo test`.
 #![forbid(unsafe_code)]
 
+pub mod activator;
 pub mod audit;
 pub mod bed;
 pub mod brokers;

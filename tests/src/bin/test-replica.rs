@@ -1,16 +1,24 @@
-//! A test HTTP replica: stands for a function pod on the pod's IP and port, answers
-//! every request (HTTP/1.1 or h2c) with `200` and its name, so a test can tell which
-//! replica served it.
+//! A test HTTP replica: stands for a function pod on the pod's IP and port, serving
+//! HTTP/1.1 and h2c, so a test can tell which replica served it and how.
+//!
+//! - any path: `200` with its name as the body; headers `x-served-by` (the name) and
+//!   `x-http-version` (the version the request arrived in), and `x-forwarded` echoing
+//!   the request's `Forwarded` field;
+//! - `/slow/<ms>`: the same, after `<ms>` milliseconds;
+//! - `/stream/<n>`: `n` chunks of 1 KiB, one every 20 ms;
+//! - `/upload`: reads the body as it streams and answers `<bytes> <fnv1a-64 hex>`.
 //!
 //! `test-replica --listen 10.244.0.3:8080 --name hello-abc12`
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use futures::StreamExt as _;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -25,13 +33,78 @@ struct Args {
     name: String,
 }
 
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// FNV-1a, 64 bits: enough to tell a streamed upload arrived whole.
+pub fn fnv1a(hash: u64, data: &[u8]) -> u64 {
+    data.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+async fn serve(name: String, request: Request<Incoming>) -> Response<Body> {
+    let version = format!("{:?}", request.version());
+    let forwarded = request
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let path = request.uri().path().to_owned();
+    let body = if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        full(format!("{name}\n"))
+    } else if let Some(n) = path.strip_prefix("/stream/") {
+        let n: usize = n.parse().unwrap_or(1);
+        let chunks = futures::stream::iter(0..n).then(|_| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'x'; 1024])))
+        });
+        BodyExt::boxed(StreamBody::new(chunks))
+    } else if path == "/upload" {
+        let mut body = request.into_body();
+        let (mut bytes, mut hash) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        bytes += data.len() as u64;
+                        hash = fnv1a(hash, data);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        full(format!("{bytes} {hash:016x}\n"))
+    } else {
+        full(format!("{name}\n"))
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    for (key, value) in [
+        ("x-served-by", name.as_str()),
+        ("x-http-version", version.as_str()),
+        ("x-forwarded", forwarded.as_str()),
+    ] {
+        if let Ok(value) = value.parse() {
+            headers.insert(key, value);
+        }
+    }
+    response
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let body = Bytes::from(format!("{}\n", args.name));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (stream, _) = tokio::select! {
@@ -39,11 +112,11 @@ async fn main() -> anyhow::Result<()> {
             _ = terminate.recv() => return Ok(()),
         };
         let _ = stream.set_nodelay(true);
-        let body = body.clone();
+        let name = args.name.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                let body = body.clone();
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(serve(name, request).await) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

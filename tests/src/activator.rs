@@ -1,0 +1,167 @@
+//! Activators for a test: a Deployment and Service named `blink-activator` in the
+//! test's namespace (the scaler's namespace too), and a real `blink-activator` process
+//! on each of its pod IPs, with a ServiceAccount token for the `blink-scaler` audience
+//! and its own credential.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde_json::json;
+use tokio::process::Command;
+
+use crate::{
+    TestContext,
+    demand::service_account_token,
+    pods::{PodInfo, PodProcesses},
+    scaler::ACTIVATOR_SERVICE_ACCOUNT,
+    workloads::create_deployment,
+};
+
+/// The port activators serve on (the Deployment's container port `http`).
+pub const PORT: u16 = 8080;
+/// Their admin port.
+pub const ADMIN_PORT: u16 = 9091;
+
+#[derive(Debug)]
+pub struct Activators {
+    pub processes: PodProcesses,
+    pub pods: Vec<PodInfo>,
+    pub log_dir: PathBuf,
+}
+
+impl Activators {
+    /// Starts `replicas` activators (pass `env!("CARGO_BIN_EXE_activator")`); `extra`
+    /// flags are added to each.
+    pub async fn start(
+        ctx: &TestContext,
+        binary: &Path,
+        replicas: i32,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        create_deployment(ctx, "blink-activator", replicas, json!({})).await?;
+        let token =
+            service_account_token(ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        let log_dir = std::env::temp_dir()
+            .join("blink-tests")
+            .join(format!("{}-activators", ctx.namespace()));
+        std::fs::create_dir_all(&log_dir)?;
+        let token_file = log_dir.join("token");
+        std::fs::write(&token_file, token)?;
+        let kubeconfig = ctx
+            .bed()
+            .credential("blink-activator", Some("system:masters"))?;
+        let binary = binary.to_owned();
+        let namespace = ctx.namespace().to_owned();
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let logs = log_dir.clone();
+        let processes = PodProcesses::start(
+            ctx.client(),
+            ctx.namespace(),
+            "app=blink-activator",
+            move |pod| {
+                let mut cmd = Command::new(&binary);
+                cmd.args([
+                    "--listen",
+                    &format!("{}:{PORT}", pod.ip),
+                    "--admin-addr",
+                    &format!("{}:{ADMIN_PORT}", pod.ip),
+                    "--pod-name",
+                    &pod.name,
+                    "--namespace",
+                    &namespace,
+                    "--watch-namespace",
+                    &namespace,
+                    "--token-file",
+                ])
+                .arg(&token_file)
+                .args(&extra)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("RUST_LOG", "info,blink_activator=debug");
+                if let Ok(log) = std::fs::File::create(logs.join(format!("{}.log", pod.name))) {
+                    if let Ok(copy) = log.try_clone() {
+                        cmd.stdout(copy);
+                    }
+                    cmd.stderr(log);
+                }
+                cmd
+            },
+        );
+        let pods = processes
+            .wait_for(usize::try_from(replicas)?, Duration::from_secs(60))
+            .await?;
+        let activators = Self {
+            processes,
+            pods,
+            log_dir,
+        };
+        for pod in &activators.pods {
+            activators.wait_ready(pod).await?;
+        }
+        Ok(activators)
+    }
+
+    async fn wait_ready(&self, pod: &PodInfo) -> anyhow::Result<()> {
+        let url = format!("http://{}:{ADMIN_PORT}/readyz", pod.ip);
+        let http = reqwest::Client::new();
+        let what = format!(
+            "activator {} ready (logs: {})",
+            pod.name,
+            self.log_dir.display()
+        );
+        crate::wait::until(Duration::from_secs(30), &what, || async {
+            let ready = http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            Ok(ready.then_some(()))
+        })
+        .await
+    }
+
+    /// `http://<pod ip>:8080` of activator `index`.
+    pub fn url(&self, index: usize) -> String {
+        format!("http://{}:{PORT}", self.pods[index].ip)
+    }
+
+    /// The `/metrics` text of activator `index`.
+    pub async fn metrics(&self, index: usize) -> anyhow::Result<String> {
+        let url = format!("http://{}:{ADMIN_PORT}/metrics", self.pods[index].ip);
+        Ok(reqwest::get(url).await?.text().await?)
+    }
+
+    /// The sum of the samples of activator `index` whose line starts with `prefix`.
+    pub async fn metric(&self, index: usize, prefix: &str) -> anyhow::Result<f64> {
+        let text = self.metrics(index).await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// The last lines of activator `index`'s log.
+    pub fn log_tail(&self, index: usize) -> String {
+        let path = self.log_dir.join(format!("{}.log", self.pods[index].name));
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// A request to `url` (an activator) for `host`, with a client timeout.
+pub async fn get(url: &str, host: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let response = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()?
+        .get(url)
+        .header(reqwest::header::HOST, host)
+        .send()
+        .await
+        .with_context(|| format!("GET {url} for {host}"))?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
+}
