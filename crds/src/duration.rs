@@ -50,5 +50,4 @@ mod tests {
             assert_eq!(got, millis, "{text:?}");
         }
     }
-
 }

@@ -102,7 +102,11 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
     }
     let mut path_prefixes = list(keys::PATH_PREFIXES);
     if let Some(bad) = path_prefixes.iter().find(|p| !p.starts_with('/')) {
-        return Some(Err(error(keys::PATH_PREFIXES, bad, "does not start with /")));
+        return Some(Err(error(
+            keys::PATH_PREFIXES,
+            bad,
+            "does not start with /",
+        )));
     }
     if path_prefixes.is_empty() {
         path_prefixes.push("/".to_owned());
@@ -117,12 +121,18 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
         }
     };
     let container_concurrency = match number(keys::CONTAINER_CONCURRENCY) {
-        Ok(n) => n.filter(|n| *n > 0).map(|n| n.min(u64::from(u32::MAX)) as u32),
+        Ok(n) => n
+            .filter(|n| *n > 0)
+            .map(|n| n.min(u64::from(u32::MAX)) as u32),
         Err(e) => return Some(Err(e)),
     };
     let wait_timeout = match number(keys::WAIT_TIMEOUT) {
         Ok(Some(0)) => {
-            return Some(Err(error(keys::WAIT_TIMEOUT, "0", "must be at least 1 second")));
+            return Some(Err(error(
+                keys::WAIT_TIMEOUT,
+                "0",
+                "must be at least 1 second",
+            )));
         }
         Ok(n) => n.map(std::time::Duration::from_secs),
         Err(e) => return Some(Err(e)),
@@ -154,7 +164,9 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
 /// `host` without a `:port` (IPv6 literals keep their brackets).
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()]);
     }
     host.rsplit_once(':')
         .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
@@ -306,7 +318,11 @@ mod tests {
     fn bad_metadata_is_named() {
         for (key, value, problem) in [
             ("pathPrefixes", "api", "does not start with /"),
-            ("containerConcurrency", "-1", "is not a non-negative integer"),
+            (
+                "containerConcurrency",
+                "-1",
+                "is not a non-negative integer",
+            ),
             ("waitTimeout", "0", "must be at least 1 second"),
             ("queueLimit", "many", "is not a non-negative integer"),
             ("hosts", "a/b", "is not a host name"),
@@ -347,7 +363,10 @@ mod tests {
             let routed: Vec<&str> = resolution.routes.iter().map(|r| r.key.name()).collect();
             assert_eq!(routed, ["old", "other"]);
             let reason = &resolution.conflicts[&route(&new).key];
-            assert!(reason.contains("h.example") && reason.contains("ns/old"), "{reason}");
+            assert!(
+                reason.contains("h.example") && reason.contains("ns/old"),
+                "{reason}"
+            );
         }
     }
 
@@ -367,8 +386,16 @@ mod tests {
 
     #[test]
     fn different_prefixes_on_one_host_share_it() {
-        let a = object("a", "2026-01-01T00:00:00Z", &[("hosts", "h"), ("pathPrefixes", "/a")]);
-        let b = object("b", "2026-01-02T00:00:00Z", &[("hosts", "h"), ("pathPrefixes", "/b")]);
+        let a = object(
+            "a",
+            "2026-01-01T00:00:00Z",
+            &[("hosts", "h"), ("pathPrefixes", "/a")],
+        );
+        let b = object(
+            "b",
+            "2026-01-02T00:00:00Z",
+            &[("hosts", "h"), ("pathPrefixes", "/b")],
+        );
         let resolution = resolve(
             [&a, &b]
                 .iter()

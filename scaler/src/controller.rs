@@ -490,8 +490,9 @@ impl Controller {
                 let manager = replicas_manager(&meta);
                 let generation = meta.generation;
                 let previous = self.workloads.insert(id.clone(), workload_record(meta));
-                let generation_changed =
-                    previous.as_ref().is_some_and(|p| p.generation != generation);
+                let generation_changed = previous
+                    .as_ref()
+                    .is_some_and(|p| p.generation != generation);
                 if let Some(claimants) = self.claims.get(&id) {
                     let manager = manager.filter(|_| generation_changed);
                     for key in claimants {

@@ -119,6 +119,14 @@ fn main() {
             settling.elapsed()
         );
 
+        if std::env::var("BLINK_BENCH_PROFILE").is_ok() {
+            println!(
+                "RSS settled {} MB",
+                scaler.rss_bytes().unwrap_or(0) / 1_000_000
+            );
+            scaler.stop().await;
+            return Ok(());
+        }
         // Baseline, same run: a PATCH of /scale by this client, seen by the same kind of
         // watch, on Deployments Blink does not follow.
         let mut direct = Vec::new();

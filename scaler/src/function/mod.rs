@@ -19,7 +19,6 @@ use std::{
 };
 
 use blink_crds::{Condition, FunctionKey, ScaledObject, ScaledObjectStatus};
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
@@ -146,7 +145,6 @@ struct Worker {
     target_changed: watch::Receiver<Option<String>>,
     waker: Arc<Notify>,
     object: Arc<ScaledObject>,
-    object_ref: ObjectReference,
     conflict: Option<String>,
     plan: Result<Plan, Refusal>,
     /// Bumped on every rebuild, so results of an older plan's reads are dropped.
@@ -192,7 +190,6 @@ impl Worker {
         };
         Self {
             book: StatusBook::new(first.object.status.clone(), Duration::from_secs(1)),
-            object_ref: first.object.object_ref(&()),
             plan: plan::plan(&first.object),
             object: first.object,
             conflict: first.conflict,
@@ -302,7 +299,6 @@ impl Worker {
         self.drift_conflict = None;
         self.undos.clear();
         self.plan = plan::plan(&self.object);
-        self.object_ref = self.object.object_ref(&());
         self.pulls.clear();
         let Ok(plan) = &self.plan else { return };
         for (index, trigger) in plan.triggers.iter().enumerate() {
@@ -1227,7 +1223,8 @@ impl Worker {
             return;
         }
         let recorder = self.ctx.recorder.clone();
-        let reference = self.object_ref.clone();
+        // Made when needed: 10,000 workers need not each keep one.
+        let reference = self.object.object_ref(&());
         let event = Event {
             type_,
             reason: reason.to_owned(),
