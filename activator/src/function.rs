@@ -105,6 +105,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.function.metrics.in_flight.dec();
         self.function.meter().in_flight.decrement(Instant::now());
         // A freed slot matters only where a limit made someone wait.
         if self.function.waiting.load(Ordering::Acquire) > 0 {
@@ -148,6 +149,7 @@ impl Drop for HeldPlace {
     fn drop(&mut self) {
         let function = &self.function;
         function.waiting.fetch_sub(1, Ordering::AcqRel);
+        function.metrics.queued.dec();
         function.meter().queued.decrement(Instant::now());
         let mut state = function.state();
         state.held.requests -= 1;
@@ -271,6 +273,7 @@ impl Function {
         let at_zero = state.replicas.is_empty();
         drop(state);
         self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.metrics.queued.inc();
         self.meter().queued.increment(now);
         Ok(Admission::Wait(Waiting {
             receiver,
@@ -316,6 +319,7 @@ impl Function {
             replicas[chosen].clone()
         };
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.inc();
         self.meter().in_flight.increment(Instant::now());
         Some(Ticket {
             replica,

@@ -233,32 +233,43 @@ pub struct Resolution {
     pub conflicts: BTreeMap<FunctionKey, String>,
 }
 
-/// Settles every claim: oldest first, an object whose claims are all free takes them;
-/// one that meets a taken claim is in `Conflict`, naming the holder.
-pub fn resolve(mut routes: Vec<(Age, HttpRoute)>) -> Resolution {
-    routes.sort_by(|a, b| {
-        let newest = |age: &Age| age.created.is_none();
-        (newest(&a.0), &a.0).cmp(&(newest(&b.0), &b.0))
-    });
-    let mut taken: HashMap<Claim, FunctionKey> = HashMap::new();
+/// Settles every claim: the oldest claimant of each claim holds it, and an object
+/// that does not hold every one of its claims is in `Conflict` (naming the holder) and
+/// routes nothing. Each object's fate depends only on who else claims what it claims,
+/// so the scaler and the activator reach the same answer from the same objects.
+pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
+    let order = |age: &Age| (age.created.is_none(), age.clone());
+    let mut holders: HashMap<Claim, (bool, Age)> = HashMap::new();
+    for (age, route) in &routes {
+        for claim in route.claims() {
+            let candidate = order(age);
+            holders
+                .entry(claim)
+                .and_modify(|holder| {
+                    if candidate < *holder {
+                        *holder = candidate.clone();
+                    }
+                })
+                .or_insert(candidate);
+        }
+    }
     let mut resolution = Resolution::default();
     for (_, route) in routes {
-        let claims = route.claims();
-        if let Some((claim, holder)) = claims
-            .iter()
-            .find_map(|c| taken.get(c).map(|holder| (c, holder)))
-        {
-            resolution.conflicts.insert(
-                route.key.clone(),
-                format!("{claim} is already routed to {holder}, which is older"),
-            );
-            continue;
+        let taken = route.claims().into_iter().find_map(|claim| {
+            let (_, holder) = &holders[&claim];
+            (holder.key != route.key).then(|| (claim, holder.key.clone()))
+        });
+        match taken {
+            Some((claim, holder)) => {
+                resolution.conflicts.insert(
+                    route.key.clone(),
+                    format!("{claim} is already routed to {holder}, which is older"),
+                );
+            }
+            None => resolution.routes.push(route),
         }
-        for claim in claims {
-            taken.insert(claim, route.key.clone());
-        }
-        resolution.routes.push(route);
     }
+    resolution.routes.sort_by(|a, b| a.key.cmp(&b.key));
     resolution
 }
 

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
+    time::Duration,
 };
 
 use blink_crds::{FunctionKey, ScaledObject};
@@ -117,6 +118,11 @@ struct Controller {
     autoscalers: HashMap<TargetId, BTreeSet<String>>,
     /// What was last applied for each generated object, so it is written on change only.
     generated: HashMap<TargetId, ScaledObject>,
+    /// Objects whose `http` routes another, older object holds
+    /// ([`blink_crds::routing::resolve`]), with why.
+    route_conflicts: HashMap<FunctionKey, String>,
+    /// An object with an `http` trigger changed since routes were last settled.
+    routes_dirty: bool,
 }
 
 enum Change {
@@ -201,10 +207,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         workloads: HashMap::new(),
         autoscalers: HashMap::new(),
         generated: HashMap::new(),
+        route_conflicts: HashMap::new(),
+        routes_dirty: false,
     };
+    // Routes are settled over every object (linear), so at most once a second.
+    let mut settle_routes = tokio::time::interval(Duration::from_secs(1));
+    settle_routes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = settle_routes.tick(), if controller.routes_dirty => controller.settle_routes(),
             change = changes.next() => {
                 let list_done = matches!(
                     &change,
@@ -233,6 +245,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         entry.handle.stop().await;
     }
     Ok(())
+}
+
+fn has_http(object: &ScaledObject) -> bool {
+    object
+        .spec
+        .triggers
+        .iter()
+        .any(|t| t.trigger_type == "http")
 }
 
 /// What the controller keeps of a workload: its identity, its generation and Blink's
@@ -323,6 +343,15 @@ impl Controller {
             &object.spec.scale_target_ref,
         ));
         let object = Arc::new(object);
+        // Routes come from the triggers and the target; a status update changes neither.
+        self.routes_dirty |= match self.functions.get(&key) {
+            Some(entry) => {
+                (has_http(&object) || has_http(&entry.object))
+                    && (entry.object.spec.triggers != object.spec.triggers
+                        || entry.object.spec.scale_target_ref != object.spec.scale_target_ref)
+            }
+            None => has_http(&object),
+        };
         let mut touched = vec![target.clone()];
         match self.functions.get_mut(&key) {
             Some(entry) => {
@@ -366,6 +395,7 @@ impl Controller {
         let Some(entry) = self.functions.remove(key) else {
             return;
         };
+        self.routes_dirty |= has_http(&entry.object);
         info!(function = %key, "no longer following");
         if let Some(set) = self.claims.get_mut(&entry.target) {
             set.remove(key);
@@ -440,8 +470,45 @@ impl Controller {
         }
     }
 
+    /// Settles `http` routes over every object; objects whose conflict changed hear
+    /// of it.
+    fn settle_routes(&mut self) {
+        self.routes_dirty = false;
+        let routes = self
+            .functions
+            .iter()
+            .filter_map(|(key, entry)| {
+                let route = blink_crds::routing::http_route(&entry.object)?.ok()?;
+                Some((
+                    blink_crds::routing::Age::of(&entry.object, key.clone()),
+                    route,
+                ))
+            })
+            .collect();
+        let conflicts: HashMap<FunctionKey, String> = blink_crds::routing::resolve(routes)
+            .conflicts
+            .into_iter()
+            .collect();
+        let changed: Vec<TargetId> = conflicts
+            .iter()
+            .filter(|(key, reason)| self.route_conflicts.get(*key) != Some(*reason))
+            .map(|(key, _)| key)
+            .chain(
+                self.route_conflicts
+                    .keys()
+                    .filter(|key| !conflicts.contains_key(*key)),
+            )
+            .filter_map(|key| self.functions.get(key).map(|e| e.target.clone()))
+            .collect();
+        self.route_conflicts = conflicts;
+        for target in changed {
+            self.publish_claims(&target);
+        }
+    }
+
     /// Sends each claimant of `target` its input, with a conflict when there are two
-    /// owners (two objects, or an object and an HPA).
+    /// owners (two objects, or an object and an HPA), or when another object holds
+    /// its routes.
     fn publish_claims(&self, target: &TargetId) {
         let Some(claimants) = self.claims.get(target) else {
             return;
@@ -462,14 +529,16 @@ impl Controller {
                         .map(|name| format!("HorizontalPodAutoscaler {name}")),
                 )
                 .collect();
-            let conflict = (!others.is_empty()).then(|| {
-                format!(
-                    "{} {} is also claimed by {}",
-                    target.1,
-                    target.2,
-                    others.join(", ")
-                )
-            });
+            let conflict = (!others.is_empty())
+                .then(|| {
+                    format!(
+                        "{} {} is also claimed by {}",
+                        target.1,
+                        target.2,
+                        others.join(", ")
+                    )
+                })
+                .or_else(|| self.route_conflicts.get(key).cloned());
             let input = FunctionInput {
                 object: entry.object.clone(),
                 conflict,

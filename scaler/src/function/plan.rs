@@ -121,6 +121,11 @@ pub fn plan(object: &ScaledObject) -> Result<Plan, Refusal> {
         .annotations()
         .get(ANNOTATION_TRANSPARENT)
         .is_some_and(|v| v == "true");
+    // The activator routes by the same reading of the `http` trigger; what it cannot
+    // route is refused here, by name.
+    if let Some(Err(e)) = blink_crds::routing::http_route(object) {
+        return Err(Refusal::new("InvalidTriggerMetadata", e.to_string()));
+    }
     let mut triggers = Vec::with_capacity(spec.triggers.len());
     for (index, trigger) in spec.triggers.iter().enumerate() {
         let name = trigger
@@ -276,6 +281,11 @@ spec:
                 BASE.replace("targetConcurrency: '10'", "targetConcurrency: 'lots'"),
                 "InvalidTriggerMetadata",
                 "targetConcurrency",
+            ),
+            (
+                BASE.replace("targetConcurrency: '10'", "pathPrefixes: api"),
+                "InvalidTriggerMetadata",
+                "pathPrefixes",
             ),
             (
                 BASE.replace(
