@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
@@ -83,6 +84,25 @@ impl PodProcesses {
             .collect();
         pods.sort_by(|a, b| a.name.cmp(&b.name));
         pods
+    }
+
+    /// The process id standing for pod `name`, while it runs.
+    pub async fn pid(&self, name: &str) -> Option<u32> {
+        self.running
+            .lock()
+            .await
+            .get(name)
+            .and_then(|(_, child)| child.id())
+    }
+
+    /// Sends `signal` to the process standing for pod `name`.
+    pub async fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self
+            .pid(name)
+            .await
+            .with_context(|| format!("no process for pod {name}"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
     }
 
     /// Waits until exactly `count` processes run.

@@ -2,18 +2,25 @@
 //! IPs of an activator Deployment, the real scaler, test replicas on the pod IPs of
 //! the function's Deployment.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use blink_tests::{
     TestContext,
     activator::{Activators, get},
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
     wait,
-    workloads::{create_deployment, create_scaled_object, desired},
+    workloads::{condition, condition_state, create_deployment, create_scaled_object, desired},
 };
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SCALER: &str = env!("CARGO_BIN_EXE_scaler");
 const ACTIVATOR: &str = env!("CARGO_BIN_EXE_activator");
@@ -99,4 +106,502 @@ spec:
         activators.processes.shutdown().await;
         finish(&ctx, scaler).await
     });
+}
+
+/// A Deployment whose pods never schedule (no node matches), and its Service.
+async fn create_unschedulable(ctx: &TestContext, name: &str) -> anyhow::Result<()> {
+    create_deployment(ctx, name, 0, json!({})).await?;
+    ctx.api::<Deployment>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"template": {"spec": {"nodeSelector": {"blink.sh/no-such-node": "true"}}}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Waits until activator `index` routes function `name`.
+async fn until_routed(
+    ctx: &TestContext,
+    activators: &Activators,
+    name: &str,
+) -> anyhow::Result<()> {
+    let series = format!(
+        "blink_activator_in_flight{{namespace=\"{}\",name=\"{name}\"}}",
+        ctx.namespace()
+    );
+    wait::until(LONG, &format!("the activator routes {name}"), || async {
+        Ok(activators.metrics(0).await?.contains(&series).then_some(()))
+    })
+    .await
+}
+
+async fn queued(ctx: &TestContext, activators: &Activators, name: &str) -> anyhow::Result<f64> {
+    activators
+        .metric(
+            0,
+            &format!(
+                "blink_activator_queued{{namespace=\"{}\",name=\"{name}\"}}",
+                ctx.namespace()
+            ),
+        )
+        .await
+}
+
+#[test]
+fn held_requests_get_precise_answers() {
+    blink_tests::run("activator-held", |ctx| async move {
+        create_unschedulable(&ctx, "stuck").await?;
+        let scaler = start_scaler(&ctx, "scaler-held").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: stuck}
+spec:
+  scaleTargetRef: {name: stuck}
+  triggers: [{type: http, metadata: {waitTimeout: '3', queueLimit: '2'}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "stuck").await?;
+        let url = activators.url(0);
+        let host = format!("stuck.{}", ctx.namespace());
+        // Two wait (the bound), the third is told at once to come back.
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let (url, host) = (url.clone(), host.clone());
+                tokio::spawn(async move { request(&url, &host, Duration::from_secs(20)).await })
+            })
+            .collect();
+        wait::until(LONG, "two requests held", || async {
+            Ok((queued(&ctx, &activators, "stuck").await? == 2.0).then_some(()))
+        })
+        .await?;
+        let started = Instant::now();
+        let (status, headers, body) = request(&url, &host, Duration::from_secs(5)).await?;
+        ensure!(status == 503, "over the bound: {status} {body}");
+        ensure!(
+            headers.get("retry-after").is_some(),
+            "503 without Retry-After"
+        );
+        ensure!(body.contains("already waiting"), "{body}");
+        ensure!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        // The two held ones pass their 3 s wait: 504, naming the function.
+        for handle in held {
+            let (status, _, body) = handle.await??;
+            ensure!(
+                status == 504 && body.contains("stuck"),
+                "after the wait: {status} {body}"
+            );
+        }
+        // Clients that give up free their places at once.
+        for _ in 0..2 {
+            let outcome = request(&url, &host, Duration::from_millis(300)).await;
+            ensure!(outcome.is_err(), "the client gave up: {outcome:?}");
+        }
+        wait::until(Duration::from_secs(5), "places freed", || async {
+            Ok((queued(&ctx, &activators, "stuck").await? == 0.0).then_some(()))
+        })
+        .await?;
+        // The scaler finds the scale-up stalled: requests are answered at once, saying so.
+        wait::until_eq(
+            LONG,
+            "stuck Ready",
+            Some(("False".to_owned(), "ScaleUpStalled".to_owned())),
+            || condition_state(&ctx, "stuck", "Ready"),
+        )
+        .await?;
+        wait::until(
+            Duration::from_secs(10),
+            "prompt 503 for a stalled function",
+            || async {
+                let started = Instant::now();
+                let (status, _, body) = request(&url, &host, Duration::from_secs(5)).await?;
+                Ok((status == 503
+                    && body.contains("ScaleUpStalled")
+                    && started.elapsed() < Duration::from_secs(1))
+                .then_some(()))
+            },
+        )
+        .await?;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
+#[test]
+fn hostile_input_gets_clear_answers_and_never_stalls_the_process() {
+    blink_tests::run("activator-hostile", |ctx| async move {
+        let activators = Activators::start(
+            &ctx,
+            Path::new(ACTIVATOR),
+            1,
+            &["--header-timeout", "1s", "--max-header-bytes", "16384"],
+        )
+        .await?;
+        let url = activators.url(0);
+        let (status, _, body) = request(&url, "nobody.example", Duration::from_secs(5)).await?;
+        ensure!(
+            status == 404 && body.contains("nobody.example"),
+            "unknown host: {status} {body}"
+        );
+        let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
+        // A head over the limit: 431.
+        let big = "x".repeat(32 * 1024);
+        let answer = raw(
+            &addr,
+            format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 431"),
+            "oversized head: {answer:.40}"
+        );
+        // Not HTTP at all: 400, and the process goes on.
+        let answer = raw(
+            &addr,
+            b"\x16\x03\x01garbage\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await?;
+        ensure!(answer.starts_with("HTTP/1.1 400"), "garbage: {answer:.40}");
+        // Slowloris: half a head, then nothing; the connection is cut after 1 s.
+        let mut slow = tokio::net::TcpStream::connect(&addr).await?;
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await?;
+        let started = Instant::now();
+        let mut buffer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buffer)).await;
+        ensure!(read.is_ok(), "a slow client is cut");
+        ensure!(
+            started.elapsed() < Duration::from_secs(5),
+            "cut after {:?}",
+            started.elapsed()
+        );
+        let (status, _, _) = request(&url, "nobody.example", Duration::from_secs(5)).await?;
+        ensure!(status == 404, "still serving");
+        activators.processes.shutdown().await;
+        Ok(())
+    });
+}
+
+/// Writes `bytes` on a new connection and reads the answer until the server closes or
+/// `timeout` passes.
+async fn raw(addr: &str, bytes: &[u8], timeout: Duration) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(bytes).await?;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(timeout, stream.read(&mut answer)).await??;
+    Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+#[test]
+fn h2c_on_both_sides_conflicting_hosts_and_a_streamed_upload() {
+    blink_tests::run("activator-h2c", |ctx| async move {
+        create_deployment(&ctx, "plain", 1, json!({})).await?;
+        create_deployment(&ctx, "grpcish", 1, json!({})).await?;
+        create_deployment(&ctx, "late", 1, json!({})).await?;
+        ctx.api::<Service>()
+            .patch(
+                "grpcish",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"ports": [{"name": "http", "port": 80, "targetPort": "http", "appProtocol": "kubernetes.io/h2c"}]}})),
+            )
+            .await?;
+        let replicas = replicas_of(&ctx, "plain");
+        let h2_replicas = PodProcesses::start(
+            ctx.client(),
+            ctx.namespace(),
+            "app in (grpcish, late)",
+            |pod| replica_command(Path::new(REPLICA), pod),
+        );
+        let scaler = start_scaler(&ctx, "scaler-h2c").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        for (name, hosts) in [("plain", "shared.example"), ("grpcish", "h2.example")] {
+            create_scaled_object(
+                &ctx,
+                &format!(
+                    "
+metadata: {{name: {name}}}
+spec:
+  scaleTargetRef: {{name: {name}}}
+  minReplicaCount: 1
+  triggers: [{{type: http, metadata: {{hosts: '{hosts}'}}}}]
+"
+                ),
+            )
+            .await?;
+        }
+        until_routed(&ctx, &activators, "plain").await?;
+        until_routed(&ctx, &activators, "grpcish").await?;
+        replicas.wait_for(1, LONG).await?;
+        h2_replicas.wait_for(2, LONG).await?;
+        // A newer object claiming a host already routed: Conflict, and the host stays.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: late}
+spec:
+  scaleTargetRef: {name: late}
+  minReplicaCount: 1
+  triggers: [{type: http, metadata: {hosts: shared.example}}]
+",
+        )
+        .await?;
+        let reason = wait::until(LONG, "late in Conflict", || async {
+            Ok(condition(&ctx, "late", "Ready")
+                .await?
+                .filter(|c| c.reason.as_deref() == Some("Conflict"))
+                .and_then(|c| c.message))
+        })
+        .await?;
+        ensure!(reason.contains("shared.example"), "{reason}");
+        let url = activators.url(0);
+        for _ in 0..5 {
+            let (status, headers, body) =
+                request(&url, "shared.example", Duration::from_secs(10)).await?;
+            ensure!(
+                status == 200 && body.starts_with("plain-"),
+                "shared host: {status} {body}"
+            );
+            ensure!(
+                headers["x-forwarded"]
+                    .to_str()?
+                    .contains("host=shared.example"),
+                "Forwarded: {:?}",
+                headers["x-forwarded"]
+            );
+        }
+        // h2c with prior knowledge from the client; upstream as the Service port says.
+        let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
+        for (host, client_h2, upstream) in [
+            ("h2.example", true, "HTTP/2.0"),
+            ("h2.example", false, "HTTP/2.0"),
+            ("shared.example", true, "HTTP/1.1"),
+        ] {
+            let (status, version) = if client_h2 {
+                h2c_get(&addr, host).await?
+            } else {
+                let (status, headers, _) = request(&url, host, Duration::from_secs(10)).await?;
+                (status, headers["x-http-version"].to_str()?.to_owned())
+            };
+            ensure!(
+                status == 200 && version == upstream,
+                "{host} (client h2c {client_h2}): {status}, replica saw {version}"
+            );
+        }
+        // 1 GiB streamed through; the replica's hash matches; the activator's memory
+        // barely moves.
+        let pid = activators
+            .processes
+            .pid(&activators.pods[0].name)
+            .await
+            .context("activator pid")?;
+        let rss_before = rss_kib(pid)?;
+        let (sent_hash, answer) = upload(&addr, "shared.example", 1 << 30).await?;
+        let rss_after = rss_kib(pid)?;
+        ensure!(
+            answer.trim() == format!("{} {sent_hash:016x}", 1u64 << 30),
+            "upload answer {answer:?}"
+        );
+        let growth = rss_after.saturating_sub(rss_before);
+        println!("1 GiB upload: activator RSS {rss_before} KiB → {rss_after} KiB");
+        ensure!(growth < 8 * 1024, "activator RSS grew by {growth} KiB");
+        replicas.shutdown().await;
+        h2_replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+/// GET over h2c with prior knowledge: the status and the version the replica saw.
+async fn h2c_get(addr: &str, host: &str) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{host}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let version = response
+        .headers()
+        .get("x-http-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((response.status().as_u16(), version))
+}
+
+/// POSTs `size` bytes to `/upload` (streamed, 64 KiB at a time); the hash sent and the
+/// replica's answer.
+async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let chunk = bytes::Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let chunks = size / chunk.len() as u64;
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for _ in 0..chunks {
+        hash = chunk.iter().fold(hash, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    }
+    let body = http_body_util::StreamBody::new(futures::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+    ));
+    let request = http::Request::post("/upload")
+        .header("host", host)
+        .header("content-length", size)
+        .body(body)?;
+    let response = sender.send_request(request).await?;
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await?
+        .to_bytes();
+    Ok((hash, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[test]
+fn sigterm_answers_what_is_in_flight_and_what_is_held() {
+    blink_tests::run("activator-sigterm", |ctx| async move {
+        create_deployment(&ctx, "warm", 1, json!({})).await?;
+        create_unschedulable(&ctx, "cold").await?;
+        let replicas = replicas_of(&ctx, "warm");
+        let scaler = start_scaler(&ctx, "scaler-sigterm").await?;
+        let activators =
+            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--drain-grace", "4s"]).await?;
+        for (name, min) in [("warm", 1), ("cold", 0)] {
+            create_scaled_object(
+                &ctx,
+                &format!(
+                    "
+metadata: {{name: {name}}}
+spec:
+  scaleTargetRef: {{name: {name}}}
+  minReplicaCount: {min}
+  triggers: [{{type: http, metadata: {{}}}}]
+"
+                ),
+            )
+            .await?;
+        }
+        until_routed(&ctx, &activators, "warm").await?;
+        until_routed(&ctx, &activators, "cold").await?;
+        replicas.wait_for(1, LONG).await?;
+        let url = activators.url(0);
+        let ns = ctx.namespace().to_owned();
+        let (warm_url, warm_host) = (format!("{url}/slow/1500"), format!("warm.{ns}"));
+        let in_flight =
+            tokio::spawn(
+                async move { request(&warm_url, &warm_host, Duration::from_secs(20)).await },
+            );
+        let (cold_url, cold_host) = (url.clone(), format!("cold.{ns}"));
+        let held =
+            tokio::spawn(
+                async move { request(&cold_url, &cold_host, Duration::from_secs(20)).await },
+            );
+        wait::until(LONG, "one request held", || async {
+            Ok((queued(&ctx, &activators, "cold").await? == 1.0).then_some(()))
+        })
+        .await?;
+        activators
+            .processes
+            .signal(&activators.pods[0].name, nix::sys::signal::Signal::SIGTERM)
+            .await?;
+        let (status, _, body) = in_flight.await??;
+        ensure!(
+            status == 200 && body.starts_with("warm-"),
+            "in flight: {status} {body}"
+        );
+        let (status, headers, body) = held.await??;
+        ensure!(
+            status == 503 && headers.get("retry-after").is_some() && body.contains("shutting down"),
+            "held: {status} {body}"
+        );
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
+#[test]
+fn requests_held_while_the_scaler_restarts_are_served() {
+    blink_tests::run("activator-restart", |ctx| async move {
+        create_deployment(&ctx, "hello", 0, json!({})).await?;
+        let replicas = replicas_of(&ctx, "hello");
+        let scaler = start_scaler(&ctx, "scaler-first").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: hello}
+spec:
+  scaleTargetRef: {name: hello}
+  cooldownPeriod: 300
+  triggers: [{type: http, metadata: {waitTimeout: '60'}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "hello").await?;
+        scaler.stop().await;
+        let (url, host) = (activators.url(0), format!("hello.{}", ctx.namespace()));
+        let held = tokio::spawn(async move { request(&url, &host, Duration::from_secs(60)).await });
+        wait::until(LONG, "the request held", || async {
+            Ok((queued(&ctx, &activators, "hello").await? == 1.0).then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            desired(&ctx, "hello").await? == 0,
+            "nothing wakes it without a scaler"
+        );
+        let successor = start_scaler(&ctx, "scaler-second").await?;
+        let (status, _, body) = held.await??;
+        ensure!(
+            status == 200 && body.starts_with("hello-"),
+            "held through the restart: {status} {body}; activator log:\n{}",
+            activators.log_tail(0)
+        );
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, successor).await
+    });
+}
+
+/// A request through an activator: status, headers and body.
+async fn request(
+    url: &str,
+    host: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
+    let response = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()?
+        .get(url)
+        .header(reqwest::header::HOST, host)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    Ok((status, headers, response.text().await?))
 }
