@@ -1,7 +1,8 @@
 //! The scaler at 10,000 functions, against the test bed's real API server.
 //!
 //! `tests/bed/bed exec cargo bench -p blink-tests --bench scaler_10k`
-//! (`BLINK_BENCH_FUNCTIONS` changes the count). Prints: scaler start → first full
+//! (`BLINK_BENCH_FUNCTIONS` changes the count; `BLINK_BENCH_RSS_ONLY=1` stops after the
+//! start-up settles). Prints: scaler start → first full
 //! decision pass, RSS, API writes and CPU per minute under steady demand, and poke →
 //! PATCH latency for functions at zero while the others exist (client-side, from the
 //! poke's send to the Deployment's `spec.replicas` seen by a watch; and the scaler's
@@ -119,7 +120,8 @@ fn main() {
             settling.elapsed()
         );
 
-        if std::env::var("BLINK_BENCH_PROFILE").is_ok() {
+        // `BLINK_BENCH_RSS_ONLY=1`: stop once the start-up settles (memory runs).
+        if std::env::var("BLINK_BENCH_RSS_ONLY").is_ok() {
             println!(
                 "RSS settled {} MB",
                 scaler.rss_bytes().unwrap_or(0) / 1_000_000
