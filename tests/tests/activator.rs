@@ -17,8 +17,12 @@ use blink_tests::{
     workloads::{condition, condition_state, create_deployment, create_scaled_object, desired},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -604,4 +608,157 @@ async fn request(
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     Ok((status, headers, response.text().await?))
+}
+
+#[test]
+fn a_replica_gone_mid_stream_fails_that_response_cleanly_and_the_rest_go_elsewhere() {
+    blink_tests::run("activator-midstream", |ctx| async move {
+        create_deployment(&ctx, "pair", 2, json!({})).await?;
+        let replicas = replicas_of(&ctx, "pair");
+        let scaler = start_scaler(&ctx, "scaler-midstream").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: pair}
+spec:
+  scaleTargetRef: {name: pair}
+  minReplicaCount: 2
+  maxReplicaCount: 2
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "pair").await?;
+        replicas.wait_for(2, LONG).await?;
+        let (url, host) = (activators.url(0), format!("pair.{}", ctx.namespace()));
+        let served_by = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        wait::until(LONG, "both replicas serve", || async {
+            let (_, headers, _) = request(&url, &host, Duration::from_secs(5)).await?;
+            let mut seen = served_by.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            if let Some(name) = headers.get("x-served-by") {
+                seen.insert(name.to_str()?.to_owned());
+            }
+            Ok((seen.len() == 2).then_some(()))
+        })
+        .await?;
+        // A long streamed answer; its replica goes away half-way.
+        let mut response = reqwest::Client::new()
+            .get(format!("{url}/stream/200"))
+            .header(reqwest::header::HOST, &host)
+            .send()
+            .await?;
+        ensure!(response.status() == 200, "stream: {}", response.status());
+        let victim = response.headers()["x-served-by"].to_str()?.to_owned();
+        ensure!(response.chunk().await?.is_some(), "a first chunk");
+        ctx.api::<Pod>()
+            .delete(&victim, &DeleteParams::default().grace_period(0))
+            .await?;
+        let mut outcome = Ok(());
+        loop {
+            match response.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        ensure!(
+            outcome.is_err(),
+            "a stream cut short must not look complete"
+        );
+        for _ in 0..10 {
+            let (status, headers, body) = request(&url, &host, Duration::from_secs(10)).await?;
+            ensure!(status == 200, "after the replica left: {status} {body}");
+            let by = headers["x-served-by"].to_str()?;
+            ensure!(by != victim, "served by the replica that is gone");
+        }
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
+#[test]
+fn transparent_mode_end_to_end_through_the_cluster_ip() {
+    blink_tests::run("activator-transparent", |ctx| async move {
+        create_deployment(&ctx, "web", 0, json!({})).await?;
+        let replicas = replicas_of(&ctx, "web");
+        let scaler = start_scaler(&ctx, "scaler-transparent-e2e").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: web, annotations: {blink.sh/transparent: 'true'}}
+spec:
+  scaleTargetRef: {name: web}
+  cooldownPeriod: 300
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "web").await?;
+        let svc = ctx.api::<Service>().get("web").await?;
+        let ip = svc.spec.and_then(|s| s.cluster_ip).context("ClusterIP")?;
+        let cluster_url = format!("http://{ip}/");
+        // At zero the Service's only endpoint is the activator: the request is held,
+        // wakes the function and is answered by a replica.
+        let through_activator = activators
+            .metric(0, "blink_activator_requests_total")
+            .await?;
+        let (status, body) = wait::until(LONG, "the ClusterIP answered at zero", || async {
+            let response = reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()?
+                .get(&cluster_url)
+                .send()
+                .await;
+            Ok(match response {
+                Ok(r) => Some((r.status().as_u16(), r.text().await?)),
+                Err(_) => None,
+            })
+        })
+        .await?;
+        ensure!(
+            status == 200 && body.starts_with("web-"),
+            "at zero: {status} {body}"
+        );
+        ensure!(
+            activators
+                .metric(0, "blink_activator_requests_total")
+                .await?
+                > through_activator,
+            "the request went through the activator"
+        );
+        // Warm: Blink's slice goes, and traffic goes straight to the replicas.
+        wait::until(LONG, "Blink's slice removed", || async {
+            Ok(ctx
+                .api::<EndpointSlice>()
+                .get_opt("web-blink")
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = activators
+            .metric(0, "blink_activator_requests_total")
+            .await?;
+        for _ in 0..5 {
+            let body = reqwest::get(&cluster_url).await?.text().await?;
+            ensure!(body.starts_with("web-"), "warm: {body}");
+        }
+        let after = activators
+            .metric(0, "blink_activator_requests_total")
+            .await?;
+        ensure!(
+            after == before,
+            "warm traffic still went through the activator ({before} → {after})"
+        );
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
 }
