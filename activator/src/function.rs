@@ -362,7 +362,12 @@ impl Function {
                 match state.replicas.iter().find(|r| r.addr() == *addr) {
                     Some(existing) => next.push(existing.clone()),
                     None => next.push(Arc::new(Replica {
-                        upstream: Upstream::new(*addr, settings.protocol, settings.pool.into()),
+                        upstream: Upstream::new(
+                            *addr,
+                            settings.protocol,
+                            settings.pool.into(),
+                            self.metrics.upstream_connections.clone(),
+                        ),
                         in_flight: AtomicUsize::new(0),
                     })),
                 }

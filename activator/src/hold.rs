@@ -7,6 +7,18 @@
 //! `min(body length, read buffer)` bytes of body, and that is what the byte bound adds
 //! up — chunked bodies of unknown length count as a full buffer.
 
+/// What one held request may cost the activator's memory, at most (the 10,000-request
+/// test measures it against this):
+/// - the client connection's read buffer: [`crate::config::READ_BUFFER`] (8 KiB, the
+///   head and what came after it);
+/// - its write buffer: hyper allocates 8 KiB up front, untouched (so mostly not
+///   resident) until the response is written;
+/// - the connection's task, the parsed head, the exchange on its way through the
+///   layers and the place in the queue: about 3 KiB (measured);
+///
+/// and no body: a held request's body stays in the socket.
+pub const HELD_REQUEST_BYTES: usize = crate::config::READ_BUFFER + 8 * 1024 + 3 * 1024;
+
 /// A function's queue bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueBounds {

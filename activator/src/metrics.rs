@@ -51,6 +51,7 @@ pub struct Metrics {
     queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<FunctionLabels, Gauge>,
     queued: Family<FunctionLabels, Gauge>,
+    upstream_connections: Family<FunctionLabels, Gauge>,
     proxy_errors: Family<KindLabels, Counter>,
     /// Client connections open now.
     pub connections: Gauge,
@@ -70,6 +71,7 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
             queued: Family::default(),
+            upstream_connections: Family::default(),
             proxy_errors: Family::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
@@ -100,6 +102,11 @@ impl Metrics {
             "queued",
             "Requests waiting for a replica now, by function",
             metrics.queued.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Connections to a function's replicas open now, by function",
+            metrics.upstream_connections.clone(),
         );
         registry.register(
             "proxy_errors",
@@ -146,6 +153,7 @@ impl Metrics {
             queue_wait: self.queue_wait.get_or_create(&labels).clone(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
             queued: self.queued.get_or_create(&labels).clone(),
+            upstream_connections: self.upstream_connections.get_or_create(&labels).clone(),
             labels,
         }
     }
@@ -160,6 +168,7 @@ impl Metrics {
         self.queue_wait.remove(&labels);
         self.in_flight.remove(&labels);
         self.queued.remove(&labels);
+        self.upstream_connections.remove(&labels);
     }
 }
 
@@ -174,6 +183,7 @@ pub struct FunctionMetrics {
     queue_wait: Histogram,
     pub in_flight: Gauge,
     pub queued: Gauge,
+    pub upstream_connections: Gauge,
 }
 
 impl FunctionMetrics {

@@ -83,6 +83,8 @@ pub struct Upstream {
     addr: SocketAddr,
     protocol: Protocol,
     config: PoolConfig,
+    /// Connections open now (the function's gauge, shared by its replicas).
+    open_gauge: prometheus_client::metrics::gauge::Gauge,
     idle: Mutex<Vec<Http1Connection>>,
     /// Permits to open HTTP/1.1 connections; a connection holds one while it lives.
     open: Arc<Semaphore>,
@@ -91,11 +93,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(addr: SocketAddr, protocol: Protocol, config: PoolConfig) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        protocol: Protocol,
+        config: PoolConfig,
+        open_gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         Self {
             addr,
             protocol,
             config,
+            open_gauge,
             idle: Mutex::new(Vec::new()),
             open: Arc::new(Semaphore::new(config.max_connections.max(1))),
             returned: Notify::new(),
@@ -187,9 +195,12 @@ impl Upstream {
                 addr: self.addr,
                 source,
             })?;
+        let open = self.open_gauge.clone();
+        open.inc();
         tokio::spawn(async move {
             // Errors end the connection; the request that saw them reports them.
             let _ = connection.with_upgrades().await;
+            open.dec();
         });
         Ok(Http1Connection {
             sender,
@@ -211,8 +222,11 @@ impl Upstream {
                 addr: self.addr,
                 source,
             })?;
+        let open = self.open_gauge.clone();
+        open.inc();
         tokio::spawn(async move {
             let _ = connection.await;
+            open.dec();
         });
         *shared = Some(sender.clone());
         Ok(sender)

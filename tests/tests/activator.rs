@@ -762,3 +762,128 @@ spec:
         finish(&ctx, scaler).await
     });
 }
+
+const LOAD: &str = env!("CARGO_BIN_EXE_load");
+
+/// 10,000 requests at once for a function at zero, from another process: all held
+/// (measured: the activator's memory per held request, against the documented
+/// bound), then all answered 200 once replicas are ready, over a bounded number of
+/// upstream connections.
+#[test]
+fn ten_thousand_requests_at_zero_are_held_then_all_served() {
+    blink_tests::run("activator-10k", |ctx| async move {
+        const REQUESTS: usize = 10_000;
+        const UPSTREAM_BOUND: usize = 100;
+        const MAX_REPLICAS: usize = 4;
+        create_unschedulable(&ctx, "burst").await?;
+        let replicas = replicas_of(&ctx, "burst");
+        // The pods stay Pending until the test lets them schedule: no ScaleUpStalled
+        // meanwhile.
+        let scaler = ScalerProcess::start(
+            &ctx,
+            Path::new(SCALER),
+            "scaler-10k",
+            &["--stall-after", "10m"],
+        )
+        .await?;
+        let activators = Activators::start(
+            &ctx,
+            Path::new(ACTIVATOR),
+            1,
+            &["--max-upstream-connections", &UPSTREAM_BOUND.to_string()],
+        )
+        .await?;
+        create_scaled_object(
+            &ctx,
+            &format!(
+                "
+metadata: {{name: burst}}
+spec:
+  scaleTargetRef: {{name: burst}}
+  maxReplicaCount: {MAX_REPLICAS}
+  cooldownPeriod: 300
+  triggers: [{{type: http, metadata: {{waitTimeout: '300', queueLimit: '20000'}}}}]
+"
+            ),
+        )
+        .await?;
+        until_routed(&ctx, &activators, "burst").await?;
+        let pid = activators
+            .processes
+            .pid(&activators.pods[0].name)
+            .await
+            .context("activator pid")?;
+        let idle_kib = rss_kib(pid)?;
+        let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
+        let load = tokio::process::Command::new(LOAD)
+            .args([
+                "--addr",
+                &addr,
+                "--host",
+                &format!("burst.{}", ctx.namespace()),
+            ])
+            .args(["--requests", &REQUESTS.to_string(), "--timeout", "300s"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        wait::until(Duration::from_secs(120), "every request held", || async {
+            Ok((queued(&ctx, &activators, "burst").await? == REQUESTS as f64).then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let held_kib = rss_kib(pid)?;
+        let per_request = (held_kib.saturating_sub(idle_kib) * 1024) / REQUESTS as u64;
+        let bound = blink_activator::hold::HELD_REQUEST_BYTES as u64;
+        println!(
+            "activator RSS idle {idle_kib} KiB, {REQUESTS} held {held_kib} KiB: {per_request} B per held request (documented bound {bound} B)"
+        );
+        ensure!(
+            per_request <= bound,
+            "{per_request} B per held request, over the documented {bound} B"
+        );
+        ensure!(
+            bound <= 20 * 1024,
+            "the documented bound itself is over 20 KiB"
+        );
+        // Let the pods schedule: replicas become ready and take the held requests.
+        ctx.api::<Deployment>()
+            .patch(
+                "burst",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"template": {"spec": {"nodeSelector": null}}}})),
+            )
+            .await?;
+        let upstream_series = format!(
+            "blink_activator_upstream_connections{{namespace=\"{}\",name=\"burst\"}}",
+            ctx.namespace()
+        );
+        let mut peak_upstream = 0.0f64;
+        let output = {
+            let output = load.wait_with_output();
+            tokio::pin!(output);
+            loop {
+                tokio::select! {
+                    done = &mut output => break done?,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if let Ok(open) = activators.metric(0, &upstream_series).await {
+                            peak_upstream = peak_upstream.max(open);
+                        }
+                    }
+                }
+            }
+        };
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        println!("load: {summary}; peak upstream connections {peak_upstream}");
+        ensure!(
+            summary["statuses"]["200"] == REQUESTS,
+            "not every request got 200: {summary}"
+        );
+        ensure!(
+            peak_upstream <= (UPSTREAM_BOUND * MAX_REPLICAS) as f64,
+            "upstream connections peaked at {peak_upstream}"
+        );
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}

@@ -1,0 +1,85 @@
+//! A load client for the activator tests: opens `--requests` connections at once, one
+//! GET each, and prints how they were answered as one JSON line.
+//!
+//! `load --addr 10.244.0.5:8080 --host burst.ns --requests 10000 --timeout 300s`
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long)]
+    host: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[arg(long)]
+    requests: usize,
+    #[arg(long, value_parser = blink_crds::duration::parse_duration, default_value = "300s")]
+    timeout: Duration,
+}
+
+async fn one(args: &Args) -> Result<u16, String> {
+    let stream = tokio::net::TcpStream::connect(args.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get(&args.path)
+        .header("host", &args.host)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status().as_u16();
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(status)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = std::sync::Arc::new(Args::parse());
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..args.requests)
+        .map(|_| {
+            let args = args.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(args.timeout, one(&args))
+                    .await
+                    .unwrap_or_else(|_| Err("timeout".to_owned()))
+            })
+        })
+        .collect();
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for task in tasks {
+        match task.await? {
+            Ok(status) => *statuses.entry(status.to_string()).or_default() += 1,
+            Err(e) => *errors.entry(e).or_default() += 1,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "statuses": statuses,
+            "errors": errors,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        })
+    );
+    Ok(())
+}
