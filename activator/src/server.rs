@@ -12,15 +12,12 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::{Request, body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::Semaphore,
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::Service;
 use tracing::{debug, info, warn};
 
@@ -54,20 +51,54 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+/// The protocol servers, built once: HTTP/1.1 (with upgrades) and h2c. A connection
+/// gets one or the other from its first bytes, so its task holds only that one's state
+/// (an `auto` connection holds room for both, and a held request pays for it).
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+fn protocols(config: &ServerConfig) -> Protocols {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         // A head larger than the buffer is answered 431; bodies stream through it.
         .max_buf_size(config.max_header_bytes.max(8192));
-    builder
-        .http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(20)));
-    builder
+    Protocols { http1, http2 }
+}
+
+/// The 24 bytes an HTTP/2 client with prior knowledge starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client speaks h2c: peeks (reads nothing) until its first bytes either
+/// are the HTTP/2 preface or cannot become it. `None`: it sent nothing in time.
+async fn speaks_h2c(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let mut buffer = [0u8; 24];
+    let peek = async {
+        loop {
+            let n = stream.peek(&mut buffer).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buffer[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            // Part of the preface so far: wait for more.
+            stream.readable().await.ok()?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(timeout, peek).await.ok().flatten()
 }
 
 /// Serves `service` on `listener` until `shutdown`, then drains.
@@ -85,9 +116,12 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = Arc::new(builder(&config));
+    let protocols = Arc::new(protocols(&config));
     let open = Arc::new(Semaphore::new(config.max_connections));
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    // Told to every connection when the drain starts: finish the exchange in hand (a
+    // GOAWAY for HTTP/2), then close.
+    let closing = CancellationToken::new();
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -112,14 +146,41 @@ pub async fn serve<S>(
             let mut service = service.clone();
             service.call(Exchange::new(request, client))
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), handler)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
+        let (metrics, protocols, closing) = (metrics.clone(), protocols.clone(), closing.clone());
+        let header_timeout = config.header_timeout;
+        connections.spawn(async move {
             metrics.connections.inc();
-            if let Err(e) = connection.await {
+            let result = match speaks_h2c(&stream, header_timeout).await {
+                None => Ok(()),
+                Some(true) => {
+                    let connection = protocols
+                        .http2
+                        .serve_connection(TokioIo::new(stream), handler);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        _ = closing.cancelled() => {
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    }
+                }
+                Some(false) => {
+                    let connection = protocols
+                        .http1
+                        .serve_connection(TokioIo::new(stream), handler)
+                        .with_upgrades();
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        _ = closing.cancelled() => {
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 debug!(%client, error = %e, "client connection ended with an error");
             }
             metrics.connections.dec();
@@ -128,10 +189,12 @@ pub async fn serve<S>(
     }
     drop(listener);
     info!(grace = ?config.drain_grace, "draining");
+    closing.cancel();
+    connections.close();
     // Held requests get the grace less a moment to be served; then they are answered,
     // and their connections can finish.
     let answer_held_at = config.drain_grace.saturating_sub(Duration::from_secs(1));
-    let finished = graceful.shutdown();
+    let finished = connections.wait();
     tokio::pin!(finished);
     tokio::select! {
         _ = &mut finished => {
