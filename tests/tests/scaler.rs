@@ -747,13 +747,15 @@ spec:
             service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
         let mut client = DemandClient::new(scaler.demand_addr, Some(token), "test-activator");
         let wide = key(&ctx, "wide");
-        // Demand for 1,000 at once, with queued work (a poke and the same snapshot).
+        // Demand for 1,000 and more at once, with queued work. The wake reads the
+        // panic window's average, which may still hold a second or two of silence
+        // before this snapshot: ten times the maximum reaches it whatever the window.
         client
             .snapshot(vec![blink_crds::FunctionDemand {
                 key: wide.clone(),
                 in_flight: 0.0,
-                queued: 1000.0,
-                requests: 1000,
+                queued: 10_000.0,
+                requests: 10_000,
                 held_messages: 0,
             }])
             .await?;
