@@ -295,28 +295,17 @@ impl Function {
     /// Picks a replica with room (power of two choices) and takes a slot on it.
     fn take_slot(self: &Arc<Self>, state: &State, avoid: &[SocketAddr]) -> Option<Ticket> {
         let limit = state.settings.replica_limit;
+        // The warm path picks straight from the list (no allocation); a retry filters
+        // it first.
         let replica = if avoid.is_empty() {
-            let replicas = &state.replicas;
-            let chosen = balance::pick(
-                replicas.len(),
-                |i| replicas[i].in_flight(),
-                limit,
-                |n| rand::random_range(0..n),
-            )?;
-            replicas[chosen].clone()
+            choose(&state.replicas, limit)?
         } else {
-            let replicas: Vec<&Arc<Replica>> = state
+            let others: Vec<&Arc<Replica>> = state
                 .replicas
                 .iter()
                 .filter(|r| !avoid.contains(&r.addr()))
                 .collect();
-            let chosen = balance::pick(
-                replicas.len(),
-                |i| replicas[i].in_flight(),
-                limit,
-                |n| rand::random_range(0..n),
-            )?;
-            replicas[chosen].clone()
+            choose(&others, limit)?
         };
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.inc();
@@ -421,6 +410,20 @@ impl Function {
             let _ = waiter.send(Err(Refusal::Draining));
         }
     }
+}
+
+/// Power of two choices among `replicas`, below `limit`.
+fn choose<R: std::borrow::Borrow<Arc<Replica>>>(
+    replicas: &[R],
+    limit: Option<usize>,
+) -> Option<Arc<Replica>> {
+    let chosen = balance::pick(
+        replicas.len(),
+        |i| replicas[i].borrow().in_flight(),
+        limit,
+        |n| rand::random_range(0..n),
+    )?;
+    Some(replicas[chosen].borrow().clone())
 }
 
 #[cfg(test)]

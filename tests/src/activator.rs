@@ -105,21 +105,12 @@ impl Activators {
 
     async fn wait_ready(&self, pod: &PodInfo) -> anyhow::Result<()> {
         let url = format!("http://{}:{ADMIN_PORT}/readyz", pod.ip);
-        let http = reqwest::Client::new();
         let what = format!(
             "activator {} ready (logs: {})",
             pod.name,
             self.log_dir.display()
         );
-        crate::wait::until(Duration::from_secs(30), &what, || async {
-            let ready = http
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            Ok(ready.then_some(()))
-        })
-        .await
+        crate::wait::until_ok(Duration::from_secs(30), &what, &url).await
     }
 
     /// `http://<pod ip>:8080` of activator `index`.
@@ -135,20 +126,13 @@ impl Activators {
 
     /// The sum of the samples of activator `index` whose line starts with `prefix`.
     pub async fn metric(&self, index: usize, prefix: &str) -> anyhow::Result<f64> {
-        let text = self.metrics(index).await?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum())
+        Ok(crate::sum_samples(&self.metrics(index).await?, prefix))
     }
 
     /// The last lines of activator `index`'s log.
     pub fn log_tail(&self, index: usize) -> String {
         let path = self.log_dir.join(format!("{}.log", self.pods[index].name));
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        crate::log_tail(&path, 40)
     }
 }
 

@@ -169,6 +169,22 @@ fn sanitize(name: &str) -> String {
     s.trim_matches('-').to_string()
 }
 
+/// The sum of the samples in Prometheus `text` whose line starts with `prefix` (a
+/// metric name, or a name and the start of its labels).
+pub fn sum_samples(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// The project's shared folder (KEDA's CRDs and examples live in its `fixtures/`):
 /// `BLINK_SHARED_DIR`, else `shared/` beside the repository.
 pub fn shared_dir() -> std::path::PathBuf {

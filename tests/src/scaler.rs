@@ -101,17 +101,8 @@ impl ScalerProcess {
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let url = format!("http://{}/readyz", self.admin_addr);
-        let http = reqwest::Client::new();
         let what = format!("scaler {} ready (log: {})", self.user, self.log.display());
-        crate::wait::until(Duration::from_secs(30), &what, || async {
-            let ready = http
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            Ok(ready.then_some(()))
-        })
-        .await
+        crate::wait::until_ok(Duration::from_secs(30), &what, &url).await
     }
 
     /// The scaler's `/metrics` text.
@@ -147,12 +138,7 @@ impl ScalerProcess {
     /// A metric's value from `/metrics` (the first sample whose name and labels start
     /// with `prefix`).
     pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
-        let text = self.metrics().await?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum())
+        Ok(crate::sum_samples(&self.metrics().await?, prefix))
     }
 
     /// `kill -9`: no lease release, no goodbye.
@@ -178,9 +164,7 @@ impl ScalerProcess {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        crate::log_tail(&self.log, 40)
     }
 }
 

@@ -58,3 +58,17 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until `url` answers 2xx (a process's `/readyz`).
+pub async fn until_ok(timeout: Duration, what: &str, url: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    until(timeout, what, || async {
+        let ready = http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        Ok(ready.then_some(()))
+    })
+    .await
+}
