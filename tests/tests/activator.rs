@@ -883,3 +883,51 @@ spec:
         finish(&ctx, scaler).await
     });
 }
+
+#[test]
+fn a_websocket_is_tunnelled_both_ways() {
+    blink_tests::run("activator-websocket", |ctx| async move {
+        create_deployment(&ctx, "echo", 1, json!({})).await?;
+        let replicas = replicas_of(&ctx, "echo");
+        let scaler = start_scaler(&ctx, "scaler-websocket").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: echo}
+spec:
+  scaleTargetRef: {name: echo}
+  minReplicaCount: 1
+  triggers: [{type: http, metadata: {hosts: echo.example}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "echo").await?;
+        replicas.wait_for(1, LONG).await?;
+        let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
+        let mut socket = wait::until(LONG, "a WebSocket through the activator", || async {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            Ok(
+                tokio_tungstenite::client_async("ws://echo.example/ws", stream)
+                    .await
+                    .ok()
+                    .map(|(socket, _)| socket),
+            )
+        })
+        .await?;
+        use futures::{SinkExt as _, StreamExt as _};
+        use tokio_tungstenite::tungstenite::Message;
+        let binary = vec![7u8; 64 * 1024];
+        for message in [Message::text("hello"), Message::binary(binary)] {
+            socket.send(message.clone()).await?;
+            let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+                .await?
+                .context("socket closed")??;
+            ensure!(echoed == message, "echo differs");
+        }
+        socket.close(None).await?;
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}

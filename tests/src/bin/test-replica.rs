@@ -6,7 +6,8 @@
 //!   the request's `Forwarded` field;
 //! - `/slow/<ms>`: the same, after `<ms>` milliseconds;
 //! - `/stream/<n>`: `n` chunks of 1 KiB, one every 20 ms;
-//! - `/upload`: reads the body as it streams and answers `<bytes> <fnv1a-64 hex>`.
+//! - `/upload`: reads the body as it streams and answers `<bytes> <fnv1a-64 hex>`;
+//! - `/ws`: a WebSocket that echoes every text and binary message.
 //!
 //! `test-replica --listen 10.244.0.3:8080 --name hello-abc12`
 
@@ -48,7 +49,51 @@ pub fn fnv1a(hash: u64, data: &[u8]) -> u64 {
     })
 }
 
+/// Accepts a WebSocket upgrade and echoes messages until the client closes.
+fn websocket(mut request: Request<Incoming>) -> Response<Body> {
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        let mut response = Response::new(full("not a WebSocket request\n"));
+        *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+        return response;
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        use futures::SinkExt as _;
+        while let Some(Ok(message)) = socket.next().await {
+            if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        "upgrade",
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    if let Ok(accept) = accept.parse() {
+        headers.insert("sec-websocket-accept", accept);
+    }
+    response
+}
+
 async fn serve(name: String, request: Request<Incoming>) -> Response<Body> {
+    if request.uri().path() == "/ws" {
+        return websocket(request);
+    }
     let version = format!("{:?}", request.version());
     let forwarded = request
         .headers()
@@ -119,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 async move { Ok::<_, Infallible>(serve(name, request).await) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }
