@@ -223,21 +223,8 @@ impl Function {
         self.state().settings.clone()
     }
 
-    pub fn ready_replicas(&self) -> usize {
-        self.state().replicas.len()
-    }
-
     pub fn held(&self) -> Held {
         self.state().held
-    }
-
-    /// Upstream connections open now, over every replica.
-    pub fn open_connections(&self) -> usize {
-        self.state()
-            .replicas
-            .iter()
-            .map(|r| r.upstream.open_connections())
-            .sum()
     }
 
     /// Arrivals, in-flight and queued averages since the last call.

@@ -166,8 +166,6 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout,
             max_header_bytes: config.max_header_bytes,
-            read_buffer: config::READ_BUFFER,
-            backlog: config.backlog,
             drain_grace: config.drain_grace,
         },
         metrics,

@@ -3,10 +3,7 @@
 //! touches only handles cached per function ([`FunctionMetrics`]), never a label
 //! lookup.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Mutex, time::Duration};
 
 use blink_crds::FunctionKey;
 use http::StatusCode;
@@ -211,6 +208,3 @@ impl FunctionMetrics {
         self.queue_wait.observe(waited.as_secs_f64());
     }
 }
-
-/// Shared so layers can hold it.
-pub type SharedMetrics = Arc<Metrics>;

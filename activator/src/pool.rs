@@ -119,19 +119,6 @@ impl Upstream {
         self.protocol
     }
 
-    /// Connections open now (HTTP/1.1; an h2c upstream has at most one).
-    pub fn open_connections(&self) -> usize {
-        match self.protocol {
-            Protocol::Http1 => self.config.max_connections.max(1) - self.open.available_permits(),
-            Protocol::H2c => usize::from(
-                self.h2
-                    .try_lock()
-                    .map(|h2| h2.as_ref().is_some_and(|s| !s.is_closed()))
-                    .unwrap_or(true),
-            ),
-        }
-    }
-
     /// A connection ready to take a request: an idle one, a new one, or (at the bound)
     /// the next one given back.
     pub async fn checkout(&self) -> Result<Connection, ConnectError> {
@@ -195,13 +182,7 @@ impl Upstream {
                 addr: self.addr,
                 source,
             })?;
-        let open = self.open_gauge.clone();
-        open.inc();
-        tokio::spawn(async move {
-            // Errors end the connection; the request that saw them reports them.
-            let _ = connection.with_upgrades().await;
-            open.dec();
-        });
+        self.drive(connection.with_upgrades());
         Ok(Http1Connection {
             sender,
             _permit: permit,
@@ -222,14 +203,23 @@ impl Upstream {
                 addr: self.addr,
                 source,
             })?;
+        self.drive(connection);
+        *shared = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Runs a connection until it closes, counted in the gauge meanwhile. Its errors
+    /// end it; the request that meets them reports them.
+    fn drive<E>(
+        &self,
+        connection: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) {
         let open = self.open_gauge.clone();
         open.inc();
         tokio::spawn(async move {
             let _ = connection.await;
             open.dec();
         });
-        *shared = Some(sender.clone());
-        Ok(sender)
     }
 
     async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, ConnectError> {

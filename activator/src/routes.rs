@@ -13,10 +13,9 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
-    sync::Arc,
 };
 
-use blink_crds::{FunctionKey, routing::HttpRoute};
+use blink_crds::routing::HttpRoute;
 
 use crate::pool::Protocol;
 
@@ -200,10 +199,6 @@ impl<T: Clone> RouteTable<T> {
             None => Err(Miss::UnknownHost),
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty() && self.hosts.is_empty()
-    }
 }
 
 /// `/api` matches `/api`, `/api/x` and `/api?q`, not `/apix`; `/` and `/api/` match
@@ -215,11 +210,10 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-/// A table whose routes lead to function keys (tests and diagnostics).
-pub type KeyTable = RouteTable<Arc<FunctionKey>>;
-
 #[cfg(test)]
 mod tests {
+    use blink_crds::FunctionKey;
+
     use super::*;
 
     fn route(ns: &str, name: &str, hosts: &[&str], prefixes: &[&str], service: &str) -> HttpRoute {

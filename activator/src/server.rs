@@ -31,10 +31,6 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub max_header_bytes: usize,
-    /// The read buffer of an HTTP/1.1 connection, at most; bounds what a held request
-    /// may have read past its head.
-    pub read_buffer: usize,
-    pub backlog: u32,
     /// How long a drain may take before what is still held is answered.
     pub drain_grace: Duration,
 }

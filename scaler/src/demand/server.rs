@@ -46,7 +46,7 @@ use crate::leader::Leadership;
 /// The largest request body accepted: a snapshot of 10,000 functions is ≈ 1 MiB.
 pub const BODY_LIMIT: usize = 4 * 1024 * 1024;
 /// The header naming the Lease holder on a `421` answer.
-pub const LEADER_HEADER: HeaderName = HeaderName::from_static("blink-leader");
+pub const LEADER_HEADER: HeaderName = HeaderName::from_static(blink_crds::demand::LEADER_HEADER);
 /// Longest `activator` or `session` accepted (a pod name is at most 253 characters).
 const MAX_NAME_LEN: usize = 253;
 
