@@ -156,6 +156,13 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         &config.namespace,
         &config.activator_service,
     );
+    tokio::spawn(transparent::follow_activators(
+        client.clone(),
+        (!config.watch_namespace.is_empty()).then(|| config.watch_namespace.clone()),
+        activator_addresses.clone(),
+        leadership.clone(),
+        shutdown.clone(),
+    ));
     let slices =
         transparent::Slices::new(client.clone(), activator_addresses, config.activator_port);
     let ctx = Arc::new(function::Context {

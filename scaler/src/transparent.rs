@@ -143,20 +143,36 @@ pub fn build_slice(
             ..Default::default()
         },
         address_type: "IPv4".to_owned(),
-        endpoints: activators
-            .iter()
-            .map(|ip| Endpoint {
-                addresses: vec![ip.clone()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(true),
-                    serving: Some(true),
-                    terminating: Some(false),
-                }),
-                ..Default::default()
-            })
-            .collect(),
+        endpoints: endpoints(activators),
         ports,
     }
+}
+
+/// One ready endpoint per activator address.
+fn endpoints(activators: &[String]) -> Vec<Endpoint> {
+    activators
+        .iter()
+        .map(|ip| Endpoint {
+            addresses: vec![ip.clone()],
+            conditions: Some(EndpointConditions {
+                ready: Some(true),
+                serving: Some(true),
+                terminating: Some(false),
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The addresses a slice points at, sorted.
+fn addresses(slice: &EndpointSlice) -> Vec<String> {
+    let mut all: Vec<String> = slice
+        .endpoints
+        .iter()
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
+    all.sort();
+    all
 }
 
 /// Blink's slice writes and the reads that decide them.
@@ -197,18 +213,24 @@ impl Slices {
     ) -> Result<(), kube::Error> {
         let services: Api<Service> = Api::namespaced(self.client.clone(), namespace);
         let service = services.get(service).await?;
-        let activators = self.activators.borrow().clone();
-        let slice = build_slice(&service, &activators, self.activator_port, owner);
-        let name = slice.metadata.name.clone().unwrap_or_default();
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
-        slices
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&slice),
-            )
-            .await?;
-        Ok(())
+        loop {
+            let activators = self.activators.borrow().clone();
+            let slice = build_slice(&service, &activators, self.activator_port, owner.clone());
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            slices
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&slice),
+                )
+                .await?;
+            // The activators changed while this was written: [`follow_activators`] may
+            // have listed the slices before this one existed, so write it again.
+            if *self.activators.borrow() == activators {
+                return Ok(());
+            }
+        }
     }
 
     pub async fn remove(&self, namespace: &str, service: &str) -> Result<(), kube::Error> {
@@ -245,7 +267,9 @@ impl Slices {
     }
 }
 
-/// Follows the activator Service's ready endpoint addresses (its own slices only).
+/// Follows the activator Service's ready endpoint addresses (its own slices only),
+/// sorted. The value changes only once the first list is complete, and a relist
+/// replaces it whole (never a partial set on the way).
 pub fn watch_activator_addresses(
     client: Client,
     namespace: &str,
@@ -258,30 +282,119 @@ pub fn watch_activator_addresses(
         use futures::StreamExt;
         let mut stream = watcher::watcher(api, config).default_backoff().boxed();
         let mut by_slice: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut relisting: Option<BTreeMap<String, Vec<String>>> = None;
+        let ready_addresses = |slice: &EndpointSlice| -> Vec<String> {
+            slice
+                .endpoints
+                .iter()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+                .flat_map(|e| e.addresses.clone())
+                .collect()
+        };
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Apply(slice) | watcher::Event::InitApply(slice)) => {
-                    let ready: Vec<String> = slice
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
-                        .flat_map(|e| e.addresses.clone())
-                        .collect();
-                    by_slice.insert(slice.metadata.name.clone().unwrap_or_default(), ready);
+                Ok(watcher::Event::Init) => {
+                    relisting = Some(BTreeMap::new());
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(slice)) => {
+                    if let Some(listed) = relisting.as_mut() {
+                        let name = slice.metadata.name.clone().unwrap_or_default();
+                        listed.insert(name, ready_addresses(&slice));
+                    }
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listed) = relisting.take() {
+                        by_slice = listed;
+                    }
+                }
+                Ok(watcher::Event::Apply(slice)) => {
+                    let name = slice.metadata.name.clone().unwrap_or_default();
+                    by_slice.insert(name, ready_addresses(&slice));
                 }
                 Ok(watcher::Event::Delete(slice)) => {
                     by_slice.remove(&slice.metadata.name.clone().unwrap_or_default());
                 }
-                Ok(watcher::Event::Init) => by_slice.clear(),
-                Ok(watcher::Event::InitDone) | Err(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the activators' EndpointSlices failed; retrying");
+                    continue;
+                }
             }
             let mut all: Vec<String> = by_slice.values().flatten().cloned().collect();
             all.sort();
             all.dedup();
-            tx.send_replace(all);
+            tx.send_if_modified(|current| {
+                let changed = *current != all;
+                *current = std::mem::take(&mut all);
+                changed
+            });
         }
     });
     rx
+}
+
+/// How often every Blink slice is checked against the activators even without a change
+/// (a write that failed, or a slice edited by hand).
+const SLICE_RESYNC: Duration = Duration::from_secs(30);
+
+/// Keeps every Blink slice pointing at the activators there are now. Activators come
+/// and go (a rollout replaces them all); a function at zero must stay reachable, so a
+/// change of the set is written to every Blink slice at once, by the leader.
+pub async fn follow_activators(
+    client: Client,
+    watch_namespace: Option<String>,
+    mut activators: watch::Receiver<Vec<String>>,
+    leadership: crate::leader::Leadership,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let api: Api<EndpointSlice> = match &watch_namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let as_blink = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    let blink_slices =
+        ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY_BLINK}"));
+    // Nothing is known until the first list of the activators' slices.
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        changed = activators.changed() => if changed.is_err() { return },
+    }
+    loop {
+        leadership.writable().await;
+        let want = activators.borrow_and_update().clone();
+        match api.list(&blink_slices).await {
+            Ok(list) => {
+                for slice in list.items.iter().filter(|s| addresses(s) != want) {
+                    let (Some(namespace), Some(name)) = (
+                        slice.metadata.namespace.as_deref(),
+                        slice.metadata.name.as_deref(),
+                    ) else {
+                        continue;
+                    };
+                    let patch = serde_json::json!({"endpoints": endpoints(&want)});
+                    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+                    match slices.patch(name, &as_blink, &Patch::Merge(&patch)).await {
+                        Ok(_) => {
+                            tracing::info!(%namespace, slice = %name, activators = ?want, "Blink slice follows the activators")
+                        }
+                        Err(e) => {
+                            tracing::warn!(%namespace, slice = %name, error = %e, "could not update a Blink slice; will retry")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list Blink slices; will retry"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = activators.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(SLICE_RESYNC) => {}
+        }
+    }
 }
 
 #[cfg(test)]

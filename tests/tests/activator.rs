@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
 use blink_tests::{
     TestContext,
     activator::{Activators, get},
@@ -440,13 +440,27 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// GET over h2c with prior knowledge: the status and the version the replica saw.
 async fn h2c_get(addr: &str, host: &str) -> anyhow::Result<(u16, String)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("h2c: connecting to {addr}"))?;
     let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .context("h2c: handshake")?;
+    let connection = tokio::spawn(connection);
     let request = http::Request::get(format!("http://{host}/"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
+    let response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            let ended = if connection.is_finished() {
+                format!("{:?}", connection.await)
+            } else {
+                "still open".to_owned()
+            };
+            bail!("h2c GET {host}: {e}; the connection: {ended}");
+        }
+    };
     let version = response
         .headers()
         .get("x-http-version")
@@ -459,9 +473,12 @@ async fn h2c_get(addr: &str, host: &str) -> anyhow::Result<(u16, String)> {
 /// POSTs `size` bytes to `/upload` (streamed, 64 KiB at a time); the hash sent and the
 /// replica's answer.
 async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, String)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("upload: connecting to {addr}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("upload: handshake")?;
     tokio::spawn(connection);
     let chunk = bytes::Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let chunks = size / chunk.len() as u64;
@@ -478,9 +495,13 @@ async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, Strin
         .header("host", host)
         .header("content-length", size)
         .body(body)?;
-    let response = sender.send_request(request).await?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("upload: sending")?;
     let body = http_body_util::BodyExt::collect(response.into_body())
-        .await?
+        .await
+        .context("upload: the answer")?
         .to_bytes();
     Ok((hash, String::from_utf8_lossy(&body).into_owned()))
 }
@@ -708,19 +729,42 @@ spec:
         let through_activator = activators
             .metric(0, "blink_activator_requests_total")
             .await?;
-        let (status, body) = wait::until(LONG, "the ClusterIP answered at zero", || async {
+        let answered = wait::until(LONG, "the ClusterIP answered at zero", || async {
             let response = reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()?
                 .get(&cluster_url)
                 .send()
-                .await;
-            Ok(match response {
-                Ok(r) => Some((r.status().as_u16(), r.text().await?)),
-                Err(_) => None,
-            })
+                .await
+                .with_context(|| format!("GET {cluster_url}"))?;
+            Ok(Some((response.status().as_u16(), response.text().await?)))
         })
-        .await?;
+        .await;
+        let (status, body) = match answered {
+            Ok(answer) => answer,
+            Err(e) => {
+                let slices = ctx.api::<EndpointSlice>().list(&Default::default()).await?;
+                let slices: Vec<_> = slices
+                    .items
+                    .iter()
+                    .map(|s| {
+                        let addresses: Vec<_> = s
+                            .endpoints
+                            .iter()
+                            .flat_map(|e| e.addresses.clone())
+                            .collect();
+                        format!(
+                            "{}: {addresses:?}",
+                            s.metadata.name.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "{e:#}\nEndpointSlices: {slices:?}\nactivator log:\n{}",
+                    activators.log_tail(0)
+                );
+            }
+        };
         ensure!(
             status == 200 && body.starts_with("web-"),
             "at zero: {status} {body}"

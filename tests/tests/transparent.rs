@@ -317,3 +317,109 @@ spec:
         Ok(())
     });
 }
+
+/// The addresses Blink's slice names, sorted.
+async fn blink_slice_addresses(ctx: &TestContext, service: &str) -> anyhow::Result<Vec<String>> {
+    let mut addresses: Vec<String> = blink_slice(ctx, service)
+        .await?
+        .map(|s| s.endpoints.into_iter().flat_map(|e| e.addresses).collect())
+        .unwrap_or_default();
+    addresses.sort();
+    Ok(addresses)
+}
+
+async fn pod_ips(processes: &PodProcesses) -> Vec<String> {
+    let mut ips: Vec<String> = processes
+        .running()
+        .await
+        .into_iter()
+        .map(|p| p.ip.to_string())
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// Waits until Blink's slice of `idle` names exactly the `count` running activators.
+async fn until_slice_names(
+    ctx: &TestContext,
+    activators: &PodProcesses,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let what = format!("the slice names {count} live activators");
+    wait::until(LONG, &what, || async {
+        let ips = pod_ips(activators).await;
+        let named = blink_slice_addresses(ctx, "idle").await?;
+        Ok((ips.len() == count && named == ips).then_some(named))
+    })
+    .await
+}
+
+/// Blink's slice names the activators there are now: none yet when the function goes
+/// to zero, then the first one, then both when they scale, then the replacement when
+/// one is deleted; and the ClusterIP reaches a live one each time.
+#[test]
+fn blink_slices_follow_the_activators() {
+    blink_tests::run("transparent-follow", |ctx| async move {
+        create_deployment(&ctx, "idle", 0, json!({})).await?;
+        let scaler = ScalerProcess::start(&ctx, Path::new(SCALER), "scaler-follow", &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: idle, annotations: {blink.sh/transparent: 'true'}}
+spec:
+  scaleTargetRef: {name: idle}
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        until_slice(&ctx, "idle", true).await?;
+        ensure!(
+            blink_slice_addresses(&ctx, "idle").await?.is_empty(),
+            "a slice naming activators before there are any"
+        );
+        let (activators, _) = stand_in_activator(&ctx).await?;
+        let first = until_slice_names(&ctx, &activators, 1).await?;
+        let reached = wait::until(LONG, "the ClusterIP reaches the activator", || async {
+            Ok(get_through_cluster_ip(&ctx, "idle").await.ok())
+        })
+        .await?;
+        ensure!(reached.starts_with("blink-activator-"), "{reached}");
+
+        ctx.api::<Deployment>()
+            .patch(
+                "blink-activator",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": 2}})),
+            )
+            .await?;
+        until_slice_names(&ctx, &activators, 2).await?;
+
+        // The first activator goes; its Deployment replaces it.
+        let gone = activators
+            .running()
+            .await
+            .into_iter()
+            .find(|p| p.ip.to_string() == first[0])
+            .context("the first activator")?;
+        ctx.api::<k8s_openapi::api::core::v1::Pod>()
+            .delete(&gone.name, &DeleteParams::default().grace_period(0))
+            .await?;
+        let named = wait::until(LONG, "the slice drops the deleted activator", || async {
+            let named = blink_slice_addresses(&ctx, "idle").await?;
+            Ok((named.len() == 2 && !named.contains(&first[0])).then_some(named))
+        })
+        .await?;
+        ensure!(named == pod_ips(&activators).await, "{named:?}");
+        wait::until(LONG, "the ClusterIP reaches a live activator", || async {
+            Ok(get_through_cluster_ip(&ctx, "idle")
+                .await
+                .ok()
+                .filter(|reached| *reached != gone.name))
+        })
+        .await?;
+        scaler.stop().await;
+        release_finalizers(&ctx).await?;
+        activators.shutdown().await;
+        Ok(())
+    });
+}

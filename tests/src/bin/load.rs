@@ -23,7 +23,8 @@ struct Args {
     timeout: Duration,
 }
 
-async fn one(args: &Args) -> Result<u16, String> {
+/// A request's status, and its body when it was not a success (for the summary).
+async fn one(args: &Args) -> Result<(u16, Option<String>), String> {
     let stream = tokio::net::TcpStream::connect(args.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -40,12 +41,14 @@ async fn one(args: &Args) -> Result<u16, String> {
         .await
         .map_err(|e| format!("request: {e}"))?;
     let status = response.status().as_u16();
-    response
+    let body = response
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("body: {e}"))?;
-    Ok(status)
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    let failure = (status >= 300).then(|| String::from_utf8_lossy(&body).trim().to_owned());
+    Ok((status, failure))
 }
 
 #[tokio::main]
@@ -67,9 +70,19 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    // The first few distinct bodies of answers that were not a success: they say why.
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for task in tasks {
         match task.await? {
-            Ok(status) => *statuses.entry(status.to_string()).or_default() += 1,
+            Ok((status, failure)) => {
+                *statuses.entry(status.to_string()).or_default() += 1;
+                if let Some(body) = failure {
+                    let key = format!("{status} {body}");
+                    if failures.len() < 5 || failures.contains_key(&key) {
+                        *failures.entry(key).or_default() += 1;
+                    }
+                }
+            }
             Err(e) => *errors.entry(e).or_default() += 1,
         }
     }
@@ -78,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "statuses": statuses,
             "errors": errors,
+            "failures": failures,
             "elapsed_ms": started.elapsed().as_millis() as u64,
         })
     );
