@@ -32,6 +32,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{Layer, Service};
+use tracing::warn;
 
 use crate::{
     function::{Admission, Function, Refusal, Ticket},
@@ -412,6 +413,7 @@ where
                     Err(error) => {
                         metrics.proxy_error("connect");
                         if attempt >= retries {
+                            warn!(function = %ticket.function().key(), %error, "no replica accepted a connection");
                             return Ok(answer(
                                 StatusCode::BAD_GATEWAY,
                                 format!(
@@ -523,6 +525,7 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
                     Ok(c) => c,
                     Err(e) => {
                         metrics.proxy_error("connect");
+                        warn!(function = %key, replica = %addr, error = %e, "a replica refused a new connection after its pooled one closed");
                         return answer(
                             StatusCode::BAD_GATEWAY,
                             format!("replica {addr} of {key} refused a new connection: {e}"),
@@ -532,6 +535,7 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
             }
             _ => {
                 metrics.proxy_error("upstream");
+                warn!(function = %key, replica = %addr, error = %error, "a replica failed a request");
                 return answer(
                     StatusCode::BAD_GATEWAY,
                     format!("replica {addr} of {key} failed the request: {error}"),

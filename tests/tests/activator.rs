@@ -473,21 +473,27 @@ async fn h2c_get(addr: &str, host: &str) -> anyhow::Result<(u16, String)> {
 /// POSTs `size` bytes to `/upload` (streamed, 64 KiB at a time); the hash sent and the
 /// replica's answer.
 async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, String)> {
+    let chunk = bytes::Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let chunks = size / chunk.len() as u64;
+    // Hashed before connecting: an idle connection is closed after the header timeout.
+    let hash = tokio::task::spawn_blocking({
+        let chunk = chunk.clone();
+        move || {
+            (0..chunks).fold(0xcbf2_9ce4_8422_2325u64, |hash, _| {
+                chunk.iter().fold(hash, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+                })
+            })
+        }
+    })
+    .await?;
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("upload: connecting to {addr}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("upload: handshake")?;
-    tokio::spawn(connection);
-    let chunk = bytes::Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let chunks = size / chunk.len() as u64;
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for _ in 0..chunks {
-        hash = chunk.iter().fold(hash, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        });
-    }
+    let connection = tokio::spawn(connection);
     let body = http_body_util::StreamBody::new(futures::stream::iter(
         (0..chunks).map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
     ));
@@ -495,10 +501,17 @@ async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, Strin
         .header("host", host)
         .header("content-length", size)
         .body(body)?;
-    let response = sender
-        .send_request(request)
-        .await
-        .context("upload: sending")?;
+    let response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            let ended = if connection.is_finished() {
+                format!("{:?}", connection.await)
+            } else {
+                "still open".to_owned()
+            };
+            bail!("upload: sending: {e:?}; the connection: {ended}");
+        }
+    };
     let body = http_body_util::BodyExt::collect(response.into_body())
         .await
         .context("upload: the answer")?
