@@ -85,11 +85,6 @@ pub struct Config {
     #[arg(long, env = "BLINK_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Connection attempts per request beyond the first (another replica, or the
-    /// same after a short backoff).
-    #[arg(long, env = "BLINK_CONNECT_RETRIES", default_value_t = 6)]
-    pub connect_retries: u32,
-
     /// Listen backlog (capped by the kernel's somaxconn).
     #[arg(long, env = "BLINK_BACKLOG", default_value_t = 65_535)]
     pub backlog: u32,

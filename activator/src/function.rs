@@ -6,13 +6,18 @@
 //! a refusal that says why. Requests leave the queue the moment a replica is ready or
 //! has room ([`Function::dispatch`]), in arrival order; a waiter that gave up (timed
 //! out, or its client went away) is skipped and its place is already free.
+//!
+//! A replica that refuses a connection (reported ready, but not listening yet, or
+//! already gone) sits out: no request is sent its way until a probe — one per replica,
+//! not one per request — connects to it; the request that met the refusal goes to
+//! another replica or back to the front of the queue ([`Function::readmit`]).
 
 use std::{
     collections::VecDeque,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -25,7 +30,7 @@ use crate::{
     hold::{self, Held, QueueBounds, QueueFull},
     meter::{DemandMeter, DemandReading},
     metrics::FunctionMetrics,
-    pool::{PoolConfig, Protocol, Upstream},
+    pool::{Connection, PoolConfig, Protocol, Upstream},
 };
 
 /// How a function is served, from its ScaledObject, its Service and the flags.
@@ -60,15 +65,41 @@ impl From<PoolConfigEq> for PoolConfig {
 pub struct Replica {
     pub upstream: Upstream,
     in_flight: AtomicUsize,
+    /// It refused a connection; its probe has not connected since.
+    sitting_out: AtomicBool,
 }
 
 impl Replica {
+    fn new(upstream: Upstream) -> Self {
+        Self {
+            upstream,
+            in_flight: AtomicUsize::new(0),
+            sitting_out: AtomicBool::new(false),
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.upstream.addr()
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The in-flight count, or `None` while it sits out.
+    fn load(&self) -> Option<usize> {
+        (!self.sitting_out.load(Ordering::Relaxed)).then(|| self.in_flight())
+    }
+}
+
+/// The pause before a sitting-out replica's next probe: short at first (a replica
+/// reported ready usually listens within milliseconds, and a held request waits on the
+/// probe), then slow for one that keeps refusing.
+pub fn probe_pause(attempt: u32, refusing_for: Duration) -> Duration {
+    if refusing_for >= Duration::from_secs(5) {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_millis(1 << attempt.min(4))
     }
 }
 
@@ -234,14 +265,13 @@ impl Function {
 
     /// A request arrives with `body_bytes` it may hold (see [`hold`]).
     pub fn admit(self: &Arc<Self>, body_bytes: u64) -> Result<Admission, Refusal> {
-        let now = Instant::now();
         self.meter().requests += 1;
-        let mut state = self.state();
+        let state = self.state();
         if state.draining {
             return Err(Refusal::Draining);
         }
         if state.queue.is_empty()
-            && let Some(ticket) = self.take_slot(&state, &[])
+            && let Some(ticket) = self.take_slot(&state)
         {
             return Ok(Admission::Ready(ticket));
         }
@@ -253,47 +283,73 @@ impl Function {
             return Err(Refusal::CannotWake(reason.clone()));
         }
         hold::admit(state.settings.bounds, state.held, body_bytes)?;
+        let at_zero = state.replicas.is_empty();
+        Ok(Admission::Wait(self.enqueue(
+            state,
+            body_bytes,
+            Place::Back,
+            at_zero,
+        )))
+    }
+
+    /// A request admitted before, whose replica refused the connection: a replica with
+    /// room, or the front of the queue (it is older than everyone there, and its place
+    /// was counted against the bounds when it arrived).
+    pub fn readmit(self: &Arc<Self>, body_bytes: u64) -> Result<Admission, Refusal> {
+        let state = self.state();
+        if state.draining {
+            return Err(Refusal::Draining);
+        }
+        if let Some(ticket) = self.take_slot(&state) {
+            return Ok(Admission::Ready(ticket));
+        }
+        Ok(Admission::Wait(self.enqueue(
+            state,
+            body_bytes,
+            Place::Front,
+            false,
+        )))
+    }
+
+    fn enqueue(
+        self: &Arc<Self>,
+        mut state: MutexGuard<'_, State>,
+        body_bytes: u64,
+        place: Place,
+        at_zero: bool,
+    ) -> Waiting {
         let (sender, receiver) = oneshot::channel();
-        state.queue.push_back(sender);
+        match place {
+            Place::Back => state.queue.push_back(sender),
+            Place::Front => state.queue.push_front(sender),
+        }
         state.held.requests += 1;
         state.held.body_bytes += body_bytes;
-        let at_zero = state.replicas.is_empty();
         drop(state);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         self.metrics.queued.inc();
-        self.meter().queued.increment(now);
-        Ok(Admission::Wait(Waiting {
+        self.meter().queued.increment(Instant::now());
+        Waiting {
             receiver,
             place: HeldPlace {
                 function: self.clone(),
                 body_bytes,
             },
             at_zero,
-        }))
+        }
     }
 
-    /// Another replica for a request whose replica refused the connection, avoiding
-    /// those already tried. `None` if no other has room now.
-    pub fn retry_slot(self: &Arc<Self>, tried: &[SocketAddr]) -> Option<Ticket> {
-        let state = self.state();
-        self.take_slot(&state, tried)
-    }
-
-    /// Picks a replica with room (power of two choices) and takes a slot on it.
-    fn take_slot(self: &Arc<Self>, state: &State, avoid: &[SocketAddr]) -> Option<Ticket> {
-        let limit = state.settings.replica_limit;
-        // The warm path picks straight from the list (no allocation); a retry filters
-        // it first.
-        let replica = if avoid.is_empty() {
-            choose(&state.replicas, limit)?
-        } else {
-            let others: Vec<&Arc<Replica>> = state
-                .replicas
-                .iter()
-                .filter(|r| !avoid.contains(&r.addr()))
-                .collect();
-            choose(&others, limit)?
-        };
+    /// Picks a replica with room (power of two choices, sitting-out ones excluded) and
+    /// takes a slot on it.
+    fn take_slot(self: &Arc<Self>, state: &State) -> Option<Ticket> {
+        let replicas = &state.replicas;
+        let chosen = balance::pick(
+            replicas.len(),
+            |i| replicas[i].load(),
+            state.settings.replica_limit,
+            |n| rand::random_range(0..n),
+        )?;
+        let replica = replicas[chosen].clone();
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.inc();
         self.meter().in_flight.increment(Instant::now());
@@ -301,6 +357,13 @@ impl Function {
             replica,
             function: self.clone(),
         })
+    }
+
+    /// `replica` refused a connection: it takes no request until its probe connects.
+    pub fn sit_out(self: &Arc<Self>, replica: &Arc<Replica>) {
+        if !replica.sitting_out.swap(true, Ordering::AcqRel) {
+            tokio::spawn(probe(Arc::downgrade(self), replica.clone()));
+        }
     }
 
     /// Hands replicas to waiting requests, oldest first, while any has room.
@@ -314,7 +377,7 @@ impl Function {
                 state.queue.pop_front();
                 continue;
             }
-            let Some(ticket) = self.take_slot(&state, &[]) else {
+            let Some(ticket) = self.take_slot(&state) else {
                 break;
             };
             if let Some(waiter) = state.queue.pop_front()
@@ -337,15 +400,12 @@ impl Function {
             for addr in addrs {
                 match state.replicas.iter().find(|r| r.addr() == *addr) {
                     Some(existing) => next.push(existing.clone()),
-                    None => next.push(Arc::new(Replica {
-                        upstream: Upstream::new(
-                            *addr,
-                            settings.protocol,
-                            settings.pool.into(),
-                            self.metrics.upstream_connections.clone(),
-                        ),
-                        in_flight: AtomicUsize::new(0),
-                    })),
+                    None => next.push(Arc::new(Replica::new(Upstream::new(
+                        *addr,
+                        settings.protocol,
+                        settings.pool.into(),
+                        self.metrics.upstream_connections.clone(),
+                    )))),
                 }
             }
             state.replicas = next;
@@ -399,18 +459,40 @@ impl Function {
     }
 }
 
-/// Power of two choices among `replicas`, below `limit`.
-fn choose<R: std::borrow::Borrow<Arc<Replica>>>(
-    replicas: &[R],
-    limit: Option<usize>,
-) -> Option<Arc<Replica>> {
-    let chosen = balance::pick(
-        replicas.len(),
-        |i| replicas[i].borrow().in_flight(),
-        limit,
-        |n| rand::random_range(0..n),
-    )?;
-    Some(replicas[chosen].borrow().clone())
+/// Where a request waits in the queue.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    Back,
+    Front,
+}
+
+/// Connects to a sitting-out replica until it accepts (the connection is kept for the
+/// next request), then serves waiting requests; gives up once the replica is no longer
+/// one of the function's.
+async fn probe(function: Weak<Function>, replica: Arc<Replica>) {
+    let started = Instant::now();
+    for attempt in 0.. {
+        tokio::time::sleep(probe_pause(attempt, started.elapsed())).await;
+        let Some(function) = function.upgrade() else {
+            return;
+        };
+        let listed = function
+            .state()
+            .replicas
+            .iter()
+            .any(|r| Arc::ptr_eq(r, &replica));
+        if !listed {
+            return;
+        }
+        if let Ok(connection) = replica.upstream.checkout().await {
+            if let Connection::Http1(connection) = connection {
+                replica.upstream.give_back(connection);
+            }
+            replica.sitting_out.store(false, Ordering::Release);
+            function.dispatch();
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -519,13 +601,99 @@ mod tests {
         assert!(matches!(f.admit(0), Ok(Admission::Ready(_))));
     }
 
+    fn ready(admission: Result<Admission, Refusal>) -> Ticket {
+        match admission {
+            Ok(Admission::Ready(t)) => t,
+            other => panic!("expected a replica, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn probe_pauses() {
+        let second = Duration::from_secs(1);
+        for (attempt, refusing_for, expected_ms) in [
+            (0, Duration::ZERO, 1),
+            (1, Duration::ZERO, 2),
+            (4, second, 16),
+            (30, 4 * second, 16),
+            (30, 5 * second, 250),
+        ] {
+            assert_eq!(
+                probe_pause(attempt, refusing_for),
+                Duration::from_millis(expected_ms),
+                "attempt {attempt} after {refusing_for:?}"
+            );
+        }
+    }
+
     #[tokio::test]
-    async fn retries_avoid_replicas_tried() {
+    async fn a_replica_that_refused_sits_out_and_readmission_goes_elsewhere() {
         let f = function(None, 10);
         f.set_replicas(&[addr(1), addr(2)]);
-        let t = f.retry_slot(&[addr(1)]).expect("another");
-        assert_eq!(t.replica().addr(), addr(2));
-        assert!(f.retry_slot(&[addr(1), addr(2)]).is_none());
+        let refused = ready(f.admit(0));
+        let first = refused.replica().clone();
+        f.sit_out(&first);
+        drop(refused);
+        for _ in 0..20 {
+            let t = ready(f.readmit(0));
+            assert_ne!(
+                t.replica().addr(),
+                first.addr(),
+                "sent to the sitting-out replica"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn readmitted_requests_wait_at_the_front() {
+        let f = function(Some(1), 10);
+        f.set_replicas(&[addr(1)]);
+        let busy = ready(f.admit(0));
+        let older_arrival = waiting(f.admit(0));
+        let readmitted = waiting(f.readmit(0));
+        drop(busy);
+        let t = readmitted
+            .ticket()
+            .await
+            .expect("the readmitted request goes first");
+        assert_eq!(t.replica().addr(), addr(1));
+        drop(t);
+        assert!(older_arrival.ticket().await.is_ok());
+    }
+
+    /// A replica refusing connections sits out, waiting requests stay queued, and the
+    /// probe hands them the replica once it listens.
+    #[tokio::test]
+    async fn the_probe_brings_a_replica_back_once_it_listens() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        drop(listener);
+        let f = function(None, 10);
+        f.set_replicas(&[address]);
+        let refused = ready(f.admit(0));
+        assert!(refused.replica().upstream.checkout().await.is_err());
+        let replica = refused.replica().clone();
+        f.sit_out(&replica);
+        drop(refused);
+        let held = waiting(f.readmit(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            f.held().requests,
+            1,
+            "still waiting while the replica refuses"
+        );
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .expect("rebind");
+        let accepting = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+        let ticket = tokio::time::timeout(Duration::from_secs(5), held.ticket())
+            .await
+            .expect("served once the replica listens")
+            .expect("a ticket");
+        assert!(Arc::ptr_eq(ticket.replica(), &replica));
+        assert!(accepting.await.is_ok(), "the probe connected");
+        // The probe's connection waits in the pool for the request.
+        assert!(ticket.replica().upstream.checkout().await.is_ok());
     }
 
     #[tokio::test]

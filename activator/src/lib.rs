@@ -153,7 +153,6 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         Arc::new(poker),
         metrics.clone(),
         proxy::PathConfig {
-            connect_retries: config.connect_retries,
             read_buffer: config::READ_BUFFER,
         },
     );

@@ -8,9 +8,10 @@
 //!    refusal: 503 + `Retry-After` for a full queue, 503 with the reason when the
 //!    function cannot wake, 504 when the wait passes the function's timeout.
 //! 4. [`Balance`] — a connection to the chosen replica; one that refuses or resets
-//!    the connection (just becoming ready, or just gone) is passed over for another,
-//!    or tried again after a short backoff, a bounded number of times. Nothing of the
-//!    request has been sent yet, so its streamed body is never needed twice.
+//!    the connection (just becoming ready, or just gone) sits out until its probe
+//!    connects, and the request goes to another replica or back to the front of the
+//!    queue, for as long as it may wait (the function's `waitTimeout`), then 502.
+//!    Nothing of the request has been sent yet, so its body is never needed twice.
 //! 5. [`Forward`] — sends the request with proxy headers, streams both bodies, keeps
 //!    the connection for reuse once the response is read, and tunnels upgrades.
 //!
@@ -24,7 +25,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -49,6 +50,11 @@ use crate::{
 pub struct Exchange {
     pub request: Request<Incoming>,
     pub client: SocketAddr,
+    /// When the request's head was read: its wait for a replica, connecting included,
+    /// is bounded by the function's `waitTimeout` from here.
+    arrived: Instant,
+    /// What it may hold of its body while it waits (see [`held_body_bytes`]).
+    held_body_bytes: u64,
     function: Option<Arc<Function>>,
     ticket: Option<Ticket>,
     connection: Option<Connection>,
@@ -59,6 +65,8 @@ impl Exchange {
         Self {
             request,
             client,
+            arrived: Instant::now(),
+            held_body_bytes: 0,
             function: None,
             ticket: None,
             connection: None,
@@ -77,8 +85,6 @@ pub trait Poke: Send + Sync + std::fmt::Debug + 'static {
 /// Knobs of the request path.
 #[derive(Debug, Clone, Copy)]
 pub struct PathConfig {
-    /// Connection attempts per request beyond the first.
-    pub connect_retries: u32,
     /// The server's read buffer: what a held request may have read past its head.
     pub read_buffer: usize,
 }
@@ -122,7 +128,6 @@ pub fn service(
         .layer(HoldLayer { poke, config })
         .layer(BalanceLayer {
             metrics: metrics.clone(),
-            config,
         })
         .service(Forward { metrics })
 }
@@ -296,6 +301,7 @@ where
             .and_then(|v| v.parse::<u64>().ok())
             .or_else(|| exchange.request.body().is_end_stream().then_some(0));
         let body_bytes = held_body_bytes(content_length, self.config.read_buffer);
+        exchange.held_body_bytes = body_bytes;
         let waiting = match function.admit(body_bytes) {
             Ok(Admission::Ready(ticket)) => {
                 exchange.ticket = Some(ticket);
@@ -347,7 +353,6 @@ fn refused(function: &Function, refusal: Refusal) -> ProxyResponse {
 #[derive(Clone, Debug)]
 pub struct BalanceLayer {
     metrics: Arc<Metrics>,
-    config: PathConfig,
 }
 
 impl<S> Layer<S> for BalanceLayer {
@@ -356,7 +361,6 @@ impl<S> Layer<S> for BalanceLayer {
         Balance {
             inner,
             metrics: self.metrics.clone(),
-            config: self.config,
         }
     }
 }
@@ -365,14 +369,6 @@ impl<S> Layer<S> for BalanceLayer {
 pub struct Balance<S> {
     inner: S,
     metrics: Arc<Metrics>,
-    config: PathConfig,
-}
-
-/// The pause before trying a replica again when no other can take the request: a
-/// replica that was just reported ready may not listen yet. Short, because the wait
-/// adds straight to a cold start.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(1 << attempt.min(7))
 }
 
 impl<S> Service<Exchange> for Balance<S>
@@ -393,7 +389,6 @@ where
     fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
         let mut inner = self.inner.clone();
         let metrics = self.metrics.clone();
-        let retries = self.config.connect_retries;
         Box::pin(async move {
             let Some(mut ticket) = exchange.ticket.take() else {
                 return Ok(answer(
@@ -401,36 +396,46 @@ where
                     "no replica chosen",
                 ));
             };
-            let mut tried: Vec<SocketAddr> = Vec::new();
-            let mut attempt = 0;
+            let deadline = exchange.arrived + ticket.function().settings().wait_timeout;
             loop {
-                match ticket.replica().upstream.checkout().await {
+                let error = match ticket.replica().upstream.checkout().await {
                     Ok(connection) => {
                         exchange.ticket = Some(ticket);
                         exchange.connection = Some(connection);
                         return inner.call(exchange).await;
                     }
-                    Err(error) => {
-                        metrics.proxy_error("connect");
-                        if attempt >= retries {
-                            warn!(function = %ticket.function().key(), %error, "no replica accepted a connection");
-                            return Ok(answer(
-                                StatusCode::BAD_GATEWAY,
-                                format!(
-                                    "no replica of {} accepted a connection: {error}",
-                                    ticket.function().key()
-                                ),
-                            ));
-                        }
-                        attempt += 1;
-                        tried.push(ticket.replica().addr());
-                        let function = ticket.function().clone();
-                        match function.retry_slot(&tried) {
-                            Some(other) => ticket = other,
-                            None => tokio::time::sleep(backoff(attempt)).await,
-                        }
+                    Err(error) => error,
+                };
+                metrics.proxy_error("connect");
+                let function = ticket.function().clone();
+                function.sit_out(ticket.replica());
+                drop(ticket);
+                // Another replica with room, or the front of the queue until one
+                // accepts, for as long as the request may wait.
+                let waiting = match function.readmit(exchange.held_body_bytes) {
+                    Ok(Admission::Ready(other)) => {
+                        ticket = other;
+                        continue;
                     }
-                }
+                    Ok(Admission::Wait(waiting)) => waiting,
+                    Err(refusal) => return Ok(refused(&function, refusal)),
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                ticket = match tokio::time::timeout(left, waiting.ticket()).await {
+                    Ok(Ok(other)) => other,
+                    Ok(Err(refusal)) => return Ok(refused(&function, refusal)),
+                    Err(_) => {
+                        warn!(function = %function.key(), %error, "no replica accepted a connection");
+                        return Ok(answer(
+                            StatusCode::BAD_GATEWAY,
+                            format!(
+                                "no replica of {} accepted a connection within {}s: {error}",
+                                function.key(),
+                                function.settings().wait_timeout.as_secs()
+                            ),
+                        ));
+                    }
+                };
             }
         })
     }

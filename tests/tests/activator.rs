@@ -153,6 +153,67 @@ async fn queued(ctx: &TestContext, activators: &Activators, name: &str) -> anyho
         .await
 }
 
+/// Replicas reported ready 1.5 s before they listen: the held requests meet refused
+/// connections, the replicas sit out until their probes connect, and every request is
+/// answered 200 — none 502 — without each request hammering the replicas.
+#[test]
+fn replicas_that_listen_late_still_serve_every_held_request() {
+    blink_tests::run("activator-late", |ctx| async move {
+        const REQUESTS: usize = 40;
+        create_deployment(&ctx, "late", 0, json!({})).await?;
+        let replicas = PodProcesses::start(ctx.client(), ctx.namespace(), "app=late", |pod| {
+            let mut cmd = replica_command(Path::new(REPLICA), pod);
+            cmd.args(["--listen-after", "1500ms"]);
+            cmd
+        });
+        let scaler = start_scaler(&ctx, "scaler-late").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: late}
+spec:
+  scaleTargetRef: {name: late}
+  cooldownPeriod: 300
+  triggers: [{type: http, metadata: {targetValue: '10'}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "late").await?;
+        let host = format!("late.{}", ctx.namespace());
+        let url = activators.url(0);
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                let (url, host) = (url.clone(), host.clone());
+                tokio::spawn(async move { get(&url, &host, Duration::from_secs(30)).await })
+            })
+            .collect();
+        for request in requests {
+            let (status, body) = request.await??;
+            ensure!(
+                status == 200 && body.starts_with("late-"),
+                "answered {status} {body:?}; activator log:\n{}",
+                activators.log_tail(0)
+            );
+        }
+        let refusals = activators
+            .metric(0, "blink_activator_proxy_errors_total{kind=\"connect\"")
+            .await?;
+        println!("{REQUESTS} held requests; refused connections met: {refusals}");
+        ensure!(
+            refusals >= 1.0,
+            "no refusal met: the replicas listened in time"
+        );
+        ensure!(
+            refusals <= REQUESTS as f64,
+            "{refusals} refusals for {REQUESTS} requests: requests retried on their own"
+        );
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
 #[test]
 fn held_requests_get_precise_answers() {
     blink_tests::run("activator-held", |ctx| async move {

@@ -32,6 +32,10 @@ struct Args {
     /// Name to answer with (the pod name).
     #[arg(long)]
     name: String,
+    /// Start listening only after this long (a replica reported ready before it
+    /// listens).
+    #[arg(long, value_parser = blink_crds::duration::parse_duration)]
+    listen_after: Option<std::time::Duration>,
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -147,6 +151,9 @@ async fn serve(name: String, request: Request<Incoming>) -> Response<Body> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(pause) = args.listen_after {
+        tokio::time::sleep(pause).await;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
