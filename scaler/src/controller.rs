@@ -91,10 +91,6 @@ impl Claimants {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    fn iter(&self) -> std::slice::Iter<'_, FunctionKey> {
-        self.0.iter()
-    }
 }
 
 impl<'a> IntoIterator for &'a Claimants {
@@ -366,12 +362,19 @@ impl Controller {
             }
             None => {
                 info!(function = %key, "following");
+                // The worker's first input already says whether it is in conflict: on
+                // another thread it may act before a later input arrives.
+                self.claims
+                    .entry(target.clone())
+                    .or_default()
+                    .insert(key.clone());
+                let conflict = self.conflict_of(&key, &target);
                 let handle = function::spawn(
                     self.ctx.clone(),
                     key.clone(),
                     FunctionInput {
                         object: object.clone(),
-                        conflict: None,
+                        conflict,
                     },
                 );
                 self.functions.insert(
@@ -513,38 +516,46 @@ impl Controller {
         let Some(claimants) = self.claims.get(target) else {
             return;
         };
-        let autoscalers = self.autoscalers.get(target);
         for key in claimants {
             let Some(entry) = self.functions.get(key) else {
                 continue;
             };
-            let others: Vec<String> = claimants
-                .iter()
-                .filter(|k| *k != key)
-                .map(|k| format!("ScaledObject {}", k.name()))
-                .chain(
-                    autoscalers
-                        .into_iter()
-                        .flatten()
-                        .map(|name| format!("HorizontalPodAutoscaler {name}")),
-                )
-                .collect();
-            let conflict = (!others.is_empty())
-                .then(|| {
-                    format!(
-                        "{} {} is also claimed by {}",
-                        target.1,
-                        target.2,
-                        others.join(", ")
-                    )
-                })
-                .or_else(|| self.route_conflicts.get(key).cloned());
             let input = FunctionInput {
                 object: entry.object.clone(),
-                conflict,
+                conflict: self.conflict_of(key, target),
             };
             entry.handle.input.send_replace(input);
         }
+    }
+
+    /// Why `key` may not scale `target`: another claimant (an object, or an HPA), or
+    /// another object holding its routes.
+    fn conflict_of(&self, key: &FunctionKey, target: &TargetId) -> Option<String> {
+        let others: Vec<String> = self
+            .claims
+            .get(target)
+            .into_iter()
+            .flatten()
+            .filter(|k| *k != key)
+            .map(|k| format!("ScaledObject {}", k.name()))
+            .chain(
+                self.autoscalers
+                    .get(target)
+                    .into_iter()
+                    .flatten()
+                    .map(|name| format!("HorizontalPodAutoscaler {name}")),
+            )
+            .collect();
+        (!others.is_empty())
+            .then(|| {
+                format!(
+                    "{} {} is also claimed by {}",
+                    target.1,
+                    target.2,
+                    others.join(", ")
+                )
+            })
+            .or_else(|| self.route_conflicts.get(key).cloned())
     }
 
     async fn on_workload(&mut self, kind: &'static str, event: Event<ObjectMeta>) {

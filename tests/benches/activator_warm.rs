@@ -1,0 +1,503 @@
+//! The activator's warm path against the same replica reached directly and through
+//! nginx (Debian's, one worker, upstream keepalive), in one run, on the test bed.
+//!
+//! `tests/bed/bed exec cargo bench -p blink-tests --bench activator_warm`
+//! (`BLINK_BENCH_ROUNDS`, default 3; `BLINK_BENCH_SECONDS` per measurement, default 5).
+//!
+//! Each round measures every path in turn, so a noisy moment hurts them alike:
+//! - max rate: `wrk -t1 -c32` (Debian's wrk), requests per second and wrk's p50/p99;
+//! - a fixed 5,000 requests per second over 32 connections from this process, latency
+//!   taken from each request's scheduled send time (a stall counts against the path);
+//! - CPU per request of the proxy (activator process, nginx worker) during the max-rate
+//!   run, from `/proc`.
+//!
+//! Ratios are to the direct path of the same round; the table's medians are over rounds.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use blink_tests::{
+    TestContext,
+    activator::Activators,
+    pods::{PodProcesses, replica_command},
+    workloads::{create_deployment, create_scaled_object},
+};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+const ACTIVATOR: &str = env!("CARGO_BIN_EXE_activator");
+const REPLICA: &str = env!("CARGO_BIN_EXE_test-replica");
+const CONNECTIONS: usize = 32;
+const FIXED_RATE: u64 = 5_000;
+const NGINX_PORT: u16 = 18_080;
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One way to the replica.
+#[derive(Debug, Clone)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    host: String,
+    /// The proxy's process, whose CPU time is counted (none for the direct path).
+    proxy_pid: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Measured {
+    max_rps: f64,
+    max_p50_ms: f64,
+    max_p99_ms: f64,
+    cpu_us_per_request: Option<f64>,
+    fixed_p50_ms: f64,
+    fixed_p99_ms: f64,
+    fixed_errors: usize,
+}
+
+fn main() {
+    blink_tests::run("bench-activator-warm", |ctx| async move {
+        for tool in ["wrk", "nginx"] {
+            ensure!(
+                which(tool),
+                "{tool} is not installed: run tests/bed/install (it installs Debian's {tool})"
+            );
+        }
+        let rounds = env_number("BLINK_BENCH_ROUNDS", 3) as usize;
+        let seconds = env_number("BLINK_BENCH_SECONDS", 5);
+        let (replica, replica_addr) = start_replica(&ctx).await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        let activator_pid = activators
+            .processes
+            .pid(&activators.pods[0].name)
+            .await
+            .context("activator pid")?;
+        let host = format!("warm.{}", ctx.namespace());
+        let activator_addr: SocketAddr =
+            format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT).parse()?;
+        wait_for_200(activator_addr, &host).await?;
+        let nginx = Nginx::start(replica_addr).await?;
+
+        let paths = [
+            Target {
+                name: "direct",
+                addr: replica_addr,
+                host: host.clone(),
+                proxy_pid: None,
+            },
+            Target {
+                name: "nginx",
+                addr: nginx.addr,
+                host: host.clone(),
+                proxy_pid: Some(nginx.worker_pid()?),
+            },
+            Target {
+                name: "activator",
+                addr: activator_addr,
+                host: host.clone(),
+                proxy_pid: Some(activator_pid),
+            },
+        ];
+        for path in &paths {
+            warm_up(path).await?;
+        }
+        let mut results: Vec<Vec<Measured>> = vec![Vec::new(); paths.len()];
+        for round in 1..=rounds {
+            for (i, path) in paths.iter().enumerate() {
+                let measured = measure(path, seconds).await?;
+                println!(
+                    "round {round} {:<9} max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{}) | {FIXED_RATE} rps: p50 {:.3} ms, p99 {:.3} ms, errors {}",
+                    path.name,
+                    measured.max_rps,
+                    measured.max_p50_ms,
+                    measured.max_p99_ms,
+                    measured
+                        .cpu_us_per_request
+                        .map(|us| format!(", {us:.1} µs CPU/request"))
+                        .unwrap_or_default(),
+                    measured.fixed_p50_ms,
+                    measured.fixed_p99_ms,
+                    measured.fixed_errors,
+                );
+                results[i].push(measured);
+            }
+        }
+        report(&paths, &results);
+        nginx.stop();
+        activators.processes.shutdown().await;
+        replica.shutdown().await;
+        Ok(())
+    });
+}
+
+fn which(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A function with one replica (a release-built test replica on its pod IP) and a
+/// ScaledObject the activator routes `warm.<namespace>` by.
+async fn start_replica(ctx: &TestContext) -> anyhow::Result<(PodProcesses, SocketAddr)> {
+    create_deployment(ctx, "warm", 1, serde_json::json!({})).await?;
+    create_scaled_object(
+        ctx,
+        "
+metadata: {name: warm}
+spec:
+  scaleTargetRef: {name: warm}
+  minReplicaCount: 1
+  triggers: [{type: http, metadata: {}}]
+",
+    )
+    .await?;
+    let replica = PodProcesses::start(ctx.client(), ctx.namespace(), "app=warm", |pod| {
+        replica_command(Path::new(REPLICA), pod)
+    });
+    let pods = replica.wait_for(1, Duration::from_secs(60)).await?;
+    let addr = SocketAddr::new(pods[0].ip, pods[0].port);
+    Ok((replica, addr))
+}
+
+async fn wait_for_200(addr: SocketAddr, host: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut connection) = Client::connect(addr).await
+            && connection.get(host).await.is_ok_and(|status| status == 200)
+        {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{addr} did not answer 200 for {host}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Debian's nginx: one worker, an upstream with keepalive to the replica.
+struct Nginx {
+    master: std::process::Child,
+    addr: SocketAddr,
+    _dir: PathBuf,
+}
+
+impl Nginx {
+    async fn start(replica: SocketAddr) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("blink-bench-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let addr: SocketAddr = format!("127.0.0.1:{NGINX_PORT}").parse()?;
+        let config = format!(
+            "worker_processes 1;
+daemon off;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  upstream replica {{ server {replica}; keepalive 64; }}
+  server {{
+    listen {addr} reuseport;
+    location / {{
+      proxy_pass http://replica;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+",
+            dir = dir.display()
+        );
+        let config_path = dir.join("nginx.conf");
+        std::fs::write(&config_path, config)?;
+        let master = std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let nginx = Self {
+            master,
+            addr,
+            _dir: dir,
+        };
+        wait_for_200(addr, "nginx.bench").await?;
+        Ok(nginx)
+    }
+
+    /// The one worker: the master's child.
+    fn worker_pid(&self) -> anyhow::Result<u32> {
+        let master = self.master.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))?;
+        children
+            .split_whitespace()
+            .next()
+            .context("nginx has no worker")?
+            .parse()
+            .context("worker pid")
+    }
+
+    fn stop(mut self) {
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.master.kill();
+    }
+}
+
+/// A few seconds of load, not counted: pools filled, caches warm.
+async fn warm_up(path: &Target) -> anyhow::Result<()> {
+    wrk(path, 2).await.map(|_| ())
+}
+
+async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
+    let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
+    let max = wrk(path, seconds).await?;
+    let cpu = match (path.proxy_pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_time(pid)? - before),
+        _ => None,
+    };
+    let fixed = fixed_rate(path, seconds).await?;
+    Ok(Measured {
+        max_rps: max.rps,
+        max_p50_ms: max.p50_ms,
+        max_p99_ms: max.p99_ms,
+        cpu_us_per_request: cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / max.requests as f64),
+        fixed_p50_ms: fixed.p50_ms,
+        fixed_p99_ms: fixed.p99_ms,
+        fixed_errors: fixed.errors,
+    })
+}
+
+/// User + system CPU time of a process so far.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // `/proc` counts in USER_HZ, 100 on Linux whatever the kernel's own tick.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+struct WrkResult {
+    rps: f64,
+    requests: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn wrk(path: &Target, seconds: u64) -> anyhow::Result<WrkResult> {
+    let output = tokio::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-H",
+            &format!("Host: {}", path.host),
+            &format!("http://{}/", path.addr),
+        ])
+        .output()
+        .await
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "wrk failed: {text}");
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!("{} answered errors under load:\n{text}", path.name);
+    }
+    let value_after = |label: &str| -> anyhow::Result<String> {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(label).map(str::trim))
+            .map(str::to_owned)
+            .with_context(|| format!("wrk output has no {label:?}:\n{text}"))
+    };
+    // "  123456 requests in 5.00s, 12.34MB read"
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("wrk's request count:\n{text}"))?;
+    Ok(WrkResult {
+        rps: value_after("Requests/sec:")?.parse()?,
+        requests,
+        p50_ms: wrk_duration_ms(&value_after("50%")?)?,
+        p99_ms: wrk_duration_ms(&value_after("99%")?)?,
+    })
+}
+
+/// wrk's `123.45us` / `1.23ms` / `1.02s` in milliseconds.
+fn wrk_duration_ms(text: &str) -> anyhow::Result<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        bail!("wrk duration {text:?}")
+    };
+    Ok(number.parse::<f64>()? * factor)
+}
+
+/// One HTTP/1.1 connection of the fixed-rate client.
+struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    async fn get(&mut self, host: &str) -> anyhow::Result<u16> {
+        self.sender.ready().await?;
+        let request = http::Request::get("/")
+            .header(http::header::HOST, host)
+            .body(Empty::new())?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+struct FixedResult {
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+/// `FIXED_RATE` requests per second spread over `CONNECTIONS` connections, each
+/// request's latency taken from when it was due (coordinated omission corrected).
+async fn fixed_rate(path: &Target, seconds: u64) -> anyhow::Result<FixedResult> {
+    let interval = Duration::from_secs_f64(CONNECTIONS as f64 / FIXED_RATE as f64);
+    let per_connection = (seconds * FIXED_RATE) as usize / CONNECTIONS;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let workers: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                let mut client = Client::connect(path.addr).await?;
+                // Connections are staggered over one interval.
+                let offset = interval.mul_f64(c as f64 / CONNECTIONS as f64);
+                let mut latencies = Vec::with_capacity(per_connection);
+                let mut errors = 0;
+                for i in 0..per_connection {
+                    let due = start + offset + interval * i as u32;
+                    tokio::time::sleep_until(due).await;
+                    match client.get(&path.host).await {
+                        Ok(200) => latencies.push(due.elapsed()),
+                        _ => {
+                            errors += 1;
+                            client = Client::connect(path.addr).await?;
+                        }
+                    }
+                }
+                anyhow::Ok((latencies, errors))
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(per_connection * CONNECTIONS);
+    let mut errors = 0;
+    for worker in workers {
+        let (latencies, failed) = worker.await??;
+        all.extend(latencies);
+        errors += failed;
+    }
+    all.sort();
+    let quantile = |q: f64| -> f64 {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    Ok(FixedResult {
+        p50_ms: quantile(0.50),
+        p99_ms: quantile(0.99),
+        errors,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(paths: &[Target], results: &[Vec<Measured>]) {
+    let direct = &results[0];
+    println!();
+    println!(
+        "medians over {} rounds (ratios: to direct in the same round)",
+        direct.len()
+    );
+    for (path, measured) in paths.iter().zip(results) {
+        let rate_ratio = median(
+            measured
+                .iter()
+                .zip(direct)
+                .map(|(m, d)| m.max_rps / d.max_rps)
+                .collect(),
+        );
+        let added_p99 = median(
+            measured
+                .iter()
+                .zip(direct)
+                .map(|(m, d)| m.fixed_p99_ms - d.fixed_p99_ms)
+                .collect(),
+        );
+        let cpu = median(
+            measured
+                .iter()
+                .filter_map(|m| m.cpu_us_per_request)
+                .collect(),
+        );
+        println!(
+            "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
+            path.name,
+            median(measured.iter().map(|m| m.max_rps).collect()),
+            rate_ratio,
+            median(measured.iter().map(|m| m.max_p50_ms).collect()),
+            median(measured.iter().map(|m| m.max_p99_ms).collect()),
+            median(measured.iter().map(|m| m.fixed_p50_ms).collect()),
+            median(measured.iter().map(|m| m.fixed_p99_ms).collect()),
+            added_p99,
+            if cpu.is_nan() {
+                "—".to_owned()
+            } else {
+                format!("{cpu:.1} µs/request")
+            },
+            measured.iter().map(|m| m.fixed_errors).sum::<usize>(),
+        );
+    }
+}
