@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use bytes::{Bytes, BytesMut};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Uri,
     header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE},
@@ -70,27 +71,61 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// A client connection's address, with the forwarded-field values made from it once
+/// per connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct ClientAddress {
+    pub addr: SocketAddr,
+    /// `for=192.0.2.1;proto=http` (or `for="[2001:db8::1]";proto=http`).
+    forwarded: HeaderValue,
+    /// The bare address, for `X-Forwarded-For`.
+    ip: HeaderValue,
+}
+
+impl ClientAddress {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = addr.ip();
+        let node = if ip.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.to_string()
+        };
+        Self {
+            addr,
+            forwarded: header_value(format!("for={node};proto=http").into()),
+            ip: header_value(ip.to_string().into()),
+        }
+    }
+}
+
+/// Addresses and the fields made of them are always valid header values.
+fn header_value(bytes: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 /// Records the client and the host it asked for: `Forwarded` (RFC 7239) and the
 /// `X-Forwarded-*` fields many servers read, added to whatever earlier proxies set.
-pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&str>) {
-    let ip = client.ip();
-    let node = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip.to_string()
+/// `host` is the request's own value (a cheap clone of the bytes it arrived in).
+pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Option<&HeaderValue>) {
+    let host_text = host
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| is_token_or_host(h));
+    let forwarded = match host_text {
+        Some(host) => {
+            let mut element = BytesMut::with_capacity(client.forwarded.len() + 6 + host.len());
+            element.extend_from_slice(client.forwarded.as_bytes());
+            element.extend_from_slice(b";host=");
+            element.extend_from_slice(host.as_bytes());
+            header_value(element.freeze())
+        }
+        None => client.forwarded.clone(),
     };
-    let mut forwarded = format!("for={node};proto=http");
-    if let Some(host) = host.filter(|h| is_token_or_host(h)) {
-        forwarded.push_str(";host=");
-        forwarded.push_str(host);
-    }
-    append_list(headers, &FORWARDED, &forwarded);
-    append_list(headers, &X_FORWARDED_FOR, &ip.to_string());
+    append_list(headers, &FORWARDED, forwarded);
+    append_list(headers, &X_FORWARDED_FOR, client.ip.clone());
     if let Some(host) = host
         && !headers.contains_key(&X_FORWARDED_HOST)
-        && let Ok(value) = HeaderValue::from_str(host)
     {
-        headers.insert(&X_FORWARDED_HOST, value);
+        headers.insert(&X_FORWARDED_HOST, host.clone());
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -105,14 +140,19 @@ fn is_token_or_host(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-.:_[]".contains(&b))
 }
 
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    let joined = match headers.get(name).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {value}"),
-        None => value.to_owned(),
+/// Adds `value` to a comma-separated list field (earlier proxies' entries first).
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) {
+    let joined = match headers.get(name) {
+        Some(existing) => {
+            let mut joined = BytesMut::with_capacity(existing.len() + 2 + value.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(value.as_bytes());
+            header_value(joined.freeze())
+        }
+        None => value,
     };
-    if let Ok(value) = HeaderValue::from_str(&joined) {
-        headers.insert(name, value);
-    }
+    headers.insert(name, joined);
 }
 
 /// The host a request asked for: the `Host` field (HTTP/1.1) or the URI's authority
@@ -124,13 +164,22 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
         .or_else(|| uri.authority().map(Authority::as_str))
 }
 
+/// The same, as a header value of its own: the `Host` field's bytes shared, or the
+/// authority's copied.
+pub fn request_host_value(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
+    headers.get(HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
 /// The request target for the upstream: origin-form (`/path?query`) with a `Host`
 /// field for HTTP/1.1; absolute-form (scheme and authority, which HTTP/2 sends as
 /// pseudo-headers) and no `Host` for h2c.
 pub fn upstream_target(
     uri: &Uri,
     headers: &mut HeaderMap,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
     protocol: Protocol,
 ) -> Uri {
     let path = uri
@@ -140,16 +189,16 @@ pub fn upstream_target(
     match protocol {
         Protocol::Http1 => {
             if !headers.contains_key(HOST)
-                && let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok())
+                && let Some(value) = host
             {
-                headers.insert(HOST, value);
+                headers.insert(HOST, value.clone());
             }
             Uri::from(path)
         }
         Protocol::H2c => {
             headers.remove(HOST);
             let authority = host
-                .and_then(|h| h.parse::<Authority>().ok())
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
                 .unwrap_or_else(|| Authority::from_static("localhost"));
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
@@ -224,8 +273,8 @@ mod tests {
         let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
         add_forwarded(
             &mut h,
-            "10.0.0.9:5555".parse().expect("addr"),
-            Some("f.example:8080"),
+            &ClientAddress::new("10.0.0.9:5555".parse().expect("addr")),
+            Some(&HeaderValue::from_static("f.example:8080")),
         );
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(
@@ -235,7 +284,11 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "f.example:8080");
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "[::1]:5555".parse().expect("addr"), None);
+        add_forwarded(
+            &mut h,
+            &ClientAddress::new("[::1]:5555".parse().expect("addr")),
+            None,
+        );
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
     }
 
@@ -243,12 +296,14 @@ mod tests {
     fn targets_per_protocol() {
         let uri: Uri = "http://f.example/a?b=1".parse().expect("uri");
         let mut h = HeaderMap::new();
-        let target = upstream_target(&uri, &mut h, Some("f.example"), Protocol::Http1);
+        let host = HeaderValue::from_static("f.example");
+        let target = upstream_target(&uri, &mut h, Some(&host), Protocol::Http1);
         assert_eq!(target.to_string(), "/a?b=1");
         assert_eq!(h[HOST], "f.example");
         let uri: Uri = "/a".parse().expect("uri");
         let mut h = headers(&[("host", "f.example:8080")]);
-        let target = upstream_target(&uri, &mut h, Some("f.example:8080"), Protocol::H2c);
+        let host = HeaderValue::from_static("f.example:8080");
+        let target = upstream_target(&uri, &mut h, Some(&host), Protocol::H2c);
         assert_eq!(target.to_string(), "http://f.example:8080/a");
         assert!(!h.contains_key(HOST));
     }

@@ -21,7 +21,6 @@
 use std::{
     convert::Infallible,
     future::Future,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -49,7 +48,7 @@ use crate::{
 #[derive(Debug)]
 pub struct Exchange {
     pub request: Request<Incoming>,
-    pub client: SocketAddr,
+    pub client: Arc<headers::ClientAddress>,
     /// When the request's head was read: its wait for a replica, connecting included,
     /// is bounded by the function's `waitTimeout` from here.
     arrived: Instant,
@@ -61,7 +60,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn new(request: Request<Incoming>, client: SocketAddr) -> Self {
+    pub fn new(request: Request<Incoming>, client: Arc<headers::ClientAddress>) -> Self {
         Self {
             request,
             client,
@@ -477,11 +476,11 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
     let (mut parts, body) = request.into_parts();
     let upgrade = headers::is_upgrade(&parts.headers);
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    let host = headers::request_host(&parts.uri, &parts.headers).map(str::to_owned);
+    let host = headers::request_host_value(&parts.uri, &parts.headers);
     let protocol = ticket.replica().upstream.protocol();
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarded(&mut parts.headers, client, host.as_deref());
-    parts.uri = headers::upstream_target(&parts.uri, &mut parts.headers, host.as_deref(), protocol);
+    headers::add_forwarded(&mut parts.headers, &client, host.as_ref());
+    parts.uri = headers::upstream_target(&parts.uri, &mut parts.headers, host.as_ref(), protocol);
     parts.version = match protocol {
         Protocol::Http1 => Version::HTTP_11,
         Protocol::H2c => Version::HTTP_2,

@@ -22,6 +22,7 @@ use tower::Service;
 use tracing::{debug, info, warn};
 
 use crate::{
+    headers::ClientAddress,
     metrics::Metrics,
     proxy::{self, Exchange, ProxyBody},
 };
@@ -138,9 +139,10 @@ pub async fn serve<S>(
             continue;
         };
         let service = service.clone();
+        let address = Arc::new(ClientAddress::new(client));
         let handler = service_fn(move |request: Request<Incoming>| {
             let mut service = service.clone();
-            service.call(Exchange::new(request, client))
+            service.call(Exchange::new(request, address.clone()))
         });
         let (metrics, protocols, closing) = (metrics.clone(), protocols.clone(), closing.clone());
         let header_timeout = config.header_timeout;

@@ -7,7 +7,8 @@
 //! Each round measures every path in turn, so a noisy moment hurts them alike:
 //! - max rate: `wrk -t1 -c32` (Debian's wrk), requests per second and wrk's p50/p99;
 //! - a fixed 5,000 requests per second over 32 connections from this process, latency
-//!   taken from each request's scheduled send time (a stall counts against the path);
+//!   taken from each request's send (from its scheduled time when the path had made
+//!   it fall more than an interval behind, so a stall counts against the path);
 //! - CPU per request of the proxy (activator process, nginx worker) during the max-rate
 //!   run, from `/proc`.
 //!
@@ -132,7 +133,7 @@ fn main() {
             }
         }
         report(&paths, &results);
-        nginx.stop();
+        drop(nginx);
         activators.processes.shutdown().await;
         replica.shutdown().await;
         Ok(())
@@ -190,7 +191,7 @@ async fn wait_for_200(addr: SocketAddr, host: &str) -> anyhow::Result<()> {
 struct Nginx {
     master: std::process::Child,
     addr: SocketAddr,
-    _dir: PathBuf,
+    dir: PathBuf,
 }
 
 impl Nginx {
@@ -211,7 +212,7 @@ http {{
   proxy_temp_path {dir}/proxy;
   upstream replica {{ server {replica}; keepalive 64; }}
   server {{
-    listen {addr} reuseport;
+    listen {addr};
     location / {{
       proxy_pass http://replica;
       proxy_http_version 1.1;
@@ -234,11 +235,7 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx")?;
-        let nginx = Self {
-            master,
-            addr,
-            _dir: dir,
-        };
+        let nginx = Self { master, addr, dir };
         wait_for_200(addr, "nginx.bench").await?;
         Ok(nginx)
     }
@@ -254,16 +251,16 @@ http {{
             .parse()
             .context("worker pid")
     }
-
-    fn stop(mut self) {
-        let _ = self.master.kill();
-        let _ = self.master.wait();
-    }
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, so the master stops its worker too (a killed master leaves it behind,
+    /// still listening).
     fn drop(&mut self) {
-        let _ = self.master.kill();
+        let pid = nix::unistd::Pid::from_raw(self.master.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.master.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -418,8 +415,14 @@ async fn fixed_rate(path: &Target, seconds: u64) -> anyhow::Result<FixedResult> 
                 for i in 0..per_connection {
                     let due = start + offset + interval * i as u32;
                     tokio::time::sleep_until(due).await;
+                    // From the send, not from when it was due: the timer itself fires
+                    // up to a millisecond late. A request more than an interval
+                    // behind (the path stalled earlier ones) counts from when it was
+                    // due, so a stall is not hidden.
+                    let sent = tokio::time::Instant::now();
+                    let from = if sent - due > interval { due } else { sent };
                     match client.get(&path.host).await {
-                        Ok(200) => latencies.push(due.elapsed()),
+                        Ok(200) => latencies.push(from.elapsed()),
                         _ => {
                             errors += 1;
                             client = Client::connect(path.addr).await?;
