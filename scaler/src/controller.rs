@@ -271,6 +271,26 @@ fn workload_record(meta: ObjectMeta) -> Box<ObjectMeta> {
 
 /// Who wrote which field is not needed from these objects, and at 10,000 of them it
 /// would be most of the memory they take.
+/// What is kept of an object once its worker has started: its status only as far as
+/// workers read it after their first input (the counts); the conditions and the rest
+/// live in the worker's status book, and 10,000 copies of them would cost ~10 MB.
+fn kept_for_later(object: &Arc<ScaledObject>) -> Arc<ScaledObject> {
+    let Some(status) = object.status.as_ref() else {
+        return object.clone();
+    };
+    let mut kept = ScaledObject {
+        metadata: object.metadata.clone(),
+        spec: object.spec.clone(),
+        status: None,
+    };
+    kept.status = Some(blink_crds::ScaledObjectStatus {
+        desired_replicas: status.desired_replicas,
+        original_replica_count: status.original_replica_count,
+        ..Default::default()
+    });
+    Arc::new(kept)
+}
+
 fn forget_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
@@ -358,7 +378,7 @@ impl Controller {
                     touched.push(entry.target.clone());
                     entry.target = target.clone();
                 }
-                entry.object = object.clone();
+                entry.object = kept_for_later(&object);
             }
             None => {
                 info!(function = %key, "following");
@@ -369,6 +389,8 @@ impl Controller {
                     .or_default()
                     .insert(key.clone());
                 let conflict = self.conflict_of(&key, &target);
+                // The worker's first input is whole: its status book starts from the
+                // conditions written before.
                 let handle = function::spawn(
                     self.ctx.clone(),
                     key.clone(),
@@ -381,7 +403,7 @@ impl Controller {
                     key.clone(),
                     Entry {
                         handle,
-                        object: object.clone(),
+                        object: kept_for_later(&object),
                         target: target.clone(),
                     },
                 );

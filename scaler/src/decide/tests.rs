@@ -1565,13 +1565,15 @@ mod properties {
                 ready_fraction: 1.0,
             };
             // Settled: unchanged for longer than every window, cooldown and policy
-            // period together. The slowest generated rate policy (1 pod or 10 % per
-            // 29 s) crosses the whole range well within the 4000 s allowed.
+            // period together. A panic counts twice: it holds for a stable window after
+            // its last trigger, and the desires of its last seconds stay in the
+            // scale-down window for another. The slowest generated rate policy (1 pod
+            // or 10 % per 29 s) crosses the whole range well within the 4000 s allowed.
             let rules = |r: &ScalingRules| {
                 r.policies.iter().map(|p| p.period).max().unwrap_or_default()
                     + r.stabilization_window.unwrap_or_default()
             };
-            let span = (policy.stable_window
+            let span = (policy.stable_window * 2
                 + policy.cooldown
                 + policy.initial_cooldown
                 + rules(&policy.scale_up)
