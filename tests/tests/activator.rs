@@ -356,6 +356,133 @@ fn hostile_input_gets_clear_answers_and_never_stalls_the_process() {
     });
 }
 
+/// Past `--max-connections`, a new connection is answered 503 with `Retry-After` at
+/// once (not left in the backlog); once a connection closes, new ones are served again.
+#[test]
+fn the_connection_bound_answers_503_and_frees_when_connections_close() {
+    blink_tests::run("activator-bound", |ctx| async move {
+        let activators =
+            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--max-connections", "3"]).await?;
+        let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
+        let request = b"GET / HTTP/1.1\r\nHost: nobody.example\r\n\r\n";
+        // Three connections that have not sent a head yet hold the three places.
+        let mut holding = Vec::new();
+        for _ in 0..3 {
+            holding.push(tokio::net::TcpStream::connect(&addr).await?);
+        }
+        wait::until(LONG, "three connections counted", || async {
+            Ok((activators.metric(0, "blink_activator_connections ").await? >= 3.0).then_some(()))
+        })
+        .await?;
+        let answer = raw(&addr, request, Duration::from_secs(5)).await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 503")
+                && answer.to_ascii_lowercase().contains("retry-after: 1")
+                && answer.contains("too many open connections"),
+            "over the bound: {answer}"
+        );
+        ensure!(
+            activators
+                .metric(0, "blink_activator_connections_refused_total")
+                .await?
+                >= 1.0,
+            "refusal counted"
+        );
+        holding.truncate(2);
+        let answer = wait::until(LONG, "served again after a connection closed", || async {
+            let answer = raw(&addr, request, Duration::from_secs(5)).await?;
+            Ok(answer.starts_with("HTTP/1.1 404").then_some(answer))
+        })
+        .await?;
+        ensure!(answer.contains("nobody.example"), "{answer}");
+        drop(holding);
+        activators.processes.shutdown().await;
+        Ok(())
+    });
+}
+
+/// `containerConcurrency: 2` through the activator: eight slow requests at once to one
+/// replica, never more than two at a time there, all answered.
+#[test]
+fn container_concurrency_bounds_what_a_replica_gets_at_once() {
+    blink_tests::run("activator-cc", |ctx| async move {
+        create_deployment(&ctx, "capped", 1, json!({})).await?;
+        let replicas = replicas_of(&ctx, "capped");
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: capped}
+spec:
+  scaleTargetRef: {name: capped}
+  minReplicaCount: 1
+  triggers: [{type: http, metadata: {containerConcurrency: '2'}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "capped").await?;
+        replicas.wait_for(1, LONG).await?;
+        let host = format!("capped.{}", ctx.namespace());
+        let url = format!("{}/slow/300", activators.url(0));
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, host) = (url.clone(), host.clone());
+                tokio::spawn(async move { request(&url, &host, Duration::from_secs(30)).await })
+            })
+            .collect();
+        let mut most = 0;
+        for answer in requests {
+            let (status, headers, body) = answer.await??;
+            ensure!(status == 200, "{status} {body}");
+            let in_flight: usize = headers["x-in-flight"].to_str()?.parse()?;
+            most = most.max(in_flight);
+        }
+        ensure!(
+            most == 2,
+            "the replica had {most} requests at once (limit 2)"
+        );
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        Ok(())
+    });
+}
+
+/// A function paused at zero cannot wake: its requests get 503 with the reason at once,
+/// not a wait for the timeout.
+#[test]
+fn a_function_paused_at_zero_answers_503_at_once() {
+    blink_tests::run("activator-paused", |ctx| async move {
+        create_deployment(&ctx, "frozen", 0, json!({})).await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: frozen, annotations: {blink.sh/paused-replicas: '0'}}
+spec:
+  scaleTargetRef: {name: frozen}
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        until_routed(&ctx, &activators, "frozen").await?;
+        let host = format!("frozen.{}", ctx.namespace());
+        let started = Instant::now();
+        let (status, headers, body) =
+            request(&activators.url(0), &host, Duration::from_secs(30)).await?;
+        ensure!(
+            status == 503 && body.contains("paused") && headers.contains_key("retry-after"),
+            "paused at zero: {status} {body}"
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered only after {:?}",
+            started.elapsed()
+        );
+        activators.processes.shutdown().await;
+        Ok(())
+    });
+}
+
 /// Writes `bytes` on a new connection and reads the answer until the server closes or
 /// `timeout` passes.
 async fn raw(addr: &str, bytes: &[u8], timeout: Duration) -> anyhow::Result<String> {

@@ -2,8 +2,9 @@
 //! HTTP/1.1 and h2c, so a test can tell which replica served it and how.
 //!
 //! - any path: `200` with its name as the body; headers `x-served-by` (the name) and
-//!   `x-http-version` (the version the request arrived in), and `x-forwarded` echoing
-//!   the request's `Forwarded` field;
+//!   `x-http-version` (the version the request arrived in), `x-forwarded` echoing
+//!   the request's `Forwarded` field, and `x-in-flight`: the requests this replica was
+//!   serving when this one arrived, itself included;
 //! - `/slow/<ms>`: the same, after `<ms>` milliseconds;
 //! - `/stream/<n>`: `n` chunks of 1 KiB, one every 20 ms;
 //! - `/upload`: reads the body as it streams and answers `<bytes> <fnv1a-64 hex>`;
@@ -94,10 +95,29 @@ fn websocket(mut request: Request<Incoming>) -> Response<Body> {
     response
 }
 
+/// Requests being served now.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a request in [`IN_FLIGHT`] while it lives.
+struct InFlight(usize);
+
+impl InFlight {
+    fn enter() -> Self {
+        Self(IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 async fn serve(name: String, request: Request<Incoming>) -> Response<Body> {
     if request.uri().path() == "/ws" {
         return websocket(request);
     }
+    let in_flight = InFlight::enter();
     let version = format!("{:?}", request.version());
     let forwarded = request
         .headers()
@@ -136,10 +156,13 @@ async fn serve(name: String, request: Request<Incoming>) -> Response<Body> {
     };
     let mut response = Response::new(body);
     let headers = response.headers_mut();
+    let arrived_with = in_flight.0.to_string();
+    drop(in_flight);
     for (key, value) in [
         ("x-served-by", name.as_str()),
         ("x-http-version", version.as_str()),
         ("x-forwarded", forwarded.as_str()),
+        ("x-in-flight", arrived_with.as_str()),
     ] {
         if let Ok(value) = value.parse() {
             headers.insert(key, value);
