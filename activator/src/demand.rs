@@ -56,12 +56,12 @@ pub struct ReporterConfig {
 /// The request path's end: [`proxy::Poke`] into the reporter.
 #[derive(Debug, Clone)]
 pub struct Poker {
-    sender: mpsc::UnboundedSender<FunctionKey>,
+    sender: mpsc::UnboundedSender<(FunctionKey, Instant)>,
 }
 
 impl proxy::Poke for Poker {
     fn poke(&self, function: &FunctionKey) {
-        let _ = self.sender.send(function.clone());
+        let _ = self.sender.send((function.clone(), Instant::now()));
     }
 }
 
@@ -135,7 +135,8 @@ struct Reporter {
     leader: watch::Receiver<Option<SocketAddr>>,
     /// A leader named by a `421`, until the Lease says otherwise.
     redirect: Option<SocketAddr>,
-    pokes: mpsc::UnboundedReceiver<FunctionKey>,
+    /// Functions to poke, with when the request that asked arrived.
+    pokes: mpsc::UnboundedReceiver<(FunctionKey, Instant)>,
     last_poke: HashMap<FunctionKey, Instant>,
 }
 
@@ -243,7 +244,7 @@ impl Reporter {
                         return Leave::LeaderChanged;
                     }
                 }
-                Some(key) = self.pokes.recv() => {
+                Some((key, asked_at)) = self.pokes.recv() => {
                     let now = Instant::now();
                     if self.last_poke.get(&key).is_some_and(|at| now - *at < POKE_REPEAT_AFTER) {
                         continue;
@@ -264,6 +265,7 @@ impl Reporter {
                         match client.post(POKE_PATH, &poke).await {
                             Ok((status, _)) if status.is_success() => {
                                 metrics.pokes_sent.inc();
+                                metrics.poke_latency.observe(asked_at.elapsed().as_secs_f64());
                             }
                             Ok((status, _)) => warn!(%status, "the scaler refused a poke"),
                             Err(e) => warn!(error = %e, "poke failed"),

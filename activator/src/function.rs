@@ -202,6 +202,9 @@ struct State {
     held: Held,
     cannot_wake: Option<String>,
     draining: bool,
+    /// When the first replica became ready after none was, until the first held request
+    /// connects to one (what [`Function::take_ready_since`] measures).
+    ready_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -226,6 +229,7 @@ impl Function {
                 held: Held::default(),
                 cannot_wake: None,
                 draining: false,
+                ready_since: None,
             }),
             waiting: AtomicUsize::new(0),
             meter: Mutex::new(DemandMeter::new(Instant::now())),
@@ -359,6 +363,12 @@ impl Function {
         })
     }
 
+    /// When the function's first replica became ready after none was, the first time a
+    /// held request asks once it has a connection; `None` after that.
+    pub fn take_ready_since(&self) -> Option<Instant> {
+        self.state().ready_since.take()
+    }
+
     /// `replica` refused a connection: it takes no request until its probe connects.
     pub fn sit_out(self: &Arc<Self>, replica: &Arc<Replica>) {
         if !replica.sitting_out.swap(true, Ordering::AcqRel) {
@@ -407,6 +417,12 @@ impl Function {
                         self.metrics.upstream_connections.clone(),
                     )))),
                 }
+            }
+            // Measured only for a wake: requests were waiting for the first replica.
+            if next.is_empty() {
+                state.ready_since = None;
+            } else if state.replicas.is_empty() && !state.queue.is_empty() {
+                state.ready_since = Some(Instant::now());
             }
             state.replicas = next;
         }
@@ -713,6 +729,25 @@ mod tests {
             .find(|r| r.addr() == addr(1))
             .cloned();
         assert!(Arc::ptr_eq(&kept.expect("kept"), t.replica()));
+    }
+
+    #[tokio::test]
+    async fn ready_since_marks_a_wake_once() {
+        let f = function(None, 10);
+        f.set_replicas(&[addr(1)]);
+        assert!(
+            f.take_ready_since().is_none(),
+            "warm from the start: no wake"
+        );
+        f.set_replicas(&[]);
+        let w = waiting(f.admit(0));
+        f.set_replicas(&[addr(1)]);
+        assert!(
+            f.take_ready_since().is_some(),
+            "a wake with a request waiting"
+        );
+        assert!(f.take_ready_since().is_none(), "measured once");
+        drop(w);
     }
 
     #[tokio::test]

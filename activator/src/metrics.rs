@@ -55,7 +55,17 @@ pub struct Metrics {
     /// Connections answered 503 at once because the global bound was reached.
     pub connections_refused: Counter,
     pub pokes_sent: Counter,
+    /// From the request that made a poke (its head read) to the scaler's answer.
+    pub poke_latency: Histogram,
+    /// From a function's first ready endpoint after zero (as the activator learns it)
+    /// to its first held request's connection to that replica.
+    pub ready_to_forward: Histogram,
     pub snapshots: Family<KindLabels, Counter>,
+}
+
+fn fine_histogram() -> Histogram {
+    // 10 µs … ~5 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 20))
 }
 
 impl Metrics {
@@ -73,6 +83,8 @@ impl Metrics {
             connections: Gauge::default(),
             connections_refused: Counter::default(),
             pokes_sent: Counter::default(),
+            poke_latency: fine_histogram(),
+            ready_to_forward: fine_histogram(),
             snapshots: Family::default(),
         };
         registry.register(
@@ -124,6 +136,16 @@ impl Metrics {
             "pokes_sent",
             "Pokes sent to the scaler",
             metrics.pokes_sent.clone(),
+        );
+        registry.register(
+            "poke_seconds",
+            "From the request that made a poke to the scaler's answer",
+            metrics.poke_latency.clone(),
+        );
+        registry.register(
+            "ready_to_forward_seconds",
+            "From a function's first ready endpoint after zero to its first held request's connection",
+            metrics.ready_to_forward.clone(),
         );
         registry.register(
             "snapshots",

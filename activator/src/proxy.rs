@@ -54,6 +54,8 @@ pub struct Exchange {
     arrived: Instant,
     /// What it may hold of its body while it waits (see [`held_body_bytes`]).
     held_body_bytes: u64,
+    /// It waited in the queue for a replica.
+    held: bool,
     function: Option<Arc<Function>>,
     ticket: Option<Ticket>,
     connection: Option<Connection>,
@@ -66,6 +68,7 @@ impl Exchange {
             client,
             arrived: Instant::now(),
             held_body_bytes: 0,
+            held: false,
             function: None,
             ticket: None,
             connection: None,
@@ -332,6 +335,7 @@ where
             };
             function.metrics().waited(started.elapsed());
             exchange.ticket = Some(ticket);
+            exchange.held = true;
             inner.call(exchange).await
         })
     }
@@ -399,6 +403,13 @@ where
             loop {
                 let error = match ticket.replica().upstream.checkout().await {
                     Ok(connection) => {
+                        if exchange.held
+                            && let Some(since) = ticket.function().take_ready_since()
+                        {
+                            metrics
+                                .ready_to_forward
+                                .observe(since.elapsed().as_secs_f64());
+                        }
                         exchange.ticket = Some(ticket);
                         exchange.connection = Some(connection);
                         return inner.call(exchange).await;

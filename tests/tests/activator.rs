@@ -98,7 +98,25 @@ spec:
             .metric(0, "blink_activator_pokes_sent_total")
             .await?;
         ensure!(pokes >= 1.0, "pokes sent: {pokes}");
-        println!("request at zero answered after {waited:?}");
+        // The cold path in parts: the request's head → the scaler has the poke; the
+        // first ready endpoint → the held request connected to it.
+        let metric = |name: &'static str| activators.metric(0, name);
+        let (poke_count, poke_sum) = (
+            metric("blink_activator_poke_seconds_count").await?,
+            metric("blink_activator_poke_seconds_sum").await?,
+        );
+        let (ready_count, ready_sum) = (
+            metric("blink_activator_ready_to_forward_seconds_count").await?,
+            metric("blink_activator_ready_to_forward_seconds_sum").await?,
+        );
+        ensure!(poke_count >= 1.0, "poke latency recorded: {poke_count}");
+        ensure!(ready_count == 1.0, "one wake measured: {ready_count}");
+        println!(
+            "request at zero answered after {waited:?}; head → poke answered {:.3} ms; \
+             endpoint ready → connected {:.3} ms",
+            poke_sum / poke_count * 1e3,
+            ready_sum * 1e3
+        );
         // Warm: straight through, no wait recorded.
         let (status, _) = get(&activators.url(0), &host, Duration::from_secs(5)).await?;
         ensure!(status == 200, "warm request answered {status}");
