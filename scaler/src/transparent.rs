@@ -335,8 +335,9 @@ pub fn watch_activator_addresses(
 }
 
 /// How often every Blink slice is checked against the activators even without a change
-/// (a write that failed, or a slice edited by hand).
-const SLICE_RESYNC: Duration = Duration::from_secs(30);
+/// (a write that failed, or a slice edited by hand). Rare: it lists every Blink slice,
+/// and with thousands of transparent functions that list is large.
+const SLICE_RESYNC: Duration = Duration::from_secs(300);
 
 /// Keeps every Blink slice pointing at the activators there are now. Activators come
 /// and go (a rollout replaces them all); a function at zero must stay reachable, so a
@@ -366,6 +367,7 @@ pub async fn follow_activators(
     loop {
         leadership.writable().await;
         let want = activators.borrow_and_update().clone();
+        let (mut updated, mut failed) = (0, 0);
         match api.list(&blink_slices).await {
             Ok(list) => {
                 for slice in list.items.iter().filter(|s| addresses(s) != want) {
@@ -378,21 +380,32 @@ pub async fn follow_activators(
                     let patch = serde_json::json!({"endpoints": endpoints(&want)});
                     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
                     match slices.patch(name, &as_blink, &Patch::Merge(&patch)).await {
-                        Ok(_) => {
-                            tracing::info!(%namespace, slice = %name, activators = ?want, "Blink slice follows the activators")
-                        }
+                        Ok(_) => updated += 1,
                         Err(e) => {
-                            tracing::warn!(%namespace, slice = %name, error = %e, "could not update a Blink slice; will retry")
+                            failed += 1;
+                            tracing::warn!(%namespace, slice = %name, error = %e, "could not update a Blink slice; will retry");
                         }
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list Blink slices; will retry"),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(error = %e, "cannot list Blink slices; will retry");
+            }
         }
+        if updated > 0 {
+            tracing::info!(updated, activators = ?want, "Blink slices follow the activators");
+        }
+        // A failed write is tried again soon, not at the next resync.
+        let next_pass = if failed > 0 {
+            Duration::from_secs(5)
+        } else {
+            SLICE_RESYNC
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = activators.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(SLICE_RESYNC) => {}
+            _ = tokio::time::sleep(next_pass) => {}
         }
     }
 }
