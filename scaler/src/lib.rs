@@ -111,11 +111,14 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         stale_after: config.demand_stale_after,
         forget_after: config.demand_forget_after,
     });
-    tokio::spawn(demand::watch_activator_pods(
+    // The activators' ready addresses, for Blink's slices in transparent mode.
+    let (addresses, activator_addresses) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(demand::watch_activators(
         client.clone(),
         config.namespace.clone(),
         config.activator_service.clone(),
         demand.clone(),
+        addresses,
     ));
     let server = demand::server::app(demand::server::ServerState::new(
         demand.clone(),
@@ -150,11 +153,6 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
             controller: "blink-scaler".into(),
             instance: Some(config.pod_name.clone()),
         },
-    );
-    let activator_addresses = transparent::watch_activator_addresses(
-        client.clone(),
-        &config.namespace,
-        &config.activator_service,
     );
     tokio::spawn(transparent::follow_activators(
         client.clone(),

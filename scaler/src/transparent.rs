@@ -24,7 +24,6 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams},
-    runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::watch;
 
@@ -267,71 +266,14 @@ impl Slices {
     }
 }
 
-/// Follows the activator Service's ready endpoint addresses (its own slices only),
-/// sorted. The value changes only once the first list is complete, and a relist
-/// replaces it whole (never a partial set on the way).
-pub fn watch_activator_addresses(
-    client: Client,
-    namespace: &str,
-    service: &str,
-) -> watch::Receiver<Vec<String>> {
-    let (tx, rx) = watch::channel(Vec::new());
-    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
-    let config = watcher::Config::default().labels(&format!("{LABEL_SERVICE_NAME}={service}"));
-    tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut stream = watcher::watcher(api, config).default_backoff().boxed();
-        let mut by_slice: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut relisting: Option<BTreeMap<String, Vec<String>>> = None;
-        let ready_addresses = |slice: &EndpointSlice| -> Vec<String> {
-            slice
-                .endpoints
-                .iter()
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
-                .flat_map(|e| e.addresses.clone())
-                .collect()
-        };
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init) => {
-                    relisting = Some(BTreeMap::new());
-                    continue;
-                }
-                Ok(watcher::Event::InitApply(slice)) => {
-                    if let Some(listed) = relisting.as_mut() {
-                        let name = slice.metadata.name.clone().unwrap_or_default();
-                        listed.insert(name, ready_addresses(&slice));
-                    }
-                    continue;
-                }
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(listed) = relisting.take() {
-                        by_slice = listed;
-                    }
-                }
-                Ok(watcher::Event::Apply(slice)) => {
-                    let name = slice.metadata.name.clone().unwrap_or_default();
-                    by_slice.insert(name, ready_addresses(&slice));
-                }
-                Ok(watcher::Event::Delete(slice)) => {
-                    by_slice.remove(&slice.metadata.name.clone().unwrap_or_default());
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching the activators' EndpointSlices failed; retrying");
-                    continue;
-                }
-            }
-            let mut all: Vec<String> = by_slice.values().flatten().cloned().collect();
-            all.sort();
-            all.dedup();
-            tx.send_if_modified(|current| {
-                let changed = *current != all;
-                *current = std::mem::take(&mut all);
-                changed
-            });
-        }
-    });
-    rx
+/// The addresses of a slice's ready endpoints.
+pub fn ready_addresses(slice: &EndpointSlice) -> Vec<String> {
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+        .flat_map(|e| e.addresses.clone())
+        .collect()
 }
 
 /// How often every Blink slice is checked against the activators even without a change

@@ -14,7 +14,7 @@ use blink_crds::demand::{FunctionKey, POKE_PATH, SNAPSHOT_PATH};
 use blink_scaler::demand::auth::{Review, TokenReviewer, service_account_user};
 use blink_scaler::demand::server::{self, ServerState};
 use blink_scaler::demand::{
-    Demand, DemandConfig, DemandMetrics, KubeTokenReviewer, watch_activator_pods,
+    Demand, DemandConfig, DemandMetrics, KubeTokenReviewer, watch_activators,
 };
 use blink_scaler::leader::{CancellationToken, Leadership, LeaseConfig};
 use blink_tests::{TestContext, wait};
@@ -338,6 +338,7 @@ fn a_silent_activator_counts_until_its_pod_leaves_the_endpoints() {
                 .map(|(i, pod)| {
                     serde_json::json!({
                         "addresses": [format!("10.244.250.{}", i + 1)],
+                        "conditions": {"ready": true},
                         "targetRef": {"kind": "Pod", "name": pod, "namespace": ns}
                     })
                 })
@@ -355,11 +356,13 @@ fn a_silent_activator_counts_until_its_pod_leaves_the_endpoints() {
         slices
             .create(&PostParams::default(), &slice(&["act-0", "act-1"])?)
             .await?;
-        let watching = tokio::spawn(watch_activator_pods(
+        let (addresses, ready) = tokio::sync::watch::channel(Vec::new());
+        let watching = tokio::spawn(watch_activators(
             ctx.client(),
             ns.clone(),
             "blink-activator".into(),
             demand.clone(),
+            addresses,
         ));
         let both: HashSet<String> = ["act-0".into(), "act-1".into()].into();
         wait::until_eq(
@@ -369,6 +372,12 @@ fn a_silent_activator_counts_until_its_pod_leaves_the_endpoints() {
             || async { Ok(demand.activator_pods()) },
         )
         .await?;
+        // The same watch gives transparent mode the ready addresses.
+        ensure!(
+            *ready.borrow() == ["10.244.250.1", "10.244.250.2"],
+            "ready addresses: {:?}",
+            ready.borrow()
+        );
 
         let key: FunctionKey = format!("{ns}/hello").parse()?;
         for activator in ["act-0", "act-1"] {
@@ -392,6 +401,11 @@ fn a_silent_activator_counts_until_its_pod_leaves_the_endpoints() {
             || async { Ok(demand.aggregate(&key, Instant::now()).requests) },
         )
         .await?;
+        ensure!(
+            *ready.borrow() == ["10.244.250.1"],
+            "ready addresses after act-0 left: {:?}",
+            ready.borrow()
+        );
         watching.abort();
         Ok(())
     });

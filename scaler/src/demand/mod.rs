@@ -5,8 +5,9 @@
 //! - [`Demand`]: the shared handle over the store that the server writes and the
 //!   functions' workers read, with a [`Notify`] per function that wakes its worker on a
 //!   poke or when a snapshot brings demand to a function that had none.
-//! - [`watch_activator_pods`]: follows the activator Service's EndpointSlices, so a
-//!   silent activator whose pod is gone stops counting.
+//! - [`watch_activators`]: follows the activator Service's EndpointSlices, so a
+//!   silent activator whose pod is gone stops counting (and Blink's slices in
+//!   transparent mode point at the ready ones).
 //! - [`server`]: the HTTP endpoint (`POST` snapshots and pokes, h2c and HTTP/1.1),
 //!   which only the leader answers, and only to the activators' ServiceAccount
 //!   ([`auth`]).
@@ -127,48 +128,80 @@ impl Demand {
     }
 }
 
+/// What one EndpointSlice of the activator Service says: the pods of its endpoints
+/// (demand counts their reports) and its ready addresses (Blink's slices point there).
+#[derive(Debug, Default)]
+struct Members {
+    pods: HashSet<String>,
+    ready: Vec<String>,
+}
+
+impl Members {
+    fn of(slice: &EndpointSlice) -> Self {
+        Self {
+            pods: pods_of(slice),
+            ready: crate::transparent::ready_addresses(slice),
+        }
+    }
+}
+
 /// Follows the activator Service's EndpointSlices (`kubernetes.io/service-name`) in
-/// `namespace` and feeds the pod names of their endpoints to `demand`. Runs until the
-/// task is dropped; watch errors are retried with backoff. Needs RBAC `list` and
-/// `watch` on `endpointslices` in that namespace.
-pub async fn watch_activator_pods(
+/// `namespace`: feeds the pod names of their endpoints to `demand`, and their ready
+/// addresses, sorted, to `addresses` (changed only once a list is complete, so never a
+/// partial set mid-relist). Runs until the task is dropped; watch errors are retried
+/// with backoff. Needs RBAC `list` and `watch` on `endpointslices` in that namespace.
+pub async fn watch_activators(
     client: kube::Client,
     namespace: String,
     service_name: String,
     demand: Arc<Demand>,
+    addresses: tokio::sync::watch::Sender<Vec<String>>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service_name}"));
-    let mut slices: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut slices: HashMap<String, Members> = HashMap::new();
     // Slices listed since the watch (re)started; replaces `slices` once complete.
-    let mut relisting: Option<HashMap<String, HashSet<String>>> = None;
+    let mut relisting: Option<HashMap<String, Members>> = None;
     let mut events = watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
         match event {
-            Ok(watcher::Event::Init) => relisting = Some(HashMap::new()),
+            Ok(watcher::Event::Init) => {
+                relisting = Some(HashMap::new());
+                continue;
+            }
             Ok(watcher::Event::InitApply(slice)) => {
                 if let Some(listed) = relisting.as_mut() {
-                    listed.insert(slice_name(&slice), pods_of(&slice));
+                    listed.insert(slice_name(&slice), Members::of(&slice));
                 }
+                continue;
             }
             Ok(watcher::Event::InitDone) => {
                 if let Some(listed) = relisting.take() {
                     slices = listed;
                 }
-                demand.set_activator_pods(union(&slices));
             }
             Ok(watcher::Event::Apply(slice)) => {
-                slices.insert(slice_name(&slice), pods_of(&slice));
-                demand.set_activator_pods(union(&slices));
+                slices.insert(slice_name(&slice), Members::of(&slice));
             }
             Ok(watcher::Event::Delete(slice)) => {
                 slices.remove(&slice_name(&slice));
-                demand.set_activator_pods(union(&slices));
             }
-            Err(e) => tracing::warn!(error = %e, service = %service_name,
-                "watching the activator Service's EndpointSlices failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, service = %service_name,
+                    "watching the activator Service's EndpointSlices failed; retrying");
+                continue;
+            }
         }
+        demand.set_activator_pods(union(slices.values().map(|m| &m.pods)));
+        let mut ready: Vec<String> = slices.values().flat_map(|m| m.ready.clone()).collect();
+        ready.sort();
+        ready.dedup();
+        addresses.send_if_modified(|current| {
+            let changed = *current != ready;
+            *current = ready;
+            changed
+        });
     }
 }
 
@@ -190,8 +223,8 @@ pub fn pods_of(slice: &EndpointSlice) -> HashSet<String> {
         .collect()
 }
 
-fn union(slices: &HashMap<String, HashSet<String>>) -> HashSet<String> {
-    slices.values().flatten().cloned().collect()
+fn union<'a>(sets: impl Iterator<Item = &'a HashSet<String>>) -> HashSet<String> {
+    sets.flatten().cloned().collect()
 }
 
 #[cfg(test)]

@@ -129,5 +129,5 @@ fn activator_pods_come_from_target_refs_of_endpoints_not_terminating() {
         ("s1".to_owned(), pods_of(&slice)),
         ("s2".to_owned(), HashSet::from(["activator-9".to_owned()])),
     ]);
-    assert_eq!(union(&slices).len(), 3);
+    assert_eq!(union(slices.values()).len(), 3);
 }
