@@ -235,7 +235,7 @@ where
         let Some(function) = exchange.function.clone() else {
             return self.inner.call(exchange);
         };
-        let started = Instant::now();
+        let started = exchange.arrived;
         let future = self.inner.call(exchange);
         Box::pin(async move {
             let response = future.await?;
@@ -318,7 +318,7 @@ where
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let timeout = function.settings().wait_timeout;
-            let started = Instant::now();
+            let started = exchange.arrived;
             let ticket = match tokio::time::timeout(timeout, waiting.ticket()).await {
                 Ok(Ok(ticket)) => ticket,
                 Ok(Err(refusal)) => return Ok(refused(&function, refusal)),

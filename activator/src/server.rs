@@ -154,28 +154,14 @@ pub async fn serve<S>(
                     let connection = protocols
                         .http2
                         .serve_connection(TokioIo::new(stream), handler);
-                    tokio::pin!(connection);
-                    tokio::select! {
-                        result = connection.as_mut() => result,
-                        _ = closing.cancelled() => {
-                            connection.as_mut().graceful_shutdown();
-                            connection.await
-                        }
-                    }
+                    until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()).await
                 }
                 Some(false) => {
                     let connection = protocols
                         .http1
                         .serve_connection(TokioIo::new(stream), handler)
                         .with_upgrades();
-                    tokio::pin!(connection);
-                    tokio::select! {
-                        result = connection.as_mut() => result,
-                        _ = closing.cancelled() => {
-                            connection.as_mut().graceful_shutdown();
-                            connection.await
-                        }
-                    }
+                    until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()).await
                 }
             };
             if let Err(e) = result {
@@ -207,6 +193,23 @@ pub async fn serve<S>(
         .is_err()
     {
         info!("drain grace over with connections still open");
+    }
+}
+
+/// Runs a client connection to its end; once `closing` fires, `drain` tells it to finish
+/// the exchange in hand (a GOAWAY for HTTP/2) and it runs until it has.
+async fn until_done_or_drained<C: std::future::Future>(
+    connection: C,
+    closing: &CancellationToken,
+    drain: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        _ = closing.cancelled() => {
+            drain(connection.as_mut());
+            connection.await
+        }
     }
 }
 
