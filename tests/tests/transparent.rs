@@ -339,6 +339,17 @@ async fn pod_ips(processes: &PodProcesses) -> Vec<String> {
     ips
 }
 
+async fn scale_activators(ctx: &TestContext, replicas: i32) -> anyhow::Result<()> {
+    ctx.api::<Deployment>()
+        .patch(
+            "blink-activator",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Waits until Blink's slice of `idle` names exactly the `count` running activators.
 async fn until_slice_names(
     ctx: &TestContext,
@@ -385,24 +396,12 @@ spec:
         .await?;
         ensure!(reached.starts_with("blink-activator-"), "{reached}");
 
-        ctx.api::<Deployment>()
-            .patch(
-                "blink-activator",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": 2}})),
-            )
-            .await?;
+        scale_activators(&ctx, 2).await?;
         until_slice_names(&ctx, &activators, 2).await?;
 
         // Back to one activator: the slice drops the one that went. Then that one is
         // deleted and its Deployment replaces it: the slice names the replacement.
-        ctx.api::<Deployment>()
-            .patch(
-                "blink-activator",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": 1}})),
-            )
-            .await?;
+        scale_activators(&ctx, 1).await?;
         until_slice_names(&ctx, &activators, 1).await?;
         let gone = activators
             .running()
