@@ -10,16 +10,18 @@
 /// What one held request may cost the activator's memory, at most (the 10,000-request
 /// test measures it against this):
 /// - the client connection's read buffer: [`crate::config::READ_BUFFER`] (8 KiB, the
-///   head and what came after it);
+///   head and what came after it). One only: a held request's head is copied out of it
+///   ([`crate::headers::detach_from_read_buffer`]), or hyper's next read of the
+///   connection would take a second;
 /// - its write buffer: 8 KiB, which hyper allocates for every HTTP/1.1 connection up
 ///   front;
-/// - the connection's task, its timers, the parsed head, the exchange on its way
-///   through the layers, the place in the queue, and the allocator's share: 12 to
-///   14 KiB measured (28 to 30 KiB in all, 10,000 held), 16 KiB allowed;
+/// - the connection's task (about 1 KiB: an HTTP/2 connection's larger state is boxed,
+///   and only h2c clients pay for it), its timers, the parsed head, the exchange on its
+///   way through the layers, the place in the queue, and the allocator's share: about
+///   3 KiB measured, 4 KiB allowed;
 ///
-/// and no body: a held request's body stays in the socket. (Blink's target is 20 KiB;
-/// the two hyper buffers alone are 16.)
-pub const HELD_REQUEST_BYTES: usize = crate::config::READ_BUFFER + 8 * 1024 + 16 * 1024;
+/// and no body: a held request's body stays in the socket.
+pub const HELD_REQUEST_BYTES: usize = crate::config::READ_BUFFER + 8 * 1024 + 4 * 1024;
 
 /// A function's queue bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -315,6 +315,7 @@ where
         if waiting.at_zero {
             self.poke.poke(function.key());
         }
+        headers::detach_from_read_buffer(&mut exchange.request);
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let timeout = function.settings().wait_timeout;

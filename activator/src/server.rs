@@ -151,16 +151,23 @@ pub async fn serve<S>(
             let result = match speaks_h2c(&stream, header_timeout).await {
                 None => Ok(()),
                 Some(true) => {
-                    let connection = protocols
-                        .http2
-                        .serve_connection(TokioIo::new(stream), handler);
-                    until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()).await
+                    // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1
+                    // one's, and inline every connection's task would carry it.
+                    let mut connection = Box::pin(
+                        protocols
+                            .http2
+                            .serve_connection(TokioIo::new(stream), handler),
+                    );
+                    until_done_or_drained(connection.as_mut(), &closing, |c| c.graceful_shutdown())
+                        .await
                 }
                 Some(false) => {
-                    let connection = protocols
-                        .http1
-                        .serve_connection(TokioIo::new(stream), handler)
-                        .with_upgrades();
+                    let connection = std::pin::pin!(
+                        protocols
+                            .http1
+                            .serve_connection(TokioIo::new(stream), handler)
+                            .with_upgrades()
+                    );
                     until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()).await
                 }
             };
@@ -197,13 +204,14 @@ pub async fn serve<S>(
 }
 
 /// Runs a client connection to its end; once `closing` fires, `drain` tells it to finish
-/// the exchange in hand (a GOAWAY for HTTP/2) and it runs until it has.
+/// the exchange in hand (a GOAWAY for HTTP/2) and it runs until it has. The caller
+/// pins the connection where it lives: moved in here, it would take its room in the
+/// connection's task twice.
 async fn until_done_or_drained<C: std::future::Future>(
-    connection: C,
+    mut connection: std::pin::Pin<&mut C>,
     closing: &CancellationToken,
     drain: impl FnOnce(std::pin::Pin<&mut C>),
 ) -> C::Output {
-    tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => result,
         _ = closing.cancelled() => {
