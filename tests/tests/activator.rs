@@ -501,6 +501,66 @@ spec:
     });
 }
 
+/// A function whose Deployment another autoscaler (an HPA) owns is in `Conflict`; at
+/// zero, its requests get 503 with that reason at once, and nothing is scaled.
+#[test]
+fn a_conflicted_function_at_zero_answers_503_at_once() {
+    blink_tests::run("activator-conflict", |ctx| async move {
+        create_deployment(&ctx, "contested", 0, json!({})).await?;
+        // At zero, the HPA controller leaves the Deployment alone (scaling disabled).
+        let hpa: k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler =
+            serde_json::from_value(json!({
+                "metadata": {"name": "contested-hpa"},
+                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "contested"},
+                         "minReplicas": 1, "maxReplicas": 5}
+            }))?;
+        ctx.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>()
+            .create(&Default::default(), &hpa)
+            .await?;
+        let scaler = start_scaler(&ctx, "scaler-conflict").await?;
+        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: contested}
+spec:
+  scaleTargetRef: {name: contested}
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        wait::until_eq(
+            LONG,
+            "contested Ready",
+            Some(("False".to_owned(), "Conflict".to_owned())),
+            || condition_state(&ctx, "contested", "Ready"),
+        )
+        .await?;
+        until_routed(&ctx, &activators, "contested").await?;
+        let host = format!("contested.{}", ctx.namespace());
+        // A request that came before the activator saw the condition would be held,
+        // then answered the same way once it does.
+        let started = Instant::now();
+        let (status, headers, body) =
+            request(&activators.url(0), &host, Duration::from_secs(30)).await?;
+        ensure!(
+            status == 503 && body.contains("Conflict") && headers.contains_key("retry-after"),
+            "conflicted at zero: {status} {body}"
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered only after {:?}",
+            started.elapsed()
+        );
+        ensure!(
+            desired(&ctx, "contested").await? == 0,
+            "the conflicted function was scaled"
+        );
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
 /// Writes `bytes` on a new connection and reads the answer until the server closes or
 /// `timeout` passes.
 async fn raw(addr: &str, bytes: &[u8], timeout: Duration) -> anyhow::Result<String> {
