@@ -126,6 +126,14 @@ spec:
                 println!("  {line}");
             }
         }
+        // A replica that refused its first connection (it was not listening yet) shows
+        // here; its probe's wait is in `ready_to_forward`.
+        for line in activator_metrics
+            .lines()
+            .filter(|l| l.starts_with("blink_activator_proxy_errors"))
+        {
+            println!("{line}");
+        }
 
         replicas.shutdown().await;
         activators.processes.shutdown().await;
