@@ -97,6 +97,11 @@ pub struct Config {
     /// `json` for JSON logs.
     #[arg(long, env = "BLINK_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+
+    /// Threads serving requests (like nginx's `worker_processes`); default: one per
+    /// CPU the process may use.
+    #[arg(long, env = "BLINK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 }
 
 /// The read buffer of a client connection: hyper's smallest. A held request can have
@@ -133,5 +138,21 @@ mod tests {
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.stats_interval, Duration::from_secs(1));
         assert!(Config::try_parse_from(["blink-activator"]).is_err());
+        assert_eq!(config.worker_threads, None);
+    }
+
+    #[test]
+    fn worker_threads_are_at_least_one() {
+        let parse = |threads: &str| {
+            Config::try_parse_from([
+                "blink-activator",
+                "--pod-name",
+                "a-0",
+                "--worker-threads",
+                threads,
+            ])
+        };
+        assert_eq!(parse("1").expect("one").worker_threads, Some(1));
+        assert!(parse("0").is_err());
     }
 }

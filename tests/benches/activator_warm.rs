@@ -76,7 +76,9 @@ fn main() {
         let rounds = env_number("BLINK_BENCH_ROUNDS", 3) as usize;
         let seconds = env_number("BLINK_BENCH_SECONDS", 5);
         let (replica, replica_addr) = start_replica(&ctx).await?;
-        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        // As many threads as nginx has workers (one), as the comparison asks.
+        let activators =
+            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--worker-threads", "1"]).await?;
         let activator_pid = activators
             .processes
             .pid(&activators.pods[0].name)
