@@ -269,8 +269,6 @@ fn workload_record(meta: ObjectMeta) -> Box<ObjectMeta> {
     })
 }
 
-/// Who wrote which field is not needed from these objects, and at 10,000 of them it
-/// would be most of the memory they take.
 /// What is kept of an object once its worker has started: its status only as far as
 /// workers read it after their first input (the counts); the conditions and the rest
 /// live in the worker's status book, and 10,000 copies of them would cost ~10 MB.
@@ -278,19 +276,19 @@ fn kept_for_later(object: &Arc<ScaledObject>) -> Arc<ScaledObject> {
     let Some(status) = object.status.as_ref() else {
         return object.clone();
     };
-    let mut kept = ScaledObject {
+    Arc::new(ScaledObject {
         metadata: object.metadata.clone(),
         spec: object.spec.clone(),
-        status: None,
-    };
-    kept.status = Some(blink_crds::ScaledObjectStatus {
-        desired_replicas: status.desired_replicas,
-        original_replica_count: status.original_replica_count,
-        ..Default::default()
-    });
-    Arc::new(kept)
+        status: Some(blink_crds::ScaledObjectStatus {
+            desired_replicas: status.desired_replicas,
+            original_replica_count: status.original_replica_count,
+            ..Default::default()
+        }),
+    })
 }
 
+/// Who wrote which field is not needed from these objects, and at 10,000 of them it
+/// would be most of the memory they take.
 fn forget_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }

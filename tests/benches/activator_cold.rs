@@ -30,12 +30,10 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use blink_tests::{
-    TestContext,
     activator::{Activators, get},
     audit,
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
-    wait,
     workloads::{create_deployment, create_scaled_object},
 };
 use k8s_openapi::jiff::Timestamp;
@@ -78,7 +76,9 @@ spec:
             )
             .await?;
         }
-        until_all_routed(&ctx, &activators, &names).await?;
+        for name in &names {
+            activators.until_routed(ctx.namespace(), name).await?;
+        }
 
         let mut sent_at = Vec::with_capacity(wakes);
         let mut answered_in = Vec::with_capacity(wakes);
@@ -140,32 +140,6 @@ spec:
         scaler.stop().await;
         release_finalizers(&ctx).await
     });
-}
-
-/// Waits until the activator routes every function.
-async fn until_all_routed(
-    ctx: &TestContext,
-    activators: &Activators,
-    names: &[String],
-) -> anyhow::Result<()> {
-    wait::until(
-        Duration::from_secs(120),
-        "every function routed",
-        || async {
-            let metrics = activators.metrics(0).await?;
-            let routed = names
-                .iter()
-                .filter(|name| {
-                    metrics.contains(&format!(
-                        "blink_activator_in_flight{{namespace=\"{}\",name=\"{name}\"}}",
-                        ctx.namespace()
-                    ))
-                })
-                .count();
-            Ok((routed == names.len()).then_some(()))
-        },
-    )
-    .await
 }
 
 /// Prints p50, p90, p99 and the largest of `samples`.

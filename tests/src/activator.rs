@@ -129,6 +129,19 @@ impl Activators {
         Ok(crate::sum_samples(&self.metrics(index).await?, prefix))
     }
 
+    /// Waits until activator 0 routes function `name` of `namespace` (its series
+    /// appear once the activator's watch has seen the object).
+    pub async fn until_routed(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let series =
+            format!("blink_activator_in_flight{{namespace=\"{namespace}\",name=\"{name}\"}}");
+        crate::wait::until(
+            Duration::from_secs(60),
+            &format!("the activator routes {name}"),
+            || async { Ok(self.metrics(0).await?.contains(&series).then_some(())) },
+        )
+        .await
+    }
+
     /// The last lines of activator `index`'s log.
     pub fn log_tail(&self, index: usize) -> String {
         let path = self.log_dir.join(format!("{}.log", self.pods[index].name));

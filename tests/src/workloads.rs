@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use blink_crds::{Condition, ScaledObject};
 use k8s_openapi::api::{
     apps::v1::Deployment,
+    autoscaling::v2::HorizontalPodAutoscaler,
     core::v1::{Event, Pod, Service},
 };
 use kube::api::{ListParams, PostParams};
@@ -51,6 +52,20 @@ pub async fn create_scaled_object(ctx: &TestContext, yaml: &str) -> anyhow::Resu
         .api::<ScaledObject>()
         .create(&PostParams::default(), &object)
         .await?)
+}
+
+/// An HPA `name` for Deployment `target` (1 to 5 replicas): another owner of it.
+pub async fn create_hpa(ctx: &TestContext, name: &str, target: &str) -> anyhow::Result<()> {
+    let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+                 "minReplicas": 1, "maxReplicas": 5}
+    }))?;
+    ctx.api::<HorizontalPodAutoscaler>()
+        .create(&PostParams::default(), &hpa)
+        .await
+        .context("creating the HPA")?;
+    Ok(())
 }
 
 /// `spec.replicas` of a Deployment.

@@ -14,7 +14,9 @@ use blink_tests::{
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
     wait,
-    workloads::{condition, condition_state, create_deployment, create_scaled_object, desired},
+    workloads::{
+        condition, condition_state, create_deployment, create_hpa, create_scaled_object, desired,
+    },
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::{
@@ -143,22 +145,6 @@ async fn create_unschedulable(ctx: &TestContext, name: &str) -> anyhow::Result<(
     Ok(())
 }
 
-/// Waits until activator `index` routes function `name`.
-async fn until_routed(
-    ctx: &TestContext,
-    activators: &Activators,
-    name: &str,
-) -> anyhow::Result<()> {
-    let series = format!(
-        "blink_activator_in_flight{{namespace=\"{}\",name=\"{name}\"}}",
-        ctx.namespace()
-    );
-    wait::until(LONG, &format!("the activator routes {name}"), || async {
-        Ok(activators.metrics(0).await?.contains(&series).then_some(()))
-    })
-    .await
-}
-
 async fn queued(ctx: &TestContext, activators: &Activators, name: &str) -> anyhow::Result<f64> {
     activators
         .metric(
@@ -197,7 +183,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "late").await?;
+        activators.until_routed(ctx.namespace(), "late").await?;
         let host = format!("late.{}", ctx.namespace());
         let url = activators.url(0);
         let requests: Vec<_> = (0..REQUESTS)
@@ -248,7 +234,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "stuck").await?;
+        activators.until_routed(ctx.namespace(), "stuck").await?;
         let url = activators.url(0);
         let host = format!("stuck.{}", ctx.namespace());
         // Two wait (the bound), the third is told at once to come back.
@@ -438,7 +424,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "capped").await?;
+        activators.until_routed(ctx.namespace(), "capped").await?;
         replicas.wait_for(1, LONG).await?;
         let host = format!("capped.{}", ctx.namespace());
         let url = format!("{}/slow/300", activators.url(0));
@@ -482,23 +468,38 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "frozen").await?;
-        let host = format!("frozen.{}", ctx.namespace());
-        let started = Instant::now();
-        let (status, headers, body) =
-            request(&activators.url(0), &host, Duration::from_secs(30)).await?;
-        ensure!(
-            status == 503 && body.contains("paused") && headers.contains_key("retry-after"),
-            "paused at zero: {status} {body}"
-        );
-        ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "answered only after {:?}",
-            started.elapsed()
-        );
+        activators.until_routed(ctx.namespace(), "frozen").await?;
+        answers_503_at_once(
+            &activators,
+            &format!("frozen.{}", ctx.namespace()),
+            "paused",
+        )
+        .await?;
         activators.processes.shutdown().await;
         Ok(())
     });
+}
+
+/// A request for `host` is answered 503 with `Retry-After` and a body naming `reason`,
+/// within 10 s (a function that cannot wake is not left to its wait timeout).
+async fn answers_503_at_once(
+    activators: &Activators,
+    host: &str,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (status, headers, body) =
+        request(&activators.url(0), host, Duration::from_secs(30)).await?;
+    ensure!(
+        status == 503 && body.contains(reason) && headers.contains_key("retry-after"),
+        "{host}: {status} {body}, not 503 for {reason}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(10),
+        "{host}: answered only after {:?}",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// A function whose Deployment another autoscaler (an HPA) owns is in `Conflict`; at
@@ -508,15 +509,7 @@ fn a_conflicted_function_at_zero_answers_503_at_once() {
     blink_tests::run("activator-conflict", |ctx| async move {
         create_deployment(&ctx, "contested", 0, json!({})).await?;
         // At zero, the HPA controller leaves the Deployment alone (scaling disabled).
-        let hpa: k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler =
-            serde_json::from_value(json!({
-                "metadata": {"name": "contested-hpa"},
-                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "contested"},
-                         "minReplicas": 1, "maxReplicas": 5}
-            }))?;
-        ctx.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>()
-            .create(&Default::default(), &hpa)
-            .await?;
+        create_hpa(&ctx, "contested-hpa", "contested").await?;
         let scaler = start_scaler(&ctx, "scaler-conflict").await?;
         let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
         create_scaled_object(
@@ -536,22 +529,13 @@ spec:
             || condition_state(&ctx, "contested", "Ready"),
         )
         .await?;
-        until_routed(&ctx, &activators, "contested").await?;
-        let host = format!("contested.{}", ctx.namespace());
+        activators
+            .until_routed(ctx.namespace(), "contested")
+            .await?;
         // A request that came before the activator saw the condition would be held,
         // then answered the same way once it does.
-        let started = Instant::now();
-        let (status, headers, body) =
-            request(&activators.url(0), &host, Duration::from_secs(30)).await?;
-        ensure!(
-            status == 503 && body.contains("Conflict") && headers.contains_key("retry-after"),
-            "conflicted at zero: {status} {body}"
-        );
-        ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "answered only after {:?}",
-            started.elapsed()
-        );
+        let host = format!("contested.{}", ctx.namespace());
+        answers_503_at_once(&activators, &host, "Conflict").await?;
         ensure!(
             desired(&ctx, "contested").await? == 0,
             "the conflicted function was scaled"
@@ -608,8 +592,8 @@ spec:
             )
             .await?;
         }
-        until_routed(&ctx, &activators, "plain").await?;
-        until_routed(&ctx, &activators, "grpcish").await?;
+        activators.until_routed(ctx.namespace(), "plain").await?;
+        activators.until_routed(ctx.namespace(), "grpcish").await?;
         replicas.wait_for(1, LONG).await?;
         h2_replicas.wait_for(2, LONG).await?;
         // A newer object claiming a host already routed: Conflict, and the host stays.
@@ -809,8 +793,8 @@ spec:
             )
             .await?;
         }
-        until_routed(&ctx, &activators, "warm").await?;
-        until_routed(&ctx, &activators, "cold").await?;
+        activators.until_routed(ctx.namespace(), "warm").await?;
+        activators.until_routed(ctx.namespace(), "cold").await?;
         replicas.wait_for(1, LONG).await?;
         let url = activators.url(0);
         let ns = ctx.namespace().to_owned();
@@ -866,7 +850,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "hello").await?;
+        activators.until_routed(ctx.namespace(), "hello").await?;
         scaler.stop().await;
         let (url, host) = (activators.url(0), format!("hello.{}", ctx.namespace()));
         let held = tokio::spawn(async move { request(&url, &host, Duration::from_secs(60)).await });
@@ -929,7 +913,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "pair").await?;
+        activators.until_routed(ctx.namespace(), "pair").await?;
         replicas.wait_for(2, LONG).await?;
         let (url, host) = (activators.url(0), format!("pair.{}", ctx.namespace()));
         let served_by = std::sync::Mutex::new(std::collections::BTreeSet::new());
@@ -999,7 +983,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "web").await?;
+        activators.until_routed(ctx.namespace(), "web").await?;
         let svc = ctx.api::<Service>().get("web").await?;
         let ip = svc.spec.and_then(|s| s.cluster_ip).context("ClusterIP")?;
         let cluster_url = format!("http://{ip}/");
@@ -1130,7 +1114,7 @@ spec:
             ),
         )
         .await?;
-        until_routed(&ctx, &activators, "burst").await?;
+        activators.until_routed(ctx.namespace(), "burst").await?;
         let pid = activators
             .processes
             .pid(&activators.pods[0].name)
@@ -1225,7 +1209,7 @@ spec:
 ",
         )
         .await?;
-        until_routed(&ctx, &activators, "echo").await?;
+        activators.until_routed(ctx.namespace(), "echo").await?;
         replicas.wait_for(1, LONG).await?;
         let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
         let mut socket = wait::until(LONG, "a WebSocket through the activator", || async {

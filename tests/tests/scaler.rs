@@ -14,8 +14,8 @@ use blink_tests::{
     scaler::{ACTIVATOR_SERVICE_ACCOUNT, ScalerProcess, leader_address, release_finalizers},
     wait,
     workloads::{
-        ReplicaHistory, condition_state, create_deployment, create_scaled_object, desired, events,
-        running_pods,
+        ReplicaHistory, condition_state, create_deployment, create_hpa, create_scaled_object,
+        desired, events, running_pods,
     },
 };
 use k8s_openapi::api::apps::v1::Deployment;
@@ -861,15 +861,7 @@ spec:
 fn an_hpa_on_the_same_target_is_a_conflict_reported_not_fought() {
     blink_tests::run("scaler-hpa-conflict", |ctx| async move {
         create_deployment(&ctx, "busy", 2, json!({})).await?;
-        let hpa: k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler =
-            serde_json::from_value(json!({
-                "metadata": {"name": "busy-hpa"},
-                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "busy"},
-                         "minReplicas": 1, "maxReplicas": 5}
-            }))?;
-        ctx.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>()
-            .create(&Default::default(), &hpa)
-            .await?;
+        create_hpa(&ctx, "busy-hpa", "busy").await?;
         let scaler = start_scaler(&ctx, "scaler-hpa").await?;
         create_scaled_object(
             &ctx,
