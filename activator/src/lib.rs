@@ -21,6 +21,7 @@ pub mod demand;
 pub mod function;
 pub mod headers;
 pub mod hold;
+pub mod http1;
 pub mod meter;
 pub mod metrics;
 pub mod pool;

@@ -4,7 +4,8 @@
 //! that refuses or resets the connection (just becoming ready, or just gone) costs the
 //! request nothing, and the caller may try another replica with the same, unread body.
 //!
-//! HTTP/1.1: a stack of idle connections (the most recent first, so a burst's extra
+//! HTTP/1.1 (spoken by [`crate::http1`], in the request's own task): a stack of idle
+//! connections (the most recent first, so a burst's extra
 //! connections go idle and close on the replica's side) and at most
 //! `max_connections` open at once; a request that finds none idle and none left to
 //! open waits for one to come back. h2c: one multiplexed connection, replaced when it
@@ -16,15 +17,14 @@ use std::{
     time::Duration,
 };
 
-use hyper::{
-    body::Incoming,
-    client::conn::{http1, http2},
-};
+use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     net::TcpStream,
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
 };
+
+pub use crate::http1::Http1Connection;
 
 /// The body of a request as the activator forwards it: the client's, streamed.
 pub type UpstreamBody = Incoming;
@@ -67,14 +67,6 @@ pub struct PoolConfig {
 pub enum Connection {
     Http1(Http1Connection),
     H2(http2::SendRequest<UpstreamBody>),
-}
-
-/// An HTTP/1.1 connection checked out of its pool; [`Upstream::give_back`] returns it
-/// once its response has been read to the end. Dropped instead, it closes.
-#[derive(Debug)]
-pub struct Http1Connection {
-    pub sender: http1::SendRequest<UpstreamBody>,
-    _permit: OwnedSemaphorePermit,
 }
 
 /// One replica's connections.
@@ -130,9 +122,10 @@ impl Upstream {
 
     async fn checkout_http1(&self) -> Result<Http1Connection, ConnectError> {
         loop {
-            while let Some(mut idle) = self.pop_idle() {
-                // An idle connection the replica closed fails here, not mid-request.
-                if idle.sender.ready().await.is_ok() {
+            while let Some(idle) = self.pop_idle() {
+                // An idle connection the replica closed is dropped here, not met
+                // mid-request.
+                if idle.still_open() {
                     return Ok(idle);
                 }
             }
@@ -161,11 +154,8 @@ impl Upstream {
 
     /// Back to the pool, after its response was read to the end.
     pub fn give_back(&self, connection: Http1Connection) {
-        if connection.sender.is_closed() {
-            return;
-        }
         if let Ok(mut idle) = self.idle.lock() {
-            idle.push(connection);
+            idle.push(connection.reused());
         }
         self.returned.notify_one();
     }
@@ -175,18 +165,7 @@ impl Upstream {
         permit: OwnedSemaphorePermit,
     ) -> Result<Http1Connection, ConnectError> {
         let io = self.connect_tcp().await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
-        self.drive(connection.with_upgrades());
-        Ok(Http1Connection {
-            sender,
-            _permit: permit,
-        })
+        Ok(Http1Connection::new(io, permit, self.open_gauge.clone()))
     }
 
     async fn checkout_h2(&self) -> Result<http2::SendRequest<UpstreamBody>, ConnectError> {
@@ -194,7 +173,7 @@ impl Upstream {
         if let Some(sender) = shared.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
         }
-        let io = self.connect_tcp().await?;
+        let io = TokioIo::new(self.connect_tcp().await?);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
@@ -208,8 +187,8 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Runs a connection until it closes, counted in the gauge meanwhile. Its errors
-    /// end it; the request that meets them reports them.
+    /// Runs an h2c connection until it closes, counted in the gauge meanwhile. Its
+    /// errors end it; the request that meets them reports them.
     fn drive<E>(
         &self,
         connection: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
@@ -222,7 +201,7 @@ impl Upstream {
         });
     }
 
-    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+    async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
         let timeout = self.config.connect_timeout;
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
@@ -236,6 +215,6 @@ impl Upstream {
             })?;
         // Requests and responses are small and interactive; never wait to coalesce.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 }

@@ -38,8 +38,9 @@ use crate::{
     function::{Admission, Function, Refusal, Ticket},
     headers,
     hold::held_body_bytes,
+    http1,
     metrics::Metrics,
-    pool::{Connection, Http1Connection, Protocol},
+    pool::{Connection, Protocol},
     registry::Registry,
     routes::Miss,
 };
@@ -503,34 +504,36 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
     // A pooled connection can close between its check and the send; the request comes
     // back unsent, and one more connection is tried.
     for attempt in 0..2 {
-        let sent = match connection {
-            Connection::Http1(mut c) => match c.sender.try_send_request(request).await {
-                Ok(response) => {
-                    return respond(response, Some(c), ticket, client_upgrade, upgrade, metrics);
+        let (unsent, error) = match connection {
+            Connection::Http1(c) => match c.send(request).await {
+                Ok(answer) => {
+                    return respond_http1(answer, ticket, client_upgrade, upgrade, metrics);
                 }
-                Err(mut e) => (e.take_message(), e.into_error()),
+                Err(http1::SendError {
+                    error: http1::Error::ClientBody(e),
+                    ..
+                }) => {
+                    metrics.proxy_error("client_body");
+                    return answer(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body could not be read: {e}"),
+                    );
+                }
+                Err(e) => (e.unsent, e.error.to_string()),
             },
             Connection::H2(mut sender) => {
                 if let Err(e) = sender.ready().await {
-                    (Some(request), e)
+                    (Some(request), e.to_string())
                 } else {
                     match sender.try_send_request(request).await {
                         Ok(response) => {
-                            return respond(
-                                response,
-                                None,
-                                ticket,
-                                client_upgrade,
-                                upgrade,
-                                metrics,
-                            );
+                            return respond_h2(response, ticket, client_upgrade, upgrade, metrics);
                         }
-                        Err(mut e) => (e.take_message(), e.into_error()),
+                        Err(mut e) => (e.take_message(), e.into_error().to_string()),
                     }
                 }
             }
         };
-        let (unsent, error) = sent;
         let key = ticket.function().key().clone();
         let addr = ticket.replica().addr();
         match unsent {
@@ -551,7 +554,7 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
             }
             _ => {
                 metrics.proxy_error("upstream");
-                warn!(function = %key, replica = %addr, error = %error, "a replica failed a request");
+                warn!(function = %key, replica = %addr, %error, "a replica failed a request");
                 return answer(
                     StatusCode::BAD_GATEWAY,
                     format!("replica {addr} of {key} failed the request: {error}"),
@@ -565,9 +568,74 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
     )
 }
 
-fn respond(
+/// A replica's answer over HTTP/1.1. A body that came whole with the head frees the
+/// connection and the replica's slot at once; a longer one is read as the client
+/// takes it. `101` to an upgrade becomes a tunnel.
+fn respond_http1(
+    answer_: http1::Answer,
+    ticket: Ticket,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upgrade: bool,
+    metrics: &Arc<Metrics>,
+) -> ProxyResponse {
+    match answer_ {
+        http1::Answer::Switched(mut parts, upgraded) => {
+            let Some(client_upgrade) = client_upgrade.filter(|_| upgrade) else {
+                metrics.proxy_error("upstream");
+                return answer(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "replica {} of {} switched protocols unasked",
+                        ticket.replica().addr(),
+                        ticket.function().key()
+                    ),
+                );
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                // The ticket lasts as long as the tunnel (the connection's place in
+                // the pool does, inside `upgraded`).
+                let _ticket = ticket;
+                let http1::Upgraded { mut io, early, .. } = upgraded;
+                let Ok(client) = client_upgrade.await else {
+                    metrics.proxy_error("upgrade");
+                    return;
+                };
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                if tokio::io::AsyncWriteExt::write_all(&mut client, &early)
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut io).await;
+                }
+            });
+            headers::remove_hop_by_hop(&mut parts.headers, true);
+            Response::from_parts(parts, ProxyBody::empty())
+        }
+        http1::Answer::Response(mut parts, mut body) => {
+            headers::remove_hop_by_hop(&mut parts.headers, false);
+            if let Some(whole) = body.take_whole() {
+                if let Some(connection) = body.into_reusable() {
+                    ticket.replica().upstream.give_back(connection);
+                }
+                let body = if whole.is_empty() {
+                    ProxyBody::empty()
+                } else {
+                    ProxyBody::full(whole)
+                };
+                return Response::from_parts(parts, body);
+            }
+            let body = Http1Body {
+                body: Some(body),
+                ticket: Some(ticket),
+            };
+            Response::from_parts(parts, ProxyBody::Http1(Box::new(body)))
+        }
+    }
+}
+
+fn respond_h2(
     mut response: Response<Incoming>,
-    connection: Option<Http1Connection>,
     ticket: Ticket,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: bool,
@@ -581,9 +649,8 @@ fn respond(
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            // The ticket and the connection's place in the pool last as long as the
-            // tunnel.
-            let _held = (ticket, connection);
+            // The ticket lasts as long as the tunnel.
+            let _ticket = ticket;
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
                     let mut client = hyper_util::rt::TokioIo::new(client);
@@ -599,12 +666,11 @@ fn respond(
     }
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false);
-    let body = UpstreamBody {
+    let body = H2Body {
         inner: body,
-        connection,
         ticket: Some(ticket),
     };
-    Response::from_parts(parts, ProxyBody::Upstream(Box::new(body)))
+    Response::from_parts(parts, ProxyBody::H2(Box::new(body)))
 }
 
 // ---- Bodies ---------------------------------------------------------------------
@@ -613,7 +679,8 @@ fn respond(
 #[derive(Debug)]
 pub enum ProxyBody {
     Full(Option<Bytes>),
-    Upstream(Box<UpstreamBody>),
+    Http1(Box<Http1Body>),
+    H2(Box<H2Body>),
 }
 
 impl ProxyBody {
@@ -626,47 +693,69 @@ impl ProxyBody {
     }
 }
 
-/// The replica's response body. Read to the end, it gives its connection back to the
-/// pool and frees its slot on the replica; dropped early, the connection closes (its
-/// state is unknown) and the slot is freed.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A replica's body over HTTP/1.1. Read to the end, it gives its connection back to
+/// the pool (when the exchange left it fit for another) and frees its slot on the
+/// replica; dropped early, the connection closes and the slot is freed.
 #[derive(Debug)]
-pub struct UpstreamBody {
-    inner: Incoming,
-    connection: Option<Http1Connection>,
+pub struct Http1Body {
+    body: Option<http1::ResponseBody>,
     ticket: Option<Ticket>,
 }
 
-impl UpstreamBody {
+impl Http1Body {
     fn finish(&mut self) {
-        if let (Some(connection), Some(ticket)) = (self.connection.take(), self.ticket.as_ref()) {
+        if let (Some(body), Some(ticket)) = (self.body.take(), self.ticket.take())
+            && let Some(connection) = body.into_reusable()
+        {
             ticket.replica().upstream.give_back(connection);
         }
-        self.ticket = None;
     }
+}
+
+/// A replica's body over h2c; the stream's end frees its slot on the replica.
+#[derive(Debug)]
+pub struct H2Body {
+    inner: Incoming,
+    ticket: Option<Ticket>,
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Self::Upstream(body) => {
-                let polled = Pin::new(&mut body.inner).poll_frame(cx);
+            Self::Http1(body) => {
+                let Some(inner) = body.body.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                let ended = inner.is_end_stream();
                 match &polled {
                     Poll::Ready(None) => body.finish(),
                     Poll::Ready(Some(Err(_))) => {
-                        body.connection = None;
+                        body.body = None;
                         body.ticket = None;
                     }
-                    Poll::Ready(Some(Ok(_))) if body.inner.is_end_stream() => body.finish(),
+                    Poll::Ready(Some(Ok(_))) if ended => body.finish(),
                     _ => {}
                 }
-                polled
+                polled.map_err(Into::into)
+            }
+            Self::H2(body) => {
+                let polled = Pin::new(&mut body.inner).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
+                    || body.inner.is_end_stream()
+                {
+                    body.ticket = None;
+                }
+                polled.map_err(Into::into)
             }
         }
     }
@@ -674,7 +763,8 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(data) => data.is_none(),
-            Self::Upstream(body) => body.inner.is_end_stream(),
+            Self::Http1(body) => body.body.as_ref().is_none_or(|b| b.is_end_stream()),
+            Self::H2(body) => body.inner.is_end_stream(),
         }
     }
 
@@ -682,7 +772,11 @@ impl Body for ProxyBody {
         match self {
             Self::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
-            Self::Upstream(body) => body.inner.size_hint(),
+            Self::Http1(body) => body
+                .body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
+            Self::H2(body) => body.inner.size_hint(),
         }
     }
 }

@@ -60,6 +60,8 @@ struct Measured {
     max_p50_ms: f64,
     max_p99_ms: f64,
     cpu_us_per_request: Option<f64>,
+    /// The kernel's share of it.
+    system_us_per_request: Option<f64>,
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
     fixed_errors: usize,
@@ -125,7 +127,10 @@ fn main() {
                     measured.max_p99_ms,
                     measured
                         .cpu_us_per_request
-                        .map(|us| format!(", {us:.1} µs CPU/request"))
+                        .zip(measured.system_us_per_request)
+                        .map(|(us, system)| format!(
+                            ", {us:.1} µs CPU/request ({system:.1} kernel)"
+                        ))
                         .unwrap_or_default(),
                     measured.fixed_p50_ms,
                     measured.fixed_p99_ms,
@@ -275,23 +280,40 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
     let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
     let max = wrk(path, seconds).await?;
     let cpu = match (path.proxy_pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(cpu_time(pid)? - before),
+        (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
         _ => None,
     };
+    let per_request = |time: Duration| time.as_secs_f64() * 1e6 / max.requests as f64;
     let fixed = fixed_rate(path, seconds).await?;
     Ok(Measured {
         max_rps: max.rps,
         max_p50_ms: max.p50_ms,
         max_p99_ms: max.p99_ms,
-        cpu_us_per_request: cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / max.requests as f64),
+        cpu_us_per_request: cpu.map(|cpu| per_request(cpu.user + cpu.system)),
+        system_us_per_request: cpu.map(|cpu| per_request(cpu.system)),
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
         fixed_errors: fixed.errors,
     })
 }
 
-/// User + system CPU time of a process so far.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+#[derive(Debug, Clone, Copy)]
+struct CpuTime {
+    user: Duration,
+    system: Duration,
+}
+
+impl CpuTime {
+    fn since(self, before: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+}
+
+/// User and system CPU time of a process so far.
+fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let fields: Vec<&str> = stat
@@ -300,9 +322,14 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
         .1
         .split_whitespace()
         .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     // `/proc` counts in USER_HZ, 100 on Linux whatever the kernel's own tick.
-    Ok(Duration::from_millis(ticks * 10))
+    let ticks = |field: &str| -> anyhow::Result<Duration> {
+        Ok(Duration::from_millis(field.parse::<u64>()? * 10))
+    };
+    Ok(CpuTime {
+        user: ticks(fields[11])?,
+        system: ticks(fields[12])?,
+    })
 }
 
 struct WrkResult {
@@ -487,6 +514,12 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
                 .filter_map(|m| m.cpu_us_per_request)
                 .collect(),
         );
+        let system = median(
+            measured
+                .iter()
+                .filter_map(|m| m.system_us_per_request)
+                .collect(),
+        );
         println!(
             "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
             path.name,
@@ -500,7 +533,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             if cpu.is_nan() {
                 "—".to_owned()
             } else {
-                format!("{cpu:.1} µs/request")
+                format!("{cpu:.1} µs/request ({system:.1} kernel)")
             },
             measured.iter().map(|m| m.fixed_errors).sum::<usize>(),
         );

@@ -1,0 +1,993 @@
+//! HTTP/1.1 to replicas, driven by the request's own task.
+//!
+//! hyper's client runs every connection as a task of its own and passes each request
+//! and response across channels, so one exchange wakes two tasks several times. Here
+//! the task serving the client writes the request's head, streams its body, reads the
+//! response's head, and — through the response body the server polls — the rest: the
+//! replica's answer wakes the one task that needs it. A response read whole with its
+//! head gives the connection back before the client is even answered.
+//!
+//! What is read is framed as RFC 9112 §6 says: no body after `HEAD` or for 1xx, 204
+//! and 304; `Transfer-Encoding` ending in `chunked` over `Content-Length` (and the
+//! connection is not reused when both came); a body without either runs until the
+//! replica closes. Interim 1xx answers are skipped. A connection is reused only when
+//! its exchange ended cleanly with nothing extra read.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version,
+    header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING},
+    response,
+};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::OwnedSemaphorePermit,
+};
+
+/// The most header fields a response (or its trailers) may have.
+const MAX_HEADERS: usize = 100;
+/// The largest response head accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Room made in the read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
+/// The longest chunk extension accepted (they are read and dropped).
+const MAX_CHUNK_EXTENSION: u16 = 4 * 1024;
+
+/// Why an exchange with a replica failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the replica closed the connection before answering")]
+    ClosedBeforeResponse,
+    #[error("the replica closed the connection mid-response")]
+    Truncated,
+    #[error("the replica's response is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("the replica's response head is larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("reading the request body from the client: {0}")]
+    ClientBody(hyper::Error),
+}
+
+/// A request that failed; `unsent` gives it back when the replica cannot have acted on
+/// it, so it may go to another connection.
+#[derive(Debug)]
+pub struct SendError {
+    pub unsent: Option<Request<Incoming>>,
+    pub error: Error,
+}
+
+/// What a replica answered.
+#[derive(Debug)]
+pub enum Answer {
+    /// A response; its body reads the rest from the connection.
+    Response(response::Parts, ResponseBody),
+    /// `101 Switching Protocols`: the connection is the upgraded stream now, and
+    /// `early` holds what the replica sent past the head.
+    Switched(response::Parts, Upgraded),
+}
+
+#[derive(Debug)]
+pub struct Upgraded {
+    pub io: TcpStream,
+    pub early: Bytes,
+    /// Held while the tunnel lasts: it counts against the replica's connections.
+    _connection: Http1Connection,
+}
+
+/// One HTTP/1.1 connection to a replica: checked out of its pool for one exchange at a
+/// time. Dropped, it closes.
+#[derive(Debug)]
+pub struct Http1Connection {
+    io: Option<TcpStream>,
+    /// Read from the replica and not yet consumed.
+    read: BytesMut,
+    /// A request went over it before: it may have been closed by the replica since.
+    reused: bool,
+    _permit: OwnedSemaphorePermit,
+    /// Connections open now; this one leaves it when dropped.
+    open: Gauge,
+}
+
+impl Drop for Http1Connection {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl Http1Connection {
+    /// A connection just made; `permit` is its place under the replica's bound.
+    pub fn new(io: TcpStream, permit: OwnedSemaphorePermit, open: Gauge) -> Self {
+        open.inc();
+        Self {
+            io: Some(io),
+            read: BytesMut::new(),
+            reused: false,
+            _permit: permit,
+            open,
+        }
+    }
+
+    /// Whether the replica has neither closed it nor sent anything unasked. Costs no
+    /// system call unless the socket became readable while idle.
+    pub fn still_open(&self) -> bool {
+        let Some(io) = &self.io else { return false };
+        let mut probe = [0u8; 1];
+        self.read.is_empty()
+            && matches!(io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Marks it as having carried a request, before it goes back to its pool.
+    pub fn reused(mut self) -> Self {
+        self.reused = true;
+        self
+    }
+
+    fn io(&mut self) -> io::Result<&mut TcpStream> {
+        self.io
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    /// Sends `request` (its head already in the form the replica gets) and reads the
+    /// response's head.
+    pub async fn send(mut self, request: Request<Incoming>) -> Result<Answer, SendError> {
+        let (parts, mut body) = request.into_parts();
+        let body_empty = body.is_end_stream();
+        let chunked = !body_empty && !parts.headers.contains_key(CONTENT_LENGTH);
+        let request_head = encode_request_head(&parts, chunked);
+        let written = match self.io() {
+            Ok(io) => io.write_all(&request_head).await,
+            Err(e) => Err(e),
+        };
+        if let Err(error) = written {
+            return Err(SendError {
+                unsent: Some(Request::from_parts(parts, body)),
+                error: error.into(),
+            });
+        }
+        let mut keep_alive = true;
+        if !body_empty {
+            match self.send_body(&mut body, chunked).await {
+                Ok(BodySent::Whole) => {}
+                Ok(BodySent::Interrupted) => keep_alive = false,
+                Err(error) => {
+                    return Err(SendError {
+                        unsent: None,
+                        error,
+                    });
+                }
+            }
+        }
+        let head = loop {
+            match self.read_head().await {
+                Ok(head)
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue;
+                }
+                Ok(head) => break head,
+                // A reused connection the replica closed as the request went out: it
+                // never read the request, and one without a body can go again.
+                Err(Error::ClosedBeforeResponse)
+                    if self.reused && body_empty && parts.method.is_idempotent() =>
+                {
+                    return Err(SendError {
+                        unsent: Some(Request::from_parts(parts, body)),
+                        error: Error::ClosedBeforeResponse,
+                    });
+                }
+                Err(error) => {
+                    return Err(SendError {
+                        unsent: None,
+                        error,
+                    });
+                }
+            }
+        };
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            let early = self.read.split().freeze();
+            let Some(io) = self.io.take() else {
+                return Err(SendError {
+                    unsent: None,
+                    error: Error::Truncated,
+                });
+            };
+            return Ok(Answer::Switched(
+                head,
+                Upgraded {
+                    io,
+                    early,
+                    _connection: self,
+                },
+            ));
+        }
+        let framing = match response_framing(&parts.method, &head) {
+            Ok(framing) => framing,
+            Err(error) => {
+                return Err(SendError {
+                    unsent: None,
+                    error,
+                });
+            }
+        };
+        // Both framings at once is how responses are smuggled: this one is read by
+        // its `Transfer-Encoding`, and the connection goes no further.
+        let both_framings = head.headers.contains_key(TRANSFER_ENCODING)
+            && head.headers.contains_key(CONTENT_LENGTH);
+        keep_alive &= head.version == Version::HTTP_11
+            && !has_token(&head.headers, CONNECTION, "close")
+            && !matches!(framing, Framing::UntilClose)
+            && !both_framings;
+        let mut head = head;
+        if matches!(framing, Framing::Chunked(_) | Framing::UntilClose) {
+            // The length is the replica's framing, not the body's; the server frames
+            // the body again for its client.
+            head.headers.remove(CONTENT_LENGTH);
+        }
+        Ok(Answer::Response(
+            head,
+            ResponseBody {
+                connection: self,
+                framing,
+                keep_alive,
+            },
+        ))
+    }
+
+    /// Streams the request body; stops early (and the connection is not reused) if
+    /// the replica answers or closes before it has all of it.
+    async fn send_body(&mut self, body: &mut Incoming, chunked: bool) -> Result<BodySent, Error> {
+        use http_body_util::BodyExt;
+        let Self { io, read, .. } = self;
+        let io = io
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        loop {
+            let frame = tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                answered = answered_early(io, read) => {
+                    answered?;
+                    return Ok(BodySent::Interrupted);
+                }
+            };
+            let frame = match frame {
+                None => {
+                    if chunked {
+                        io.write_all(b"0\r\n\r\n").await?;
+                    }
+                    return Ok(BodySent::Whole);
+                }
+                Some(Err(e)) => return Err(Error::ClientBody(e)),
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) if chunked => {
+                    let size = Bytes::from(format!("{:x}\r\n", data.len()));
+                    let mut chunk = size.chain(data).chain(&b"\r\n"[..]);
+                    io.write_all_buf(&mut chunk).await?;
+                }
+                Ok(mut data) => io.write_all_buf(&mut data).await?,
+                Err(frame) => {
+                    // Trailers end the body; they can only go in a chunked one.
+                    if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                        io.write_all(&encode_trailers(&trailers)).await?;
+                        return Ok(BodySent::Whole);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads until a whole response head is parsed.
+    async fn read_head(&mut self) -> Result<response::Parts, Error> {
+        loop {
+            if !self.read.is_empty()
+                && let Some(head) = parse_response_head(&mut self.read)?
+            {
+                return Ok(head);
+            }
+            if self.read.len() >= MAX_HEAD_BYTES {
+                return Err(Error::HeadTooLarge);
+            }
+            self.read.reserve(READ_CHUNK);
+            let Self { io, read, .. } = self;
+            let io = io
+                .as_mut()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+            if io.read_buf(read).await? == 0 {
+                return Err(if self.read.is_empty() {
+                    Error::ClosedBeforeResponse
+                } else {
+                    Error::Truncated
+                });
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum BodySent {
+    Whole,
+    Interrupted,
+}
+
+/// Resolves once the replica sends something (or closes) while the request body is
+/// still going out; what it sent is kept for the response.
+async fn answered_early(io: &TcpStream, read: &mut BytesMut) -> io::Result<()> {
+    loop {
+        io.readable().await?;
+        read.reserve(READ_CHUNK);
+        match io.try_read_buf(read) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `METHOD target HTTP/1.1`, the fields, and the framing: the client's
+/// `Content-Length` (kept among the fields) or, for a body of unknown length,
+/// `Transfer-Encoding: chunked`.
+fn encode_request_head(parts: &http::request::Parts, chunked: bool) -> Vec<u8> {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut head = Vec::with_capacity(
+        64 + target.len()
+            + parts
+                .headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>(),
+    );
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The last chunk and the trailer section.
+fn encode_trailers(trailers: &HeaderMap) -> Vec<u8> {
+    let mut out = b"0\r\n".to_vec();
+    for (name, value) in trailers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Parses a response head at the start of `buffer` and takes it out; `None` until it
+/// is all there. Field values share the head's bytes rather than being copied.
+fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<response::Parts>, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut fields);
+    let length = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed("too many fields")),
+        Err(_) => return Err(Error::Malformed("not an HTTP/1.x status line and fields")),
+    };
+    let status = parsed
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(Error::Malformed("invalid status code"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each field sits in the head, so the values can share its bytes.
+    let start = buffer.as_ptr() as usize;
+    let mut places = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
+        let name = field.name.as_ptr() as usize - start;
+        let value = field.value.as_ptr() as usize - start;
+        *place = (
+            name,
+            name + field.name.len(),
+            value,
+            value + field.value.len(),
+        );
+    }
+    let head = buffer.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_start, name_end, value_start, value_end) in &places[..count] {
+        let name = HeaderName::from_bytes(&head[name_start..name_end])
+            .map_err(|_| Error::Malformed("invalid field name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| Error::Malformed("invalid field value"))?;
+        headers.append(name, value);
+    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(parts))
+}
+
+/// Whether a list field (`Connection`, `Transfer-Encoding`) names `token`.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// How the response's body is delimited (RFC 9112 §6.3).
+#[derive(Debug)]
+enum Framing {
+    /// Bytes still to come.
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+fn response_framing(method: &Method, head: &response::Parts) -> Result<Framing, Error> {
+    if method == Method::HEAD
+        || head.status.is_informational()
+        || head.status == StatusCode::NO_CONTENT
+        || head.status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Done);
+    }
+    if head.headers.contains_key(TRANSFER_ENCODING) {
+        let last_is_chunked = head
+            .headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+        return Ok(if last_is_chunked {
+            Framing::Chunked(ChunkedDecoder::default())
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut lengths = head.headers.get_all(CONTENT_LENGTH).iter().peekable();
+    if lengths.peek().is_none() {
+        return Ok(Framing::UntilClose);
+    }
+    let mut length = None;
+    for value in lengths {
+        // `Content-Length: 5, 5` and repeated equal fields are one length.
+        for item in value.to_str().unwrap_or("x").split(',') {
+            let item = item.trim();
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Error::Malformed("invalid Content-Length"));
+            }
+            let parsed: u64 = item
+                .parse()
+                .map_err(|_| Error::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err(Error::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+/// A response body read from the replica's connection as the client takes it.
+#[derive(Debug)]
+pub struct ResponseBody {
+    connection: Http1Connection,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl ResponseBody {
+    /// The whole body, when it is already read (it came with the head, or there is
+    /// none): the connection can go back at once.
+    pub fn take_whole(&mut self) -> Option<Bytes> {
+        match self.framing {
+            Framing::Done => Some(Bytes::new()),
+            Framing::Length(n) if n <= self.connection.read.len() as u64 => {
+                self.framing = Framing::Done;
+                Some(self.connection.read.split_to(n as usize).freeze())
+            }
+            _ => None,
+        }
+    }
+
+    /// The connection, once the body was read to the end and the exchange leaves it
+    /// fit for another.
+    pub fn into_reusable(self) -> Option<Http1Connection> {
+        (matches!(self.framing, Framing::Done)
+            && self.keep_alive
+            && self.connection.read.is_empty())
+        .then(|| self.connection.reused())
+    }
+
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
+        let connection = &mut self.connection;
+        connection.read.reserve(READ_CHUNK);
+        let Some(io) = connection.io.as_mut() else {
+            return Poll::Ready(Err(Error::Truncated));
+        };
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(io),
+            cx,
+            &mut connection.read
+        ))?;
+        Poll::Ready(Ok(read))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            let buffered = &mut this.connection.read;
+            match &mut this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(remaining) => {
+                    if !buffered.is_empty() {
+                        let take = (*remaining).min(buffered.len() as u64);
+                        let data = buffered.split_to(take as usize).freeze();
+                        *remaining -= take;
+                        if *remaining == 0 {
+                            this.framing = Framing::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(decoder) => match decoder.decode(buffered) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Trailers(trailers)) => {
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Decoded::End) => {
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(error) => return Poll::Ready(Some(Err(error))),
+                },
+                Framing::UntilClose => {
+                    if !buffered.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(buffered.split().freeze()))));
+                    }
+                }
+            }
+            match ready!(this.poll_more(cx)) {
+                Ok(0) if matches!(this.framing, Framing::UntilClose) => {
+                    this.framing = Framing::Done;
+                    this.keep_alive = false;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return Poll::Ready(Some(Err(Error::Truncated))),
+                Ok(_) => {}
+                Err(error) => return Poll::Ready(Some(Err(error))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+// ---- Chunked transfer coding --------------------------------------------------
+
+/// Decodes `Transfer-Encoding: chunked` (RFC 9112 §7.1) from a buffer that fills up
+/// bit by bit: chunk data comes out as slices of it, extensions are dropped, trailers
+/// come out as fields.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChunkState {
+    Size { value: u64, digits: u8 },
+    Extension { value: u64, length: u16 },
+    SizeLf { value: u64 },
+    Data { left: u64 },
+    DataCr,
+    DataLf,
+    Trailers,
+    Done,
+}
+
+impl Default for ChunkState {
+    fn default() -> Self {
+        Self::Size {
+            value: 0,
+            digits: 0,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    NeedMore,
+}
+
+impl ChunkedDecoder {
+    /// Takes what it can from the front of `buffer`.
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, Error> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(Decoded::End),
+                ChunkState::Data { left } => {
+                    if buffer.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = left.min(buffer.len() as u64);
+                    let data = buffer.split_to(take as usize).freeze();
+                    self.state = if take == left {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data { left: left - take }
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::Trailers => return self.trailers(buffer),
+                state => {
+                    let Some(&byte) = buffer.first() else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    buffer.advance(1);
+                    self.state = next_state(state, byte)?;
+                }
+            }
+        }
+    }
+
+    fn trailers(&mut self, buffer: &mut BytesMut) -> Result<Decoded, Error> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (length, trailers) = match httparse::parse_headers(buffer, &mut fields) {
+            Ok(httparse::Status::Complete((length, fields))) => {
+                let mut trailers = HeaderMap::with_capacity(fields.len());
+                for field in fields {
+                    let name = HeaderName::from_bytes(field.name.as_bytes())
+                        .map_err(|_| Error::Malformed("invalid trailer name"))?;
+                    let value = HeaderValue::from_bytes(field.value)
+                        .map_err(|_| Error::Malformed("invalid trailer value"))?;
+                    trailers.append(name, value);
+                }
+                (length, trailers)
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => {
+                return Ok(Decoded::NeedMore);
+            }
+            Ok(httparse::Status::Partial) => return Err(Error::HeadTooLarge),
+            Err(_) => return Err(Error::Malformed("invalid trailer section")),
+        };
+        buffer.advance(length);
+        self.state = ChunkState::Done;
+        Ok(if trailers.is_empty() {
+            Decoded::End
+        } else {
+            Decoded::Trailers(trailers)
+        })
+    }
+}
+
+/// One byte of a chunk's size line or of the line end after its data.
+fn next_state(state: ChunkState, byte: u8) -> Result<ChunkState, Error> {
+    use ChunkState::*;
+    Ok(match (state, byte) {
+        (Size { value, digits }, b) if b.is_ascii_hexdigit() => {
+            // 16 hex digits fill a u64; more is no size anyone sends.
+            if digits == 16 {
+                return Err(Error::Malformed("chunk size too large"));
+            }
+            let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+            Size {
+                value: value << 4 | digit,
+                digits: digits + 1,
+            }
+        }
+        (Size { value, digits }, b';' | b' ' | b'\t') if digits > 0 => {
+            Extension { value, length: 0 }
+        }
+        (Size { value, digits }, b'\r') if digits > 0 => SizeLf { value },
+        (Extension { value, .. }, b'\r') => SizeLf { value },
+        (Extension { .. }, b'\n') => return Err(Error::Malformed("bare LF in a chunk extension")),
+        (Extension { value, length }, _) if length < MAX_CHUNK_EXTENSION => Extension {
+            value,
+            length: length + 1,
+        },
+        (Extension { .. }, _) => return Err(Error::Malformed("chunk extension too long")),
+        (SizeLf { value: 0 }, b'\n') => Trailers,
+        (SizeLf { value }, b'\n') => Data { left: value },
+        (DataCr, b'\r') => DataLf,
+        (DataLf, b'\n') => ChunkState::default(),
+        _ => return Err(Error::Malformed("invalid chunked coding")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `input` in pieces of `step` bytes; returns the data and the trailers.
+    fn decode_in_steps(input: &[u8], step: usize) -> Result<(Vec<u8>, HeaderMap), Error> {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buffer = BytesMut::new();
+        let mut data = Vec::new();
+        let mut trailers = HeaderMap::new();
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buffer)? {
+                Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                Decoded::Trailers(t) => trailers = t,
+                Decoded::End => return Ok((data, trailers)),
+                Decoded::NeedMore => {
+                    if fed == input.len() {
+                        return Err(Error::Truncated);
+                    }
+                    let end = (fed + step).min(input.len());
+                    buffer.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_or_fail_as_they_should() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("0\r\n\r\n", Some("")),
+            ("5\r\nhello\r\n0\r\n\r\n", Some("hello")),
+            (
+                "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                Some("hello world"),
+            ),
+            ("A\r\n0123456789\r\n0\r\n\r\n", Some("0123456789")),
+            ("5;name=value\r\nhello\r\n0;last\r\n\r\n", Some("hello")),
+            ("5 ;ext\r\nhello\r\n0\r\n\r\n", Some("hello")),
+            ("000005\r\nhello\r\n0\r\n\r\n", Some("hello")),
+            ("5\r\nhello\r\n0\r\nexpires: never\r\n\r\n", Some("hello")),
+            // Malformed: no size, a bad digit, data longer than its size, bare LF.
+            ("\r\n", None),
+            ("g\r\nhello\r\n0\r\n\r\n", None),
+            ("3\r\nhello\r\n0\r\n\r\n", None),
+            ("5\nhello\r\n0\r\n\r\n", None),
+            ("5;a\nb\r\nhello\r\n0\r\n\r\n", None),
+            ("11111111111111111\r\n", None),
+        ];
+        for (input, expected) in cases {
+            for step in [1, 3, input.len()] {
+                let decoded = decode_in_steps(input.as_bytes(), step);
+                match expected {
+                    Some(body) => {
+                        let (data, _) = decoded.unwrap_or_else(|e| panic!("{input:?}: {e}"));
+                        assert_eq!(String::from_utf8_lossy(&data), *body, "{input:?}");
+                    }
+                    None => assert!(decoded.is_err(), "{input:?} step {step} decoded"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailers_come_out_as_fields() {
+        let (data, trailers) =
+            decode_in_steps(b"2\r\nok\r\n0\r\ndigest: sha-256=x\r\nsize: 2\r\n\r\n", 4)
+                .expect("decoded");
+        assert_eq!(data, b"ok");
+        assert_eq!(trailers["digest"], "sha-256=x");
+        assert_eq!(trailers["size"], "2");
+    }
+
+    #[test]
+    fn bytes_after_the_last_chunk_stay_in_the_buffer() {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buffer = BytesMut::from(&b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200"[..]);
+        assert_eq!(
+            decoder.decode(&mut buffer).expect("data"),
+            Decoded::Data(Bytes::from_static(b"ok"))
+        );
+        assert_eq!(decoder.decode(&mut buffer).expect("end"), Decoded::End);
+        assert_eq!(&buffer[..], b"HTTP/1.1 200");
+    }
+
+    proptest! {
+        /// Any body, cut into any chunks with or without extensions, and fed to the
+        /// decoder in any pieces, comes out whole.
+        #[test]
+        fn any_chunking_decodes_to_the_body(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            extensions in any::<bool>(),
+            step in 1usize..64,
+        ) {
+            let mut encoded = Vec::new();
+            for chunk in &chunks {
+                encoded.extend_from_slice(format!("{:X}", chunk.len()).as_bytes());
+                if extensions {
+                    encoded.extend_from_slice(b";x=\"y\"");
+                }
+                encoded.extend_from_slice(b"\r\n");
+                encoded.extend_from_slice(chunk);
+                encoded.extend_from_slice(b"\r\n");
+            }
+            encoded.extend_from_slice(b"0\r\n\r\n");
+            let (data, trailers) = decode_in_steps(&encoded, step).expect("decoded");
+            prop_assert_eq!(data, chunks.concat());
+            prop_assert!(trailers.is_empty());
+        }
+    }
+
+    fn head(text: &str) -> response::Parts {
+        let mut buffer = BytesMut::from(text.as_bytes());
+        parse_response_head(&mut buffer)
+            .expect("valid head")
+            .expect("whole head")
+    }
+
+    #[test]
+    fn a_response_head_is_parsed_and_taken_out_of_the_buffer() {
+        let mut buffer = BytesMut::from(
+            &b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nok"[..],
+        );
+        let parts = parse_response_head(&mut buffer)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(parts.status, StatusCode::CREATED);
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.headers[CONTENT_LENGTH], "2");
+        let repeated: Vec<_> = parts.headers.get_all("x-a").iter().collect();
+        assert_eq!(repeated, ["1", "2"]);
+        assert_eq!(&buffer[..], b"ok");
+
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(
+            parse_response_head(&mut partial)
+                .expect("valid so far")
+                .is_none()
+        );
+        let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
+        assert!(parse_response_head(&mut garbage).is_err());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use Framing::*;
+        let get = Method::GET;
+        let cases: &[(&Method, &str, &str)] = &[
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                "Length(5)",
+            ),
+            (&get, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "Done"),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+                "Length(5)",
+            ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "Chunked",
+            ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
+                "Chunked",
+            ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "UntilClose",
+            ),
+            (&get, "HTTP/1.1 200 OK\r\n\r\n", "UntilClose"),
+            (
+                &get,
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                "Done",
+            ),
+            (
+                &get,
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                "Done",
+            ),
+            (
+                &Method::HEAD,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                "Done",
+            ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "error",
+            ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                "error",
+            ),
+        ];
+        for (method, text, expected) in cases {
+            let framing = response_framing(method, &head(text));
+            let got = match framing {
+                Ok(Length(n)) => format!("Length({n})"),
+                Ok(Chunked(_)) => "Chunked".to_owned(),
+                Ok(UntilClose) => "UntilClose".to_owned(),
+                Ok(Done) => "Done".to_owned(),
+                Err(_) => "error".to_owned(),
+            };
+            assert_eq!(&got, expected, "{method} {text:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_head_carries_its_framing() {
+        let request = Request::post("/upload?x=1")
+            .header("host", "fn.example")
+            .body(())
+            .expect("request");
+        let (parts, ()) = request.into_parts();
+        let head = String::from_utf8(encode_request_head(&parts, true)).expect("utf-8");
+        assert_eq!(
+            head,
+            "POST /upload?x=1 HTTP/1.1\r\nhost: fn.example\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let trailers = encode_trailers(&HeaderMap::from_iter([(
+            HeaderName::from_static("digest"),
+            HeaderValue::from_static("x"),
+        )]));
+        assert_eq!(trailers, b"0\r\ndigest: x\r\n\r\n");
+    }
+}
