@@ -38,6 +38,10 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Transfer-Encoding`; `Upgrade` too, unless the exchange is being upgraded, when
 /// `Connection: upgrade` and `Upgrade` go on to the next hop.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most heads carry none of them: one pass over the names instead of a lookup each.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -69,6 +73,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE].contains(name)
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// A client connection's address, with the forwarded-field values made from it once
@@ -120,16 +130,18 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Opti
         }
         None => client.forwarded.clone(),
     };
+    // Room for the four fields at once, rather than the map growing twice.
+    headers.reserve(4);
     append_list(headers, &FORWARDED, forwarded);
     append_list(headers, &X_FORWARDED_FOR, client.ip.clone());
-    if let Some(host) = host
-        && !headers.contains_key(&X_FORWARDED_HOST)
-    {
-        headers.insert(&X_FORWARDED_HOST, host.clone());
+    if let Some(host) = host {
+        headers
+            .entry(&X_FORWARDED_HOST)
+            .or_insert_with(|| host.clone());
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
+    headers
+        .entry(&X_FORWARDED_PROTO)
+        .or_insert_with(|| HeaderValue::from_static("http"));
 }
 
 /// A host as it may appear unquoted in `Forwarded`.
@@ -142,17 +154,21 @@ fn is_token_or_host(host: &str) -> bool {
 
 /// Adds `value` to a comma-separated list field (earlier proxies' entries first).
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) {
-    let joined = match headers.get(name) {
-        Some(existing) => {
-            let mut joined = BytesMut::with_capacity(existing.len() + 2 + value.len());
-            joined.extend_from_slice(existing.as_bytes());
-            joined.extend_from_slice(b", ");
+    match headers.entry(name) {
+        http::header::Entry::Occupied(mut entry) => {
+            // Every earlier field of the name, in order, then this one.
+            let mut joined = BytesMut::new();
+            for existing in entry.iter() {
+                joined.extend_from_slice(existing.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
             joined.extend_from_slice(value.as_bytes());
-            header_value(joined.freeze())
+            entry.insert(header_value(joined.freeze()));
         }
-        None => value,
-    };
-    headers.insert(name, joined);
+        http::header::Entry::Vacant(entry) => {
+            entry.insert(value);
+        }
+    }
 }
 
 /// Gives a request that is about to wait its own copies of its target and field
@@ -314,13 +330,18 @@ mod tests {
 
     #[test]
     fn forwarded_fields_are_added_to_earlier_ones() {
-        let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
         add_forwarded(
             &mut h,
             &ClientAddress::new("10.0.0.9:5555".parse().expect("addr")),
             Some(&HeaderValue::from_static("f.example:8080")),
         );
-        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(
             h["forwarded"],
             "for=1.2.3.4, for=10.0.0.9;proto=http;host=f.example:8080"
