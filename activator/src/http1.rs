@@ -95,6 +95,8 @@ pub struct Http1Connection {
     read: BytesMut,
     /// A request went over it before: it may have been closed by the replica since.
     reused: bool,
+    /// Field names this replica has sent.
+    names: Vec<HeaderName>,
     _permit: OwnedSemaphorePermit,
     /// Connections open now; this one leaves it when dropped.
     open: Gauge,
@@ -114,6 +116,7 @@ impl Http1Connection {
             io: Some(io),
             read: BytesMut::new(),
             reused: false,
+            names: Vec::new(),
             _permit: permit,
             open,
         }
@@ -297,7 +300,7 @@ impl Http1Connection {
     async fn read_head(&mut self) -> Result<response::Parts, Error> {
         loop {
             if !self.read.is_empty()
-                && let Some(head) = parse_response_head(&mut self.read)?
+                && let Some(head) = parse_response_head(&mut self.read, &mut self.names)?
             {
                 return Ok(head);
             }
@@ -388,14 +391,36 @@ fn encode_trailers(trailers: &HeaderMap) -> Vec<u8> {
 }
 
 /// Parses a response head at the start of `buffer` and takes it out; `None` until it
-/// is all there. Field values share the head's bytes rather than being copied.
-fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<response::Parts>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+/// is all there. Field values share the head's bytes rather than being copied, and
+/// names not known to `http` come from `names` (the connection's, filled as they are
+/// met) rather than being copied again for every response.
+fn parse_response_head(
+    buffer: &mut BytesMut,
+    names: &mut Vec<HeaderName>,
+) -> Result<Option<response::Parts>, Error> {
+    // Room for a usual head first: the arrays are cleared on every parse.
+    match parse_response_head_with::<24>(buffer, names) {
+        Err(Error::Malformed(TOO_MANY_FIELDS)) => {
+            parse_response_head_with::<MAX_HEADERS>(buffer, names)
+        }
+        parsed => parsed,
+    }
+}
+
+const TOO_MANY_FIELDS: &str = "too many fields";
+/// The most names not known to `http` a connection remembers.
+const MAX_REMEMBERED_NAMES: usize = 32;
+
+fn parse_response_head_with<const FIELDS: usize>(
+    buffer: &mut BytesMut,
+    names: &mut Vec<HeaderName>,
+) -> Result<Option<response::Parts>, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; FIELDS];
     let mut parsed = httparse::Response::new(&mut fields);
     let length = match parsed.parse(buffer) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed("too many fields")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed(TOO_MANY_FIELDS)),
         Err(_) => return Err(Error::Malformed("not an HTTP/1.x status line and fields")),
     };
     let status = parsed
@@ -407,27 +432,22 @@ fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<response::Parts>,
     } else {
         Version::HTTP_11
     };
-    // Where each field sits in the head, so the values can share its bytes.
+    // Where each value sits in the head, so the values can share its bytes.
     let start = buffer.as_ptr() as usize;
-    let mut places = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = parsed.headers.len();
+    let mut places = [(0u32, 0u32); FIELDS];
+    let mut field_names = Vec::with_capacity(parsed.headers.len());
     for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
-        let name = field.name.as_ptr() as usize - start;
         let value = field.value.as_ptr() as usize - start;
-        *place = (
-            name,
-            name + field.name.len(),
-            value,
-            value + field.value.len(),
-        );
+        // The head is at most MAX_HEAD_BYTES long.
+        *place = (value as u32, (value + field.value.len()) as u32);
+        field_names.push(header_name(field.name.as_bytes(), names)?);
     }
     let head = buffer.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &places[..count] {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
-            .map_err(|_| Error::Malformed("invalid field name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| Error::Malformed("invalid field value"))?;
+    let mut headers = HeaderMap::with_capacity(field_names.len());
+    for (name, &(value_start, value_end)) in field_names.into_iter().zip(&places) {
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| Error::Malformed("invalid field value"))?;
         headers.append(name, value);
     }
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -435,6 +455,23 @@ fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<response::Parts>,
     parts.version = version;
     parts.headers = headers;
     Ok(Some(parts))
+}
+
+/// A field name: one this connection met before (a replica sends the same few on
+/// every response), or a new one, then remembered. Making a name `http` does not know
+/// copies it; a remembered one is shared.
+fn header_name(raw: &[u8], names: &mut Vec<HeaderName>) -> Result<HeaderName, Error> {
+    if let Some(known) = names
+        .iter()
+        .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(raw))
+    {
+        return Ok(known.clone());
+    }
+    let name = HeaderName::from_bytes(raw).map_err(|_| Error::Malformed("invalid field name"))?;
+    if names.len() < MAX_REMEMBERED_NAMES {
+        names.push(name.clone());
+    }
+    Ok(name)
 }
 
 /// Whether a list field (`Connection`, `Transfer-Encoding`) names `token`.
@@ -871,7 +908,7 @@ mod tests {
 
     fn head(text: &str) -> response::Parts {
         let mut buffer = BytesMut::from(text.as_bytes());
-        parse_response_head(&mut buffer)
+        parse_response_head(&mut buffer, &mut Vec::new())
             .expect("valid head")
             .expect("whole head")
     }
@@ -881,7 +918,7 @@ mod tests {
         let mut buffer = BytesMut::from(
             &b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nok"[..],
         );
-        let parts = parse_response_head(&mut buffer)
+        let parts = parse_response_head(&mut buffer, &mut Vec::new())
             .expect("valid")
             .expect("whole");
         assert_eq!(parts.status, StatusCode::CREATED);
@@ -893,12 +930,42 @@ mod tests {
 
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(
-            parse_response_head(&mut partial)
+            parse_response_head(&mut partial, &mut Vec::new())
                 .expect("valid so far")
                 .is_none()
         );
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
-        assert!(parse_response_head(&mut garbage).is_err());
+        assert!(parse_response_head(&mut garbage, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_head_of_many_fields_parses_and_names_are_remembered() {
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..60 {
+            text.push_str(&format!("x-field-{i}: {i}\r\n"));
+        }
+        text.push_str("\r\n");
+        let mut names = Vec::new();
+        let parts = parse_response_head(&mut BytesMut::from(text.as_bytes()), &mut names)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(parts.headers.len(), 60);
+        assert_eq!(parts.headers["x-field-59"], "59");
+        assert_eq!(names.len(), MAX_REMEMBERED_NAMES);
+
+        let again = "HTTP/1.1 200 OK\r\nX-Field-3: again\r\n\r\n";
+        let parts = parse_response_head(&mut BytesMut::from(again.as_bytes()), &mut names)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(parts.headers["x-field-3"], "again");
+        assert_eq!(names.len(), MAX_REMEMBERED_NAMES);
+
+        let mut too_many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_HEADERS {
+            too_many.push_str(&format!("x-{i}: {i}\r\n"));
+        }
+        too_many.push_str("\r\n");
+        assert!(parse_response_head(&mut BytesMut::from(too_many.as_bytes()), &mut names).is_err());
     }
 
     #[test]

@@ -194,7 +194,10 @@ async fn wait_for_200(addr: SocketAddr, host: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Debian's nginx: one worker, an upstream with keepalive to the replica.
+/// Debian's nginx: one worker, an upstream with keepalive to the replica, configured to
+/// do the activator's job: the same forwarded fields (`Forwarded`, `X-Forwarded-For`,
+/// `-Host`, `-Proto`), and no connection closed after some number of requests (nginx
+/// closes one after 1,000 by default on both sides; the activator never does).
 struct Nginx {
     master: std::process::Child,
     addr: SocketAddr,
@@ -215,9 +218,10 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  keepalive_requests 1000000;
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
-  upstream replica {{ server {replica}; keepalive 64; }}
+  upstream replica {{ server {replica}; keepalive 64; keepalive_requests 1000000; }}
   server {{
     listen {addr};
     location / {{
@@ -225,6 +229,10 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection \"\";
       proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header Forwarded \"for=$remote_addr;proto=$scheme;host=$host\";
     }}
   }}
 }}
