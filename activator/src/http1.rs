@@ -26,7 +26,6 @@ use http::{
     response,
 };
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -57,14 +56,16 @@ pub enum Error {
     #[error("the replica's response head is larger than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
     #[error("reading the request body from the client: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(BoxError),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request that failed; `unsent` gives it back when the replica cannot have acted on
 /// it, so it may go to another connection.
 #[derive(Debug)]
-pub struct SendError {
-    pub unsent: Option<Request<Incoming>>,
+pub struct SendError<B> {
+    pub unsent: Option<Request<B>>,
     pub error: Error,
 }
 
@@ -145,7 +146,11 @@ impl Http1Connection {
 
     /// Sends `request` (its head already in the form the replica gets) and reads the
     /// response's head.
-    pub async fn send(mut self, request: Request<Incoming>) -> Result<Answer, SendError> {
+    pub async fn send<B>(mut self, request: Request<B>) -> Result<Answer, SendError<B>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let (parts, mut body) = request.into_parts();
         let body_empty = body.is_end_stream();
         let chunked = !body_empty && !parts.headers.contains_key(CONTENT_LENGTH);
@@ -252,7 +257,11 @@ impl Http1Connection {
 
     /// Streams the request body; stops early (and the connection is not reused) if
     /// the replica answers or closes before it has all of it.
-    async fn send_body(&mut self, body: &mut Incoming, chunked: bool) -> Result<BodySent, Error> {
+    async fn send_body<B>(&mut self, body: &mut B, chunked: bool) -> Result<BodySent, Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         use http_body_util::BodyExt;
         let Self { io, read, .. } = self;
         let io = io
@@ -274,7 +283,7 @@ impl Http1Connection {
                     }
                     return Ok(BodySent::Whole);
                 }
-                Some(Err(e)) => return Err(Error::ClientBody(e)),
+                Some(Err(e)) => return Err(Error::ClientBody(e.into())),
                 Some(Ok(frame)) => frame,
             };
             match frame.into_data() {
@@ -312,15 +321,27 @@ impl Http1Connection {
             let io = io
                 .as_mut()
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-            if io.read_buf(read).await? == 0 {
-                return Err(if self.read.is_empty() {
-                    Error::ClosedBeforeResponse
-                } else {
-                    Error::Truncated
-                });
+            match io.read_buf(read).await {
+                Ok(0) if self.read.is_empty() => return Err(Error::ClosedBeforeResponse),
+                Ok(0) => return Err(Error::Truncated),
+                Ok(_) => {}
+                // A reset that comes before any byte of an answer is a close, too.
+                Err(e) if self.read.is_empty() && is_reset(&e) => {
+                    return Err(Error::ClosedBeforeResponse);
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }
+}
+
+fn is_reset(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -1037,6 +1058,278 @@ mod tests {
             };
             assert_eq!(&got, expected, "{method} {text:?}");
         }
+    }
+
+    // ---- Conversations with a scripted replica on loopback ----
+
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use tokio::net::TcpListener;
+
+    /// When the scripted replica answers: once it has a request's head, or its whole
+    /// chunked body too.
+    #[derive(Clone, Copy)]
+    enum After {
+        Head,
+        Body,
+    }
+
+    /// Where the request at the start of `bytes` ends, once it is all there.
+    fn request_end(bytes: &[u8], after: After) -> Option<usize> {
+        let text = String::from_utf8_lossy(bytes);
+        let head_end = text.find("\r\n\r\n")? + 4;
+        match after {
+            After::Head => Some(head_end),
+            After::Body => {
+                let rest = &text[head_end..];
+                let last = if rest.starts_with("0\r\n") {
+                    0
+                } else {
+                    rest.find("\r\n0\r\n")? + 2
+                };
+                Some(head_end + last + rest[last..].find("\r\n\r\n")? + 4)
+            }
+        }
+    }
+
+    /// A replica for one connection: each reply goes out once its request has arrived;
+    /// after the last it reads until the connection closes and returns all it read. With
+    /// no replies it closes at once.
+    async fn replica(
+        replies: Vec<(After, &'static [u8])>,
+    ) -> (Http1Connection, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let (mut seen, mut answered) = (Vec::new(), 0);
+            let mut buffer = [0u8; 4096];
+            for (after, reply) in replies {
+                while request_end(&seen[answered..], after).is_none() {
+                    let n = stream.read(&mut buffer).await.expect("read");
+                    if n == 0 {
+                        return String::from_utf8_lossy(&seen).into_owned();
+                    }
+                    seen.extend_from_slice(&buffer[..n]);
+                }
+                answered += request_end(&seen[answered..], after).unwrap_or(0);
+                stream.write_all(reply).await.expect("write");
+            }
+            if answered > 0 {
+                while let Ok(n) = stream.read(&mut buffer).await
+                    && n > 0
+                {
+                    seen.extend_from_slice(&buffer[..n]);
+                }
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        });
+        let io = TcpStream::connect(addr).await.expect("connect");
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        (Http1Connection::new(io, permit, Gauge::default()), served)
+    }
+
+    async fn read_body(mut body: ResponseBody) -> (Vec<u8>, HeaderMap, Option<Http1Connection>) {
+        let (mut data, mut trailers) = (Vec::new(), HeaderMap::new());
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("frame");
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().expect("trailers"),
+            }
+        }
+        (data, trailers, body.into_reusable())
+    }
+
+    fn get(path: &str) -> Request<Empty<Bytes>> {
+        Request::get(path)
+            .header("host", "fn.example")
+            .body(Empty::new())
+            .expect("request")
+    }
+
+    fn response(answer: Answer) -> (response::Parts, ResponseBody) {
+        match answer {
+            Answer::Response(parts, body) => (parts, body),
+            Answer::Switched(..) => panic!("switched protocols"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_response_with_trailers_is_read_and_the_connection_kept() {
+        let (connection, served) = replica(vec![
+            (
+                After::Head,
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\ndigest: d\r\n\r\n",
+            ),
+            (After::Head, b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ])
+        .await;
+        let (_, body) = response(connection.send(get("/a")).await.expect("answer"));
+        let (data, trailers, reusable) = read_body(body).await;
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers["digest"], "d");
+        let connection = reusable.expect("kept for reuse").reused();
+        let (parts, mut body) = response(connection.send(get("/b")).await.expect("second answer"));
+        assert_eq!(parts.status, StatusCode::NO_CONTENT);
+        assert_eq!(body.take_whole().expect("no body"), Bytes::new());
+        drop(body);
+        let seen = served.await.expect("replica");
+        assert_eq!(
+            seen,
+            "GET /a HTTP/1.1\r\nhost: fn.example\r\n\r\nGET /b HTTP/1.1\r\nhost: fn.example\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn both_framings_at_once_are_read_chunked_and_the_connection_not_reused() {
+        let (connection, served) = replica(vec![(
+            After::Head,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )])
+        .await;
+        let (parts, body) = response(connection.send(get("/")).await.expect("answer"));
+        assert!(
+            !parts.headers.contains_key(CONTENT_LENGTH),
+            "the replica's length is not the body's"
+        );
+        let (data, _, reusable) = read_body(body).await;
+        assert_eq!(data, b"ok");
+        assert!(reusable.is_none());
+        drop(served);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_head_has_no_body() {
+        let (connection, served) = replica(vec![
+            (
+                After::Head,
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            ),
+            (After::Head, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        ])
+        .await;
+        let (parts, mut body) = response(connection.send(get("/")).await.expect("answer"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(body.take_whole().expect("whole"), Bytes::from_static(b"ok"));
+        let connection = body.into_reusable().expect("kept").reused();
+        let head = Request::head("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let (parts, mut body) = response(connection.send(head).await.expect("answer"));
+        assert_eq!(parts.headers[CONTENT_LENGTH], "5");
+        assert_eq!(body.take_whole().expect("none"), Bytes::new());
+        assert!(body.into_reusable().is_some(), "nothing was left to read");
+        drop(served);
+    }
+
+    #[tokio::test]
+    async fn a_body_without_framing_runs_until_close_and_the_connection_goes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nall ").await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let _ = stream.write_all(b"of it").await;
+            // Dropped: the close ends the body.
+        });
+        let io = TcpStream::connect(addr).await.expect("connect");
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let connection = Http1Connection::new(io, permit, Gauge::default());
+        let (_, body) = response(connection.send(get("/")).await.expect("answer"));
+        let (data, _, reusable) = read_body(body).await;
+        assert_eq!(data, b"all of it");
+        assert!(reusable.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_chunked_with_its_trailers() {
+        let (connection, served) = replica(vec![(
+            After::Body,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        )])
+        .await;
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"0123456789abcdef"))),
+            Ok(Frame::trailers(HeaderMap::from_iter([(
+                HeaderName::from_static("digest"),
+                HeaderValue::from_static("x"),
+            )]))),
+        ];
+        let body = StreamBody::new(futures::stream::iter(frames));
+        let request = Request::post("/up").body(body).expect("request");
+        let (parts, body) = response(connection.send(request).await.expect("answer"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert!(body.into_reusable().is_some(), "the whole body went out");
+        let seen = served.await.expect("replica");
+        assert_eq!(
+            seen,
+            "POST /up HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\ndigest: x\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_stops_the_upload() {
+        let (connection, served) = replica(vec![(
+            After::Head,
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n",
+        )])
+        .await;
+        // A body that never ends: only the replica's early answer can end the send.
+        let body = StreamBody::new(futures::stream::pending::<
+            Result<Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let request = Request::post("/up").body(body).expect("request");
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(5), connection.send(request))
+                .await
+                .expect("the early answer ends the send");
+        let (parts, mut body) = response(answer.expect("answer"));
+        assert_eq!(parts.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            body.take_whole().expect("whole"),
+            Bytes::from_static(b"too big\n")
+        );
+        assert!(body.into_reusable().is_none(), "the request was cut short");
+        drop(served);
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_before_answering_gives_an_idempotent_request_back() {
+        let (connection, served) = replica(vec![]).await;
+        let _ = served.await;
+        let failed = connection
+            .reused()
+            .send(get("/again"))
+            .await
+            .expect_err("closed");
+        assert_eq!(failed.unsent.expect("given back").uri(), "/again");
+
+        let (connection, served) = replica(vec![]).await;
+        let _ = served.await;
+        let post = Request::post("/once")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .expect("request");
+        let failed = connection.reused().send(post).await.expect_err("closed");
+        assert!(
+            failed.unsent.is_none(),
+            "a request with a body may have been read"
+        );
+
+        let (connection, served) = replica(vec![]).await;
+        let _ = served.await;
+        let failed = connection.send(get("/fresh")).await.expect_err("closed");
+        assert!(
+            failed.unsent.is_none(),
+            "a new connection closed without an answer is the replica's failure"
+        );
     }
 
     #[test]
