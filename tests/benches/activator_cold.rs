@@ -18,10 +18,9 @@
 //!   written to the API server's connection); the rest is the API server's;
 //! - the whole wake as the client sees it.
 //!
-//! The bed's replicas are processes started when a pod is reported running, so an
-//! endpoint can be ready a moment before its replica listens (a real pod's readiness
-//! probe rules that out); the activator's probe then waits for it, and that wait counts
-//! against the activator here.
+//! The functions' pods are Ready only once their replica listens (a readiness gate the
+//! bed opens, as a real readiness probe would), so an endpoint the activator learns of
+//! accepts connections.
 
 use std::{
     path::Path,
@@ -34,7 +33,7 @@ use blink_tests::{
     audit,
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
-    workloads::{create_deployment, create_scaled_object},
+    workloads::{create_gated_deployment, create_scaled_object},
 };
 use k8s_openapi::jiff::Timestamp;
 
@@ -50,7 +49,7 @@ fn main() {
             .unwrap_or(40usize);
         let names: Vec<String> = (0..wakes).map(|i| format!("cold-{i}")).collect();
         for name in &names {
-            create_deployment(&ctx, name, 0, serde_json::json!({})).await?;
+            create_gated_deployment(&ctx, name, 0).await?;
         }
         let replicas = PodProcesses::start(
             ctx.client(),

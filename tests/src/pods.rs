@@ -6,6 +6,14 @@
 //! The process is a [`test replica`](replica_command) or any command a test gives
 //! (later, the activator itself). It is started when the pod is Running with an IP and
 //! stopped (SIGTERM, then SIGKILL) when the pod goes away or starts terminating.
+//!
+//! A pod with the readiness gate [`LISTENING_GATE`] (see
+//! `workloads::create_gated_deployment`) is Ready
+//! only once its process listens, as a real readiness probe would make it: the bed's
+//! kwok holds such a pod not Ready (`tests/bed/kwok-stages.yaml`) until its condition
+//! is True, which is set here when a connection to the pod's address succeeds. A pod
+//! without the gate is Ready as soon as it runs, so a test can have endpoints that are
+//! ready before anything listens.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -32,6 +40,9 @@ pub struct PodInfo {
 }
 
 type CommandFactory = dyn Fn(&PodInfo) -> Command + Send + Sync;
+
+/// The readiness gate set once a pod's process listens.
+pub const LISTENING_GATE: &str = "blink.test/listening";
 
 /// Runs one process per Running pod matching a label selector, until dropped or
 /// [`shut down`](PodProcesses::shutdown).
@@ -137,7 +148,7 @@ async fn watch_pods(
     command: Arc<CommandFactory>,
     running: Arc<Mutex<HashMap<String, (PodInfo, Child)>>>,
 ) {
-    let mut events = watcher(pods, config).boxed();
+    let mut events = watcher(pods.clone(), config).boxed();
     let mut seen_in_relist = HashSet::new();
     while let Some(event) = events.next().await {
         let Ok(event) = event else {
@@ -150,7 +161,7 @@ async fn watch_pods(
                 if let Some(name) = pod.metadata.name.clone() {
                     seen_in_relist.insert(name);
                 }
-                reconcile(&pod, &command, &running).await;
+                reconcile(&pods, &pod, &command, &running).await;
             }
             watcher::Event::InitDone => {
                 let gone: Vec<String> = running
@@ -164,7 +175,7 @@ async fn watch_pods(
                     remove(&name, &running).await;
                 }
             }
-            watcher::Event::Apply(pod) => reconcile(&pod, &command, &running).await,
+            watcher::Event::Apply(pod) => reconcile(&pods, &pod, &command, &running).await,
             watcher::Event::Delete(pod) => {
                 if let Some(name) = pod.metadata.name {
                     remove(&name, &running).await;
@@ -203,6 +214,7 @@ fn wanted(pod: &Pod) -> Option<PodInfo> {
 }
 
 async fn reconcile(
+    pods: &Api<Pod>,
     pod: &Pod,
     command: &Arc<CommandFactory>,
     running: &Arc<Mutex<HashMap<String, (PodInfo, Child)>>>,
@@ -223,12 +235,54 @@ async fn reconcile(
             cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
             match cmd.spawn() {
                 Ok(child) => {
+                    if is_gated(pod) {
+                        tokio::spawn(pass_gate_once_listening(pods.clone(), info.clone()));
+                    }
                     running.insert(name, (info, child));
                 }
                 Err(e) => eprintln!("pod process for {name}: cannot spawn: {e}"),
             }
         }
         None => remove(&name, running).await,
+    }
+}
+
+fn is_gated(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|gates| gates.iter().any(|g| g.condition_type == LISTENING_GATE))
+}
+
+/// Connects to the pod's address every millisecond until something accepts, then sets
+/// the gate's condition True; gives up after a minute (the pod stays not Ready).
+async fn pass_gate_once_listening(pods: Api<Pod>, pod: PodInfo) {
+    let addr = std::net::SocketAddr::new(pod.ip, pod.port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            eprintln!(
+                "pod {}: nothing listens on {addr}; its gate stays closed",
+                pod.name
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let status = serde_json::json!({"status": {"conditions": [{
+        "type": LISTENING_GATE,
+        "status": "True",
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+    }]}});
+    let patch = kube::api::Patch::Strategic(status);
+    if let Err(e) = pods
+        .patch_status(&pod.name, &kube::api::PatchParams::default(), &patch)
+        .await
+    {
+        eprintln!(
+            "pod {}: cannot set its {LISTENING_GATE} condition: {e}",
+            pod.name
+        );
     }
 }
 

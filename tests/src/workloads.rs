@@ -14,19 +14,42 @@ use serde_json::json;
 use crate::TestContext;
 
 /// A Deployment of `replicas` (pods labelled `app: <name>`, port `http` 8080) and a
-/// Service of the same name.
+/// Service of the same name. Its pods are Ready as soon as they run.
 pub async fn create_deployment(
     ctx: &TestContext,
     name: &str,
     replicas: i32,
     annotations: serde_json::Value,
 ) -> anyhow::Result<()> {
+    create_deployment_with(ctx, name, replicas, annotations, json!([])).await
+}
+
+/// The same, with pods Ready only once their process listens (the readiness gate
+/// [`crate::pods::LISTENING_GATE`], which [`crate::pods::PodProcesses`] opens), as a
+/// real readiness probe would have it.
+pub async fn create_gated_deployment(
+    ctx: &TestContext,
+    name: &str,
+    replicas: i32,
+) -> anyhow::Result<()> {
+    let gates = json!([{"conditionType": crate::pods::LISTENING_GATE}]);
+    create_deployment_with(ctx, name, replicas, json!({}), gates).await
+}
+
+async fn create_deployment_with(
+    ctx: &TestContext,
+    name: &str,
+    replicas: i32,
+    annotations: serde_json::Value,
+    readiness_gates: serde_json::Value,
+) -> anyhow::Result<()> {
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": annotations},
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                  "template": {
                     "metadata": {"labels": {"app": name}},
-                    "spec": {"containers": [{"name": "app", "image": "blink.sh/test-replica",
+                    "spec": {"readinessGates": readiness_gates,
+                             "containers": [{"name": "app", "image": "blink.sh/test-replica",
                                              "ports": [{"name": "http", "containerPort": 8080}]}]}}}
     }))?;
     ctx.api::<Deployment>()

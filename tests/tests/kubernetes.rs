@@ -220,6 +220,62 @@ fn deployment_pods_serve_on_pod_ips_and_cluster_ip_then_scale_to_zero() {
     });
 }
 
+/// A pod gated on its process listening (what `workloads::create_gated_deployment`
+/// makes) is Running but not Ready, with no ready endpoint, while its process does not
+/// listen yet; once it listens the gate opens and its endpoint is ready — the order a
+/// real readiness probe gives.
+#[test]
+fn a_gated_pod_is_ready_only_once_its_process_listens() {
+    blink_tests::run("gated", |ctx| async move {
+        blink_tests::workloads::create_gated_deployment(&ctx, "gated", 1).await?;
+        let processes = PodProcesses::start(ctx.client(), ctx.namespace(), "app=gated", |pod| {
+            let mut cmd = replica_command(Path::new(REPLICA), pod);
+            cmd.args(["--listen-after", "2s"]);
+            cmd
+        });
+        let pods = processes.wait_for(1, Duration::from_secs(60)).await?;
+        let started = Instant::now();
+        let pod = &pods[0];
+        let is_ready = || async {
+            let pod: Pod = ctx.api::<Pod>().get(&pod.name).await?;
+            Ok::<_, anyhow::Error>(
+                pod.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"),
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        ensure!(
+            !is_ready().await?,
+            "the pod is Ready before its process listens"
+        );
+        ensure!(
+            ready_endpoints(&ctx, "gated").await?.is_empty(),
+            "an endpoint is ready before its process listens"
+        );
+        wait::until_eq(
+            Duration::from_secs(30),
+            "the gated pod's endpoint ready",
+            BTreeSet::from([pod.ip.to_string()]),
+            || ready_endpoints(&ctx, "gated"),
+        )
+        .await?;
+        ensure!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "ready {:?} after the process started, before it listened",
+            started.elapsed()
+        );
+        tokio::net::TcpStream::connect((pod.ip, pod.port))
+            .await
+            .context("the ready pod listens")?;
+        ensure!(is_ready().await?, "the pod is Ready");
+        processes.shutdown().await;
+        Ok(())
+    });
+}
+
 #[test]
 fn statefulset_scaled_to_two_gets_two_running_pods() {
     blink_tests::run("sts-2", |ctx| async move {
