@@ -84,26 +84,32 @@ pub struct Upgraded {
     pub io: TcpStream,
     pub early: Bytes,
     /// Held while the tunnel lasts: it counts against the replica's connections.
-    _connection: Http1Connection,
+    _place: Place,
 }
 
 /// One HTTP/1.1 connection to a replica: checked out of its pool for one exchange at a
 /// time. Dropped, it closes.
 #[derive(Debug)]
 pub struct Http1Connection {
-    io: Option<TcpStream>,
+    io: TcpStream,
     /// Read from the replica and not yet consumed.
     read: BytesMut,
     /// A request went over it before: it may have been closed by the replica since.
     reused: bool,
     /// Field names this replica has sent.
     names: Vec<HeaderName>,
+    place: Place,
+}
+
+/// A connection's place under its replica's bound and in the gauge of open
+/// connections, both given up when it closes.
+#[derive(Debug)]
+struct Place {
     _permit: OwnedSemaphorePermit,
-    /// Connections open now; this one leaves it when dropped.
     open: Gauge,
 }
 
-impl Drop for Http1Connection {
+impl Drop for Place {
     fn drop(&mut self) {
         self.open.dec();
     }
@@ -114,34 +120,29 @@ impl Http1Connection {
     pub fn new(io: TcpStream, permit: OwnedSemaphorePermit, open: Gauge) -> Self {
         open.inc();
         Self {
-            io: Some(io),
+            io,
             read: BytesMut::new(),
             reused: false,
             names: Vec::new(),
-            _permit: permit,
-            open,
+            place: Place {
+                _permit: permit,
+                open,
+            },
         }
     }
 
     /// Whether the replica has neither closed it nor sent anything unasked. Costs no
     /// system call unless the socket became readable while idle.
     pub fn still_open(&self) -> bool {
-        let Some(io) = &self.io else { return false };
         let mut probe = [0u8; 1];
         self.read.is_empty()
-            && matches!(io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            && matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Marks it as having carried a request, before it goes back to its pool.
     pub fn reused(mut self) -> Self {
         self.reused = true;
         self
-    }
-
-    fn io(&mut self) -> io::Result<&mut TcpStream> {
-        self.io
-            .as_mut()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
 
     /// Sends `request` (its head already in the form the replica gets) and reads the
@@ -155,11 +156,7 @@ impl Http1Connection {
         let body_empty = body.is_end_stream();
         let chunked = !body_empty && !parts.headers.contains_key(CONTENT_LENGTH);
         let request_head = encode_request_head(&parts, chunked);
-        let written = match self.io() {
-            Ok(io) => io.write_all(&request_head).await,
-            Err(e) => Err(e),
-        };
-        if let Err(error) = written {
+        if let Err(error) = self.io.write_all(&request_head).await {
             return Err(SendError {
                 unsent: Some(Request::from_parts(parts, body)),
                 error: error.into(),
@@ -206,19 +203,18 @@ impl Http1Connection {
             }
         };
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
-            let early = self.read.split().freeze();
-            let Some(io) = self.io.take() else {
-                return Err(SendError {
-                    unsent: None,
-                    error: Error::Truncated,
-                });
-            };
+            let Self {
+                io,
+                mut read,
+                place,
+                ..
+            } = self;
             return Ok(Answer::Switched(
                 head,
                 Upgraded {
                     io,
-                    early,
-                    _connection: self,
+                    early: read.split().freeze(),
+                    _place: place,
                 },
             ));
         }
@@ -264,9 +260,6 @@ impl Http1Connection {
     {
         use http_body_util::BodyExt;
         let Self { io, read, .. } = self;
-        let io = io
-            .as_mut()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
         loop {
             let frame = tokio::select! {
                 biased;
@@ -317,11 +310,7 @@ impl Http1Connection {
                 return Err(Error::HeadTooLarge);
             }
             self.read.reserve(READ_CHUNK);
-            let Self { io, read, .. } = self;
-            let io = io
-                .as_mut()
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-            match io.read_buf(read).await {
+            match self.io.read_buf(&mut self.read).await {
                 Ok(0) if self.read.is_empty() => return Err(Error::ClosedBeforeResponse),
                 Ok(0) => return Err(Error::Truncated),
                 Ok(_) => {}
@@ -453,19 +442,26 @@ fn parse_response_head_with<const FIELDS: usize>(
     } else {
         Version::HTTP_11
     };
-    // Where each value sits in the head, so the values can share its bytes.
+    // Where each field sits in the head, so that the values can share its bytes once
+    // it is taken out of the buffer.
     let start = buffer.as_ptr() as usize;
-    let mut places = [(0u32, 0u32); FIELDS];
-    let mut field_names = Vec::with_capacity(parsed.headers.len());
+    let mut places = [(0u32, 0u32, 0u32, 0u32); FIELDS];
+    let count = parsed.headers.len();
     for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
+        let name = field.name.as_ptr() as usize - start;
         let value = field.value.as_ptr() as usize - start;
         // The head is at most MAX_HEAD_BYTES long.
-        *place = (value as u32, (value + field.value.len()) as u32);
-        field_names.push(header_name(field.name.as_bytes(), names)?);
+        *place = (
+            name as u32,
+            (name + field.name.len()) as u32,
+            value as u32,
+            (value + field.value.len()) as u32,
+        );
     }
     let head = buffer.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(field_names.len());
-    for (name, &(value_start, value_end)) in field_names.into_iter().zip(&places) {
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name_start, name_end, value_start, value_end) in &places[..count] {
+        let name = header_name(&head[name_start as usize..name_end as usize], names)?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
                 .map_err(|_| Error::Malformed("invalid field value"))?;
@@ -599,11 +595,8 @@ impl ResponseBody {
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         let connection = &mut self.connection;
         connection.read.reserve(READ_CHUNK);
-        let Some(io) = connection.io.as_mut() else {
-            return Poll::Ready(Err(Error::Truncated));
-        };
         let read = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(io),
+            Pin::new(&mut connection.io),
             cx,
             &mut connection.read
         ))?;
@@ -1123,11 +1116,7 @@ mod tests {
             }
             String::from_utf8_lossy(&seen).into_owned()
         });
-        let io = TcpStream::connect(addr).await.expect("connect");
-        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("permit");
-        (Http1Connection::new(io, permit, Gauge::default()), served)
+        (connect(addr).await, served)
     }
 
     async fn read_body(mut body: ResponseBody) -> (Vec<u8>, HeaderMap, Option<Http1Connection>) {
@@ -1140,6 +1129,14 @@ mod tests {
             }
         }
         (data, trailers, body.into_reusable())
+    }
+
+    async fn connect(addr: std::net::SocketAddr) -> Http1Connection {
+        let io = TcpStream::connect(addr).await.expect("connect");
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        Http1Connection::new(io, permit, Gauge::default())
     }
 
     fn get(path: &str) -> Request<Empty<Bytes>> {
@@ -1237,11 +1234,7 @@ mod tests {
             let _ = stream.write_all(b"of it").await;
             // Dropped: the close ends the body.
         });
-        let io = TcpStream::connect(addr).await.expect("connect");
-        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("permit");
-        let connection = Http1Connection::new(io, permit, Gauge::default());
+        let connection = connect(addr).await;
         let (_, body) = response(connection.send(get("/")).await.expect("answer"));
         let (data, _, reusable) = read_body(body).await;
         assert_eq!(data, b"all of it");

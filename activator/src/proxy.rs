@@ -572,13 +572,13 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
 /// connection and the replica's slot at once; a longer one is read as the client
 /// takes it. `101` to an upgrade becomes a tunnel.
 fn respond_http1(
-    answer_: http1::Answer,
+    reply: http1::Answer,
     ticket: Ticket,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: bool,
     metrics: &Arc<Metrics>,
 ) -> ProxyResponse {
-    match answer_ {
+    match reply {
         http1::Answer::Switched(mut parts, upgraded) => {
             let Some(client_upgrade) = client_upgrade.filter(|_| upgrade) else {
                 metrics.proxy_error("upstream");
