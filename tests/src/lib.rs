@@ -169,6 +169,16 @@ fn sanitize(name: &str) -> String {
     s.trim_matches('-').to_string()
 }
 
+/// FNV-1a, 64 bits: the test replica's `/upload` answers it for what it received,
+/// so a test can tell a streamed upload arrived whole. Start from [`FNV_START`].
+pub fn fnv1a(hash: u64, data: &[u8]) -> u64 {
+    data.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// The sum of the samples in Prometheus `text` whose line starts with `prefix` (a
 /// metric name, or a name and the start of its labels).
 pub fn sum_samples(text: &str, prefix: &str) -> f64 {

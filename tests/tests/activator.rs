@@ -667,6 +667,26 @@ spec:
         );
         let growth = rss_after.saturating_sub(rss_before);
         println!("1 GiB upload: activator RSS {rss_before} KiB → {rss_after} KiB");
+        // A body of unknown length from the client goes to the HTTP/1.1 replica chunked
+        // and arrives whole; a body that breaks off mid-way is answered 400.
+        let head =
+            "POST /upload HTTP/1.1\r\nHost: shared.example\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let whole = format!("{head}5\r\nhello\r\n11;ext=1\r\n world, and more!\r\n0\r\n\r\n");
+        let answer = raw(&addr, whole.as_bytes(), Duration::from_secs(10)).await?;
+        let expected = format!(
+            "22 {:016x}",
+            blink_tests::fnv1a(blink_tests::FNV_START, b"hello world, and more!")
+        );
+        ensure!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains(&expected),
+            "chunked upload: {answer}"
+        );
+        let broken = format!("{head}5\r\nhello\r\nzz\r\n");
+        let answer = raw(&addr, broken.as_bytes(), Duration::from_secs(10)).await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("request body could not be read"),
+            "broken chunked upload: {answer}"
+        );
         ensure!(growth < 8 * 1024, "activator RSS grew by {growth} KiB");
         replicas.shutdown().await;
         h2_replicas.shutdown().await;
@@ -729,10 +749,8 @@ async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, Strin
     let hash = tokio::task::spawn_blocking({
         let chunk = chunk.clone();
         move || {
-            (0..chunks).fold(0xcbf2_9ce4_8422_2325u64, |hash, _| {
-                chunk.iter().fold(hash, |h, b| {
-                    (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-                })
+            (0..chunks).fold(blink_tests::FNV_START, |hash, _| {
+                blink_tests::fnv1a(hash, &chunk)
             })
         }
     })
@@ -926,6 +944,20 @@ spec:
             Ok((seen.len() == 2).then_some(()))
         })
         .await?;
+        // A streamed answer (chunked from the replica) read to its end: whole, and the
+        // connection it came over serves the next request.
+        let streamed = reqwest::Client::new()
+            .get(format!("{url}/stream/5"))
+            .header(reqwest::header::HOST, &host)
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        ensure!(
+            streamed.len() == 5 * 1024 && streamed.iter().all(|b| *b == b'x'),
+            "a whole streamed answer: {} bytes",
+            streamed.len()
+        );
         // A long streamed answer; its replica goes away half-way.
         let mut response = reqwest::Client::new()
             .get(format!("{url}/stream/200"))

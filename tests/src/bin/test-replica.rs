@@ -47,13 +47,6 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// FNV-1a, 64 bits: enough to tell a streamed upload arrived whole.
-pub fn fnv1a(hash: u64, data: &[u8]) -> u64 {
-    data.iter().fold(hash, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// Accepts a WebSocket upgrade and echoes messages until the client closes.
 fn websocket(mut request: Request<Incoming>) -> Response<Body> {
     let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
@@ -138,13 +131,13 @@ async fn serve(name: String, request: Request<Incoming>) -> Response<Body> {
         BodyExt::boxed(StreamBody::new(chunks))
     } else if path == "/upload" {
         let mut body = request.into_body();
-        let (mut bytes, mut hash) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+        let (mut bytes, mut hash) = (0u64, blink_tests::FNV_START);
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(frame) => {
                     if let Some(data) = frame.data_ref() {
                         bytes += data.len() as u64;
-                        hash = fnv1a(hash, data);
+                        hash = blink_tests::fnv1a(hash, data);
                     }
                 }
                 Err(_) => break,
