@@ -2,7 +2,9 @@
 //! nginx (Debian's, one worker, upstream keepalive), in one run, on the test bed.
 //!
 //! `tests/bed/bed exec cargo bench -p blink-tests --bench activator_warm`
-//! (`BLINK_BENCH_ROUNDS`, default 3; `BLINK_BENCH_SECONDS` per measurement, default 5).
+//! (`BLINK_BENCH_ROUNDS`, default 3; `BLINK_BENCH_SECONDS` per measurement, default 5;
+//! `BLINK_BENCH_BASELINE`, the path of another build of the activator to measure beside
+//! this one as `baseline`).
 //!
 //! Each round measures every path in turn, so a noisy moment hurts them alike:
 //! - max rate: `wrk -t1 -c32` (Debian's wrk), requests per second and wrk's p50/p99;
@@ -13,6 +15,8 @@
 //!   run, from `/proc`.
 //!
 //! Ratios are to the direct path of the same round; the table's medians are over rounds.
+//! Each proxy's rate, CPU per request and p99 are also put against nginx's round by
+//! round (the targets), and the median of those printed.
 
 use std::{
     net::SocketAddr,
@@ -78,21 +82,22 @@ fn main() {
         let rounds = env_number("BLINK_BENCH_ROUNDS", 3) as usize;
         let seconds = env_number("BLINK_BENCH_SECONDS", 5);
         let (replica, replica_addr) = start_replica(&ctx).await?;
-        // As many threads as nginx has workers (one), as the comparison asks.
-        let activators =
-            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--worker-threads", "1"]).await?;
-        let activator_pid = activators
-            .processes
-            .pid(&activators.pods[0].name)
-            .await
-            .context("activator pid")?;
+        // As many threads as nginx has workers (one), as the comparison asks. A second
+        // build of the activator (`BLINK_BENCH_BASELINE`, a path) is measured beside it
+        // in the same rounds, so that a change is compared on the same noise.
+        let baseline = std::env::var_os("BLINK_BENCH_BASELINE").map(PathBuf::from);
+        let mut binaries = vec![Path::new(ACTIVATOR)];
+        binaries.extend(baseline.as_deref());
+        let activators = Activators::start_mixed(
+            &ctx,
+            &binaries,
+            i32::try_from(binaries.len())?,
+            &["--worker-threads", "1"],
+        )
+        .await?;
         let host = format!("warm.{}", ctx.namespace());
-        let activator_addr: SocketAddr =
-            format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT).parse()?;
-        wait_for_200(activator_addr, &host).await?;
         let nginx = Nginx::start(replica_addr).await?;
-
-        let paths = [
+        let mut paths = vec![
             Target {
                 name: "direct",
                 addr: replica_addr,
@@ -105,13 +110,30 @@ fn main() {
                 host: host.clone(),
                 proxy_pid: Some(nginx.worker_pid()?),
             },
-            Target {
-                name: "activator",
-                addr: activator_addr,
-                host: host.clone(),
-                proxy_pid: Some(activator_pid),
-            },
         ];
+        for pod in &activators.pods {
+            let name = if activators.binary(&pod.name).as_deref() == Some(Path::new(ACTIVATOR)) {
+                "activator"
+            } else {
+                "baseline"
+            };
+            let addr: SocketAddr =
+                format!("{}:{}", pod.ip, blink_tests::activator::PORT).parse()?;
+            wait_for_200(addr, &host).await?;
+            paths.push(Target {
+                name,
+                addr,
+                host: host.clone(),
+                proxy_pid: Some(
+                    activators
+                        .processes
+                        .pid(&pod.name)
+                        .await
+                        .context("activator pid")?,
+                ),
+            });
+        }
+        paths.sort_by_key(|p| p.name != "direct" && p.name != "nginx" && p.name != "activator");
         for path in &paths {
             warm_up(path).await?;
         }
@@ -528,6 +550,35 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
                 .filter_map(|m| m.system_us_per_request)
                 .collect(),
         );
+        // The targets are against nginx: its ratio in each round, then the median.
+        let nginx = &results[1];
+        let of_nginx = median(
+            measured
+                .iter()
+                .zip(nginx)
+                .map(|(m, n)| m.max_rps / n.max_rps)
+                .collect(),
+        );
+        let cpu_of_nginx = median(
+            measured
+                .iter()
+                .zip(nginx)
+                .filter_map(|(m, n)| Some(m.cpu_us_per_request? / n.cpu_us_per_request?))
+                .collect(),
+        );
+        let p99_over_nginx = median(
+            measured
+                .iter()
+                .zip(nginx)
+                .map(|(m, n)| m.fixed_p99_ms - n.fixed_p99_ms)
+                .collect(),
+        );
+        if !std::ptr::eq(measured, nginx) && !cpu_of_nginx.is_nan() {
+            println!(
+                "{:<9} against nginx, round by round (medians): rate {of_nginx:.2}×, CPU per request {cpu_of_nginx:.2}×, p99 at {FIXED_RATE} rps {p99_over_nginx:+.3} ms",
+                path.name
+            );
+        }
         println!(
             "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
             path.name,

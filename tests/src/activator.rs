@@ -4,7 +4,12 @@
 //! and its own credential.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -30,6 +35,8 @@ pub struct Activators {
     pub processes: PodProcesses,
     pub pods: Vec<PodInfo>,
     pub log_dir: PathBuf,
+    /// Which binary each pod runs (by pod name).
+    binaries: Arc<Mutex<HashMap<String, PathBuf>>>,
 }
 
 impl Activators {
@@ -41,6 +48,18 @@ impl Activators {
         replicas: i32,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_mixed(ctx, &[binary], replicas, extra).await
+    }
+
+    /// The same, the pods taking `binaries` in turn as they start (a benchmark compares
+    /// two builds this way); [`Activators::binary`] says which pod runs which.
+    pub async fn start_mixed(
+        ctx: &TestContext,
+        binaries: &[&Path],
+        replicas: i32,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!binaries.is_empty(), "no activator binary given");
         create_deployment(ctx, "blink-activator", replicas, json!({})).await?;
         let token =
             service_account_token(ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
@@ -53,7 +72,10 @@ impl Activators {
         let kubeconfig = ctx
             .bed()
             .credential("blink-activator", Some("system:masters"))?;
-        let binary = binary.to_owned();
+        let choices: Vec<PathBuf> = binaries.iter().map(|b| b.to_path_buf()).collect();
+        let started = AtomicUsize::new(0);
+        let chosen = Arc::new(Mutex::new(HashMap::new()));
+        let record = chosen.clone();
         let namespace = ctx.namespace().to_owned();
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let logs = log_dir.clone();
@@ -62,7 +84,11 @@ impl Activators {
             ctx.namespace(),
             "app=blink-activator",
             move |pod| {
-                let mut cmd = Command::new(&binary);
+                let binary = &choices[started.fetch_add(1, Ordering::Relaxed) % choices.len()];
+                if let Ok(mut record) = record.lock() {
+                    record.insert(pod.name.clone(), binary.clone());
+                }
+                let mut cmd = Command::new(binary);
                 cmd.args([
                     "--listen",
                     &format!("{}:{PORT}", pod.ip),
@@ -96,11 +122,17 @@ impl Activators {
             processes,
             pods,
             log_dir,
+            binaries: chosen,
         };
         for pod in &activators.pods {
             activators.wait_ready(pod).await?;
         }
         Ok(activators)
+    }
+
+    /// The binary `pod` runs.
+    pub fn binary(&self, pod: &str) -> Option<PathBuf> {
+        self.binaries.lock().ok()?.get(pod).cloned()
     }
 
     async fn wait_ready(&self, pod: &PodInfo) -> anyhow::Result<()> {
