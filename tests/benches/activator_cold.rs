@@ -12,10 +12,14 @@
 //! - **endpoint ready → request forwarded**: the activator's histogram
 //!   `blink_activator_ready_to_forward_seconds` (the function's first ready endpoint as
 //!   the activator learns it → the held request connected to that replica);
-//! - Blink's own part of the first: the activator's `blink_activator_poke_seconds` (the
-//!   held request's head → the scaler has applied the poke and answered) and the
-//!   scaler's `blink_scaler_poke_to_patch_sent_seconds` (the poke applied → the PATCH
-//!   written to the API server's connection); the rest is the API server's;
+//! - the same wake followed across the processes by wall clock (same machine): first
+//!   byte → the poke applied at the scaler (its debug line `poke applied`, field
+//!   `arrived_at`) → the PATCH written (`scale written after a poke`, `sent_at`: the
+//!   moment the scaler hands the PATCH to its API client) → received by the API
+//!   server. First byte → PATCH written is Blink's part; the rest is the API server's;
+//! - the same parts from the processes' histograms: the activator's
+//!   `blink_activator_poke_seconds` (the held request's head → the scaler has applied
+//!   the poke and answered) and the scaler's `blink_scaler_poke_to_patch_sent_seconds`;
 //! - the whole wake as the client sees it.
 //!
 //! The functions' pods are Ready only once their replica listens (a readiness gate the
@@ -23,6 +27,7 @@
 //! accepts connections.
 
 use std::{
+    collections::HashMap,
     path::Path,
     time::{Duration, Instant},
 };
@@ -93,8 +98,28 @@ spec:
 
         let events = audit::read(&ctx.bed().audit_log)?;
         let writes = audit::scale_writes(&events, ctx.namespace(), "deployments");
+        let scaler_log = std::fs::read_to_string(&scaler.log)?;
+        let poked = log_times(&scaler_log, "poke applied", "arrived_at", ctx.namespace());
+        let written = log_times(
+            &scaler_log,
+            "scale written after a poke",
+            "sent_at",
+            ctx.namespace(),
+        );
         let mut to_patch = Vec::with_capacity(wakes);
+        let (mut to_poke, mut poke_to_written, mut to_written, mut written_to_received) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (name, sent) in names.iter().zip(&sent_at) {
+            let first_after = |times: &HashMap<String, Vec<Timestamp>>| {
+                times
+                    .get(name)
+                    .and_then(|t| t.iter().filter(|at| *at >= sent).min().copied())
+                    .with_context(|| format!("{name}: no scaler log line after its request"))
+            };
+            let (arrived, patched) = (first_after(&poked)?, first_after(&written)?);
+            to_poke.push(span(*sent, arrived));
+            poke_to_written.push(span(arrived, patched));
+            to_written.push(span(*sent, patched));
             let received = writes
                 .iter()
                 .filter(|e| e.object_ref.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
@@ -102,12 +127,22 @@ spec:
                 .filter(|at| at >= sent)
                 .min()
                 .with_context(|| format!("{name}: no /scale PATCH after its request"))?;
-            let span = received.duration_since(*sent);
-            to_patch.push(Duration::from_nanos(span.as_nanos().try_into()?));
+            to_patch.push(span(*sent, received));
+            written_to_received.push(span(patched, received));
         }
 
         println!("{wakes} wakes, one function each, release builds");
         report("first byte at zero → PATCH received", &mut to_patch);
+        report(
+            "first byte at zero → PATCH written (Blink's part)",
+            &mut to_written,
+        );
+        report("  first byte → poke applied at the scaler", &mut to_poke);
+        report("  poke applied → PATCH written", &mut poke_to_written);
+        report(
+            "PATCH written → received by the API server",
+            &mut written_to_received,
+        );
         report("request at zero → answered (client)", &mut answered_in);
         let activator_metrics = activators.metrics(0).await?;
         let scaler_metrics = scaler.metrics().await?;
@@ -139,6 +174,58 @@ spec:
         scaler.stop().await;
         release_finalizers(&ctx).await
     });
+}
+
+/// `to - from`; zero if `to` is earlier (the audit log's times are whole microseconds).
+fn span(from: Timestamp, to: Timestamp) -> Duration {
+    Duration::from_nanos(u64::try_from(to.duration_since(from).as_nanos()).unwrap_or(0))
+}
+
+/// From a scaler's log: for each function of `namespace`, the wall-clock times a field
+/// of one debug line carries (`poke applied` with `arrived_at`, `scale written after a
+/// poke` with `sent_at`).
+fn log_times(
+    log: &str,
+    message: &str,
+    field: &str,
+    namespace: &str,
+) -> HashMap<String, Vec<Timestamp>> {
+    let function = format!("function={namespace}/");
+    let field = format!("{field}=");
+    let mut times: HashMap<String, Vec<Timestamp>> = HashMap::new();
+    for line in log
+        .lines()
+        .map(strip_colours)
+        .filter(|l| l.contains(message))
+    {
+        let words = || line.split_whitespace();
+        let name = words().find_map(|w| w.strip_prefix(function.as_str()));
+        let at = words()
+            .find_map(|w| w.strip_prefix(field.as_str()))
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        if let (Some(name), Some(at)) = (name, at) {
+            times.entry(name.to_owned()).or_default().push(at);
+        }
+    }
+    times
+}
+
+/// A log line without its terminal colour codes (`ESC [ … m`).
+fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Prints p50, p90, p99 and the largest of `samples`.

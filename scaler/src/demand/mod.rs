@@ -48,13 +48,34 @@ pub enum SnapshotOutcome {
 #[derive(Debug)]
 pub struct Demand {
     store: Mutex<store::DemandStore>,
-    wakers: Mutex<HashMap<FunctionKey, Arc<Notify>>>,
+    wakers: Mutex<HashMap<FunctionKey, Arc<Wake>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind, still consistent
     // enough to read; refusing all demand afterwards would be worse.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A function's wake-up, and when the earliest poke its worker has not taken yet
+/// arrived: a poke's latency is counted from its arrival even when the worker was busy
+/// and noticed it later.
+#[derive(Debug, Default)]
+pub struct Wake {
+    notify: Notify,
+    poked_at: Mutex<Option<Instant>>,
+}
+
+impl Wake {
+    /// Ready at once if a wake-up came since the last wait.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// When the earliest poke not taken yet arrived; then none until the next poke.
+    pub fn take_poke(&self) -> Option<Instant> {
+        lock(&self.poked_at).take()
+    }
 }
 
 impl Demand {
@@ -75,7 +96,7 @@ impl Demand {
                     let wakers = lock(&self.wakers);
                     for key in &woken {
                         if let Some(waker) = wakers.get(key) {
-                            waker.notify_one();
+                            waker.notify.notify_one();
                         }
                     }
                 }
@@ -90,7 +111,8 @@ impl Demand {
         let key = poke.key.clone();
         lock(&self.store).apply_poke(poke, now);
         if let Some(waker) = lock(&self.wakers).get(&key) {
-            waker.notify_one();
+            lock(&waker.poked_at).get_or_insert(now);
+            waker.notify.notify_one();
         }
     }
 
@@ -102,7 +124,7 @@ impl Demand {
     /// The function's wake-up: notified (`notify_one`, so a wake-up that comes while
     /// the worker is busy is kept for its next wait) on every poke for it, and when a
     /// snapshot brings it demand after none. Meant for the function's one worker.
-    pub fn waker(&self, key: &FunctionKey) -> Arc<Notify> {
+    pub fn waker(&self, key: &FunctionKey) -> Arc<Wake> {
         Arc::clone(lock(&self.wakers).entry(key.clone()).or_default())
     }
 

@@ -230,6 +230,8 @@ async fn snapshot(
 }
 
 async fn poke(State(state): State<ServerState>, body: Result<Bytes, BytesRejection>) -> Response {
+    // The wall clock, so that the cold path can be followed across processes.
+    let arrived_at = k8s_openapi::jiff::Timestamp::now();
     let poke: Poke = match parse(&state, "poke", body) {
         Ok(poke) => poke,
         Err(response) => return *response,
@@ -238,8 +240,12 @@ async fn poke(State(state): State<ServerState>, body: Result<Bytes, BytesRejecti
         state.metrics.report(ReportResult::Invalid);
         return error(StatusCode::BAD_REQUEST, format!("invalid poke: {message}"));
     }
+    let key = tracing::enabled!(tracing::Level::DEBUG).then(|| poke.key.clone());
     state.demand.apply_poke(poke, now());
     state.metrics.report(ReportResult::Accepted);
+    if let Some(key) = key {
+        tracing::debug!(function = %key, %arrived_at, "poke applied");
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 

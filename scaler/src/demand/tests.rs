@@ -28,7 +28,7 @@ fn snapshot(seq: u64, functions: &[(&str, f64)]) -> Snapshot {
 }
 
 /// Whether the waker has a stored wake-up, without waiting for one.
-async fn woken(waker: &Notify) -> bool {
+async fn woken(waker: &Wake) -> bool {
     tokio::time::timeout(Duration::from_millis(1), waker.notified())
         .await
         .is_ok()
@@ -74,6 +74,30 @@ async fn wakers_fire_on_pokes_and_on_demand_after_none() {
         SnapshotOutcome::Stale { last_seq: 5 }
     );
     assert!(!woken(&f).await);
+}
+
+#[tokio::test]
+async fn a_wake_keeps_the_arrival_of_the_earliest_poke_not_taken() {
+    let demand = Demand::new(DemandConfig::default());
+    let f = demand.waker(&key("ns/f"));
+    let poke = || Poke {
+        activator: "a".into(),
+        session: "s".into(),
+        key: key("ns/f"),
+    };
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_millis(7);
+    demand.apply_poke(poke(), t0);
+    demand.apply_poke(poke(), t1);
+    assert_eq!(f.take_poke(), Some(t0));
+    assert_eq!(f.take_poke(), None);
+    assert!(woken(&f).await);
+    demand.apply_poke(poke(), t1);
+    assert_eq!(f.take_poke(), Some(t1));
+    // A snapshot's wake-up carries no poke.
+    demand.apply_snapshot(snapshot(1, &[("ns/f", 1.0)]), t1);
+    assert!(woken(&f).await);
+    assert_eq!(f.take_poke(), None);
 }
 
 #[tokio::test]

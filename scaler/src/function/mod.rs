@@ -25,7 +25,7 @@ use kube::{
     runtime::events::{Event, EventType, Recorder},
 };
 use tokio::{
-    sync::{Notify, mpsc, watch},
+    sync::{mpsc, watch},
     task::JoinHandle,
     time::{MissedTickBehavior, interval, sleep_until},
 };
@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::Config,
     decide::{self, Decision, Input, Paused, Reading, Step},
-    demand::Demand,
+    demand::{Demand, Wake},
     leader::Leadership,
     metrics::{FunctionLabels, Metrics, ScaleLabels, TriggerLabels},
     target::{FIELD_MANAGER, Replicas, TargetError},
@@ -143,7 +143,7 @@ struct Worker {
     labels: FunctionLabels,
     input: watch::Receiver<FunctionInput>,
     target_changed: watch::Receiver<Option<String>>,
-    waker: Arc<Notify>,
+    waker: Arc<Wake>,
     object: Arc<ScaledObject>,
     conflict: Option<String>,
     plan: Result<Plan, Refusal>,
@@ -246,9 +246,7 @@ impl Worker {
                         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                     }
                 }
-                _ = self.waker.notified() => {
-                    self.poked_at.get_or_insert_with(Instant::now);
-                }
+                _ = self.waker.notified() => self.take_poke(),
                 changed = self.target_changed.changed() => {
                     if changed.is_err() {
                         break;
@@ -270,8 +268,15 @@ impl Worker {
                 }
                 _ = tick.tick() => self.poll_due(),
                 _ = sleep_until(status_due.unwrap_or_else(Instant::now).into()), if status_due.is_some() => {
-                    Box::pin(self.write_status()).await;
-                    continue;
+                    // A poke does not wait behind a status write (the API server's
+                    // latency, or a place among the writes in flight): the write gives
+                    // way, stays due, and is made after the poke's step.
+                    let waker = Arc::clone(&self.waker);
+                    tokio::select! {
+                        biased;
+                        _ = waker.notified() => self.take_poke(),
+                        _ = Box::pin(self.write_status()) => continue,
+                    }
                 }
             }
             // Boxed: the task of an idle function holds only a pointer to the
@@ -544,7 +549,19 @@ impl Worker {
     }
 
     /// One decision, and whatever it takes to act on it.
+    /// A wake-up: a poke's arrival (or now, for a snapshot's wake-up) is kept until a
+    /// step decides on it.
+    fn take_poke(&mut self) {
+        let at = self.waker.take_poke().unwrap_or_else(Instant::now);
+        self.poked_at.get_or_insert(at);
+    }
+
     async fn step(&mut self) {
+        // A poke that came while the worker was busy elsewhere (its wake-up not yet
+        // waited for) is decided on now, and its latency counted from its arrival.
+        if let Some(at) = self.waker.take_poke() {
+            self.poked_at.get_or_insert(at);
+        }
         let leader = self.ctx.leadership.state();
         if !leader.is_leader || !self.ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -977,7 +994,12 @@ impl Worker {
                 .poke_to_patch_sent
                 .observe(at.elapsed().as_secs_f64());
         }
+        // The wall clock, so that the cold path can be followed across processes.
+        let sent_at = poked_at.map(|_| k8s_openapi::jiff::Timestamp::now());
         let result = self.ctx.writer.set(&self.key, &plan.target, to, wake).await;
+        if let Some(sent_at) = sent_at {
+            debug!(function = %self.key, %sent_at, "scale written after a poke");
+        }
         match &result {
             Ok(Written::Set(_)) => self.ctx.metrics.wrote("scale"),
             Ok(Written::ZeroRewoken(_)) => {
