@@ -516,6 +516,22 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The median over rounds of `f(this path's round, the other path's same round)`.
+fn per_round(
+    measured: &[Measured],
+    other: &[Measured],
+    f: impl Fn(&Measured, &Measured) -> Option<f64>,
+) -> f64 {
+    median(
+        measured
+            .iter()
+            .zip(other)
+            .filter_map(|(m, o)| f(m, o))
+            .collect(),
+    )
+}
+
+/// Paths in order: direct, nginx, then the activators.
 fn report(paths: &[Target], results: &[Vec<Measured>]) {
     let direct = &results[0];
     println!();
@@ -523,21 +539,13 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
         "medians over {} rounds (ratios: to direct in the same round)",
         direct.len()
     );
-    for (path, measured) in paths.iter().zip(results) {
-        let rate_ratio = median(
-            measured
-                .iter()
-                .zip(direct)
-                .map(|(m, d)| m.max_rps / d.max_rps)
-                .collect(),
-        );
-        let added_p99 = median(
-            measured
-                .iter()
-                .zip(direct)
-                .map(|(m, d)| m.fixed_p99_ms - d.fixed_p99_ms)
-                .collect(),
-        );
+    // The targets are against nginx: each proxy put against it round by round.
+    let nginx = &results[1];
+    for (i, (path, measured)) in paths.iter().zip(results).enumerate() {
+        let rate_ratio = per_round(measured, direct, |m, d| Some(m.max_rps / d.max_rps));
+        let added_p99 = per_round(measured, direct, |m, d| {
+            Some(m.fixed_p99_ms - d.fixed_p99_ms)
+        });
         let cpu = median(
             measured
                 .iter()
@@ -550,32 +558,16 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
                 .filter_map(|m| m.system_us_per_request)
                 .collect(),
         );
-        // The targets are against nginx: its ratio in each round, then the median.
-        let nginx = &results[1];
-        let of_nginx = median(
-            measured
-                .iter()
-                .zip(nginx)
-                .map(|(m, n)| m.max_rps / n.max_rps)
-                .collect(),
-        );
-        let cpu_of_nginx = median(
-            measured
-                .iter()
-                .zip(nginx)
-                .filter_map(|(m, n)| Some(m.cpu_us_per_request? / n.cpu_us_per_request?))
-                .collect(),
-        );
-        let p99_over_nginx = median(
-            measured
-                .iter()
-                .zip(nginx)
-                .map(|(m, n)| m.fixed_p99_ms - n.fixed_p99_ms)
-                .collect(),
-        );
-        if !std::ptr::eq(measured, nginx) && !cpu_of_nginx.is_nan() {
+        if i > 1 {
+            let rate = per_round(measured, nginx, |m, n| Some(m.max_rps / n.max_rps));
+            let cpu = per_round(measured, nginx, |m, n| {
+                Some(m.cpu_us_per_request? / n.cpu_us_per_request?)
+            });
+            let p99 = per_round(measured, nginx, |m, n| {
+                Some(m.fixed_p99_ms - n.fixed_p99_ms)
+            });
             println!(
-                "{:<9} against nginx, round by round (medians): rate {of_nginx:.2}×, CPU per request {cpu_of_nginx:.2}×, p99 at {FIXED_RATE} rps {p99_over_nginx:+.3} ms",
+                "{:<9} against nginx, round by round (medians): rate {rate:.2}×, CPU per request {cpu:.2}×, p99 at {FIXED_RATE} rps {p99:+.3} ms",
                 path.name
             );
         }
