@@ -41,11 +41,19 @@ use tracing::{info, warn};
 pub fn main_entry() {
     let config = config::Config::from_args();
     init_logs(&config.log_format);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One thread asked for: the current-thread scheduler, where the process is that one
+    // thread (a multi-thread runtime of one worker keeps the caller's thread besides,
+    // and pays for synchronising its queues with the other threads it could have).
+    let mut runtime = match config.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.worker_threads(usize::from(threads));
+            runtime
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Some(threads) = config.worker_threads {
-        runtime.worker_threads(usize::from(threads));
-    }
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -120,14 +120,23 @@ impl Upstream {
         }
     }
 
+    /// A connection ready now, without waiting: an idle HTTP/1.1 one, or the h2c one
+    /// when it is open and not being replaced. The warm path's checkout.
+    pub fn checkout_ready(&self) -> Option<Connection> {
+        match self.protocol {
+            Protocol::Http1 => self.idle_http1().map(Connection::Http1),
+            Protocol::H2c => {
+                let shared = self.h2.try_lock().ok()?;
+                let sender = shared.as_ref().filter(|s| !s.is_closed())?;
+                Some(Connection::H2(sender.clone()))
+            }
+        }
+    }
+
     async fn checkout_http1(&self) -> Result<Http1Connection, ConnectError> {
         loop {
-            while let Some(idle) = self.pop_idle() {
-                // An idle connection the replica closed is dropped here, not met
-                // mid-request.
-                if idle.still_open() {
-                    return Ok(idle);
-                }
+            if let Some(idle) = self.idle_http1() {
+                return Ok(idle);
             }
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -148,8 +157,16 @@ impl Upstream {
         }
     }
 
-    fn pop_idle(&self) -> Option<Http1Connection> {
-        self.idle.lock().ok()?.pop()
+    /// The most recent idle connection still open; an idle connection the replica
+    /// closed is dropped here, not met mid-request.
+    fn idle_http1(&self) -> Option<Http1Connection> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(connection) = idle.pop() {
+            if connection.still_open() {
+                return Some(connection);
+            }
+        }
+        None
     }
 
     /// Back to the pool, after its response was read to the end.

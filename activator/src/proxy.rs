@@ -40,7 +40,7 @@ use crate::{
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
-    pool::{Connection, Protocol},
+    pool::{Connection, Protocol, UpstreamBody},
     registry::Registry,
     routes::Miss,
 };
@@ -392,6 +392,16 @@ where
     }
 
     fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
+        // The warm path: a connection to the chosen replica is ready now, so no future
+        // of this layer's own (a request that waited has its ready → forward time to
+        // record, below).
+        if !exchange.held
+            && let Some(ticket) = &exchange.ticket
+            && let Some(connection) = ticket.replica().upstream.checkout_ready()
+        {
+            exchange.connection = Some(connection);
+            return self.inner.call(exchange);
+        }
         let mut inner = self.inner.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
@@ -521,18 +531,14 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
                 }
                 Err(e) => (e.unsent, e.error.to_string()),
             },
-            Connection::H2(mut sender) => {
-                if let Err(e) = sender.ready().await {
-                    (Some(request), e.to_string())
-                } else {
-                    match sender.try_send_request(request).await {
-                        Ok(response) => {
-                            return respond_h2(response, ticket, client_upgrade, upgrade, metrics);
-                        }
-                        Err(mut e) => (e.take_message(), e.into_error().to_string()),
-                    }
+            // Boxed: inline, the h2c exchange's state would make every request's
+            // future larger (and each move of it longer), HTTP/1.1 ones included.
+            Connection::H2(sender) => match Box::pin(send_h2(sender, request)).await {
+                Ok(response) => {
+                    return respond_h2(response, ticket, client_upgrade, upgrade, metrics);
                 }
-            }
+                Err(failed) => failed,
+            },
         };
         let key = ticket.function().key().clone();
         let addr = ticket.replica().addr();
@@ -540,7 +546,8 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
             Some(unsent) if attempt == 0 => {
                 metrics.proxy_error("stale_connection");
                 request = unsent;
-                connection = match ticket.replica().upstream.checkout().await {
+                // Boxed for the same reason as the h2c exchange: a rare step.
+                connection = match Box::pin(ticket.replica().upstream.checkout()).await {
                     Ok(c) => c,
                     Err(e) => {
                         metrics.proxy_error("connect");
@@ -566,6 +573,21 @@ async fn forward(exchange: Exchange, metrics: &Arc<Metrics>) -> ProxyResponse {
         StatusCode::BAD_GATEWAY,
         "the replica's connection closed twice",
     )
+}
+
+/// Sends `request` over an h2c connection; on failure, the request when it was not
+/// sent, and why.
+async fn send_h2(
+    mut sender: hyper::client::conn::http2::SendRequest<UpstreamBody>,
+    request: Request<UpstreamBody>,
+) -> Result<Response<Incoming>, (Option<Request<UpstreamBody>>, String)> {
+    if let Err(e) = sender.ready().await {
+        return Err((Some(request), e.to_string()));
+    }
+    sender
+        .try_send_request(request)
+        .await
+        .map_err(|mut e| (e.take_message(), e.into_error().to_string()))
 }
 
 /// A replica's answer over HTTP/1.1. A body that came whole with the head frees the

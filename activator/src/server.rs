@@ -5,12 +5,29 @@
 //!   `Retry-After`, then closed: a client learns why at once instead of waiting in the
 //!   kernel's backlog.
 //! - A client must send a request's head within `header_timeout` (slowloris), and a
-//!   head larger than `max_header_bytes` is answered `431`.
+//!   head larger than `max_header_bytes` is answered `431`. Over HTTP/1.1 this is
+//!   [`Activity`]'s watch, one timer per connection: a connection with no exchange
+//!   open and none begun or ended in a whole `header_timeout` is closed, so an idle or
+//!   slow client goes after between one and two `header_timeout`s. (hyper's own
+//!   header timeout arms and disarms a timer for every request, a cost on the warm
+//!   path.)
 //! - Drain: stop accepting, let HTTP/1.1 connections finish their current exchange and
 //!   HTTP/2 ones get a GOAWAY, answer everything still held when the grace ends.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::{Request, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
@@ -24,7 +41,7 @@ use tracing::{debug, info, warn};
 use crate::{
     headers::ClientAddress,
     metrics::Metrics,
-    proxy::{self, Exchange, ProxyBody},
+    proxy::{self, BodyError, Exchange, ProxyBody},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -59,8 +76,8 @@ struct Protocols {
 fn protocols(config: &ServerConfig) -> Protocols {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
+        // Slow heads are cut by the connection's `Activity` watch instead.
+        .header_read_timeout(None)
         // A head larger than the buffer is answered 431; bodies stream through it.
         .max_buf_size(config.max_header_bytes.max(8192));
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -140,10 +157,23 @@ pub async fn serve<S>(
         };
         let service = service.clone();
         let address = Arc::new(ClientAddress::new(client));
-        let handler = service_fn(move |request: Request<Incoming>| {
-            let mut service = service.clone();
-            service.call(Exchange::new(request, address.clone()))
-        });
+        let activity = Arc::new(Activity::default());
+        let handler = {
+            let activity = activity.clone();
+            service_fn(move |request: Request<Incoming>| {
+                let exchange = OpenExchange::begin(&activity);
+                let response = service
+                    .clone()
+                    .call(Exchange::new(request, address.clone()));
+                async move {
+                    let response = response.await?;
+                    Ok::<_, Infallible>(response.map(|body| Watched {
+                        body,
+                        _exchange: exchange,
+                    }))
+                }
+            })
+        };
         let (metrics, protocols, closing) = (metrics.clone(), protocols.clone(), closing.clone());
         let header_timeout = config.header_timeout;
         connections.spawn(async move {
@@ -168,7 +198,13 @@ pub async fn serve<S>(
                             .serve_connection(TokioIo::new(stream), handler)
                             .with_upgrades()
                     );
-                    until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()).await
+                    tokio::select! {
+                        result = until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()) => result,
+                        () = activity.quiet_for(header_timeout) => {
+                            debug!(%client, "closed a connection idle or slow to send a request");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
@@ -221,6 +257,82 @@ async fn until_done_or_drained<C: std::future::Future>(
     }
 }
 
+/// What happens on one HTTP/1.1 connection, for its idle watch: exchanges begun or
+/// ended, and those open. Only the connection's own task touches it; atomics make it
+/// `Sync` for hyper's service, at the price of an uncontended increment.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Exchanges begun plus exchanges ended.
+    events: AtomicU64,
+    open: AtomicU64,
+}
+
+impl Activity {
+    /// Returns once a whole `period` passed with no exchange open and none begun or
+    /// ended: the client is idle, or too slow sending a request's head.
+    async fn quiet_for(&self, period: Duration) {
+        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = self.events.load(Ordering::Relaxed);
+        loop {
+            checks.tick().await;
+            let events = self.events.load(Ordering::Relaxed);
+            if events == seen && self.open.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            seen = events;
+        }
+    }
+}
+
+/// One exchange of a connection, from its head until its response's body is done
+/// with (written or dropped).
+#[derive(Debug)]
+struct OpenExchange(Arc<Activity>);
+
+impl OpenExchange {
+    fn begin(activity: &Arc<Activity>) -> Self {
+        activity.events.fetch_add(1, Ordering::Relaxed);
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for OpenExchange {
+    fn drop(&mut self) {
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its exchange open while it lives.
+#[derive(Debug)]
+struct Watched {
+    body: ProxyBody,
+    /// Held for its drop.
+    _exchange: OpenExchange,
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A connection over the bound: one `503` and close.
 async fn refuse(stream: TcpStream) {
     let service = service_fn(|_request: Request<Incoming>| async {
@@ -240,4 +352,65 @@ async fn refuse(stream: TcpStream) {
         .header_read_timeout(Duration::from_secs(5))
         .serve_connection(TokioIo::new(stream), service);
     let _ = connection.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::{Instant, advance, sleep, timeout};
+
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_does_nothing_is_quiet_after_one_period() {
+        let activity = Activity::default();
+        let started = Instant::now();
+        activity.quiet_for(PERIOD).await;
+        assert_eq!(started.elapsed(), PERIOD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_exchange_is_never_quiet_and_its_end_gives_a_whole_period() {
+        let activity = Arc::new(Activity::default());
+        let exchange = OpenExchange::begin(&activity);
+        let watch = activity.quiet_for(PERIOD);
+        tokio::pin!(watch);
+        // A long upload or download: many periods with the exchange open.
+        assert!(timeout(PERIOD * 10, watch.as_mut()).await.is_err());
+        // It ends just before a check: that check sees the end, so the connection
+        // gets at least a whole period of idleness before it is closed.
+        advance(PERIOD - Duration::from_millis(100)).await;
+        drop(exchange);
+        let ended = Instant::now();
+        watch.await;
+        assert!(
+            ended.elapsed() >= PERIOD,
+            "closed {:?} after",
+            ended.elapsed()
+        );
+        assert!(
+            ended.elapsed() < 2 * PERIOD,
+            "closed {:?} after",
+            ended.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exchanges_in_every_period_keep_the_connection() {
+        let activity = Arc::new(Activity::default());
+        let client = {
+            let activity = activity.clone();
+            async move {
+                for _ in 0..20 {
+                    drop(OpenExchange::begin(&activity));
+                    sleep(PERIOD / 2).await;
+                }
+            }
+        };
+        tokio::select! {
+            () = activity.quiet_for(PERIOD) => panic!("closed while the client kept sending"),
+            () = client => {}
+        }
+    }
 }
