@@ -147,9 +147,9 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Opti
 /// A host as it may appear unquoted in `Forwarded`.
 fn is_token_or_host(host: &str) -> bool {
     !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:_[]".contains(&b))
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_' | b'[' | b']')
+        })
 }
 
 /// Adds `value` to a comma-separated list field (earlier proxies' entries first).

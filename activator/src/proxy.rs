@@ -20,14 +20,15 @@
 
 use std::{
     convert::Infallible,
-    future::Future,
+    future::{Future, Ready},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Instant,
 };
 
 use bytes::Bytes;
+use futures::future::Either;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -114,7 +115,7 @@ pub fn unavailable(message: impl Into<String>, retry_after_seconds: u32) -> Prox
     response
 }
 
-fn ready(response: ProxyResponse) -> BoxFuture {
+fn boxed_now(response: ProxyResponse) -> BoxFuture {
     Box::pin(std::future::ready(Ok(response)))
 }
 
@@ -158,35 +159,46 @@ pub struct Route<S> {
     registry: Arc<Registry>,
 }
 
+/// The future of the first two layers: not boxed, since every request has one (the
+/// ones after them box theirs, and only when they must wait).
+pub type Answered<F> = Either<Ready<Result<ProxyResponse, Infallible>>, F>;
+
 impl<S> Service<Exchange> for Route<S>
 where
-    S: Service<Exchange, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+    S: Service<Exchange, Response = ProxyResponse, Error = Infallible>,
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = BoxFuture;
+    type Future = Answered<S::Future>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
+    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
         let request = &exchange.request;
         let Some(host) = headers::request_host(request.uri(), request.headers()) else {
-            return ready(answer(
+            return Either::Left(ready_now(answer(
                 StatusCode::BAD_REQUEST,
                 "the request names no host (no Host field or authority)",
-            ));
+            )));
         };
         let table = self.registry.table();
         match table.lookup(host, request.uri().path()) {
             Ok(function) => {
                 exchange.function = Some(function.clone());
-                self.inner.call(exchange)
+                Either::Right(self.inner.call(exchange))
             }
-            Err(miss) => ready(answer(StatusCode::NOT_FOUND, describe_miss(host, miss))),
+            Err(miss) => Either::Left(ready_now(answer(
+                StatusCode::NOT_FOUND,
+                describe_miss(host, miss),
+            ))),
         }
     }
+}
+
+fn ready_now(response: ProxyResponse) -> Ready<Result<ProxyResponse, Infallible>> {
+    std::future::ready(Ok(response))
 }
 
 fn describe_miss(host: &str, miss: Miss) -> String {
@@ -222,29 +234,50 @@ pub struct Observe<S> {
 
 impl<S> Service<Exchange> for Observe<S>
 where
-    S: Service<Exchange, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+    S: Service<Exchange, Response = ProxyResponse, Error = Infallible>,
+    S::Future: Unpin,
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = BoxFuture;
+    type Future = Observed<S::Future>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, exchange: Exchange) -> BoxFuture {
-        let Some(function) = exchange.function.clone() else {
-            return self.inner.call(exchange);
-        };
+    fn call(&mut self, exchange: Exchange) -> Observed<S::Future> {
+        let function = exchange.function.clone();
         let started = exchange.arrived;
-        let future = self.inner.call(exchange);
-        Box::pin(async move {
-            let response = future.await?;
+        Observed {
+            inner: self.inner.call(exchange),
+            function,
+            started,
+        }
+    }
+}
+
+/// A routed request's response, counted by status and timed when it comes.
+#[derive(Debug)]
+pub struct Observed<F> {
+    inner: F,
+    function: Option<Arc<Function>>,
+    started: Instant,
+}
+
+impl<F> Future for Observed<F>
+where
+    F: Future<Output = Result<ProxyResponse, Infallible>> + Unpin,
+{
+    type Output = Result<ProxyResponse, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = ready!(Pin::new(&mut self.inner).poll(cx));
+        if let (Ok(response), Some(function)) = (&response, &self.function) {
             function
                 .metrics()
-                .answered(response.status(), started.elapsed());
-            Ok(response)
-        })
+                .answered(response.status(), self.started.elapsed());
+        }
+        Poll::Ready(response)
     }
 }
 
@@ -291,7 +324,7 @@ where
 
     fn call(&mut self, mut exchange: Exchange) -> BoxFuture {
         let Some(function) = exchange.function.clone() else {
-            return ready(answer(
+            return boxed_now(answer(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "unrouted request",
             ));
@@ -311,7 +344,7 @@ where
                 return self.inner.call(exchange);
             }
             Ok(Admission::Wait(waiting)) => waiting,
-            Err(refusal) => return ready(refused(&function, refusal)),
+            Err(refusal) => return boxed_now(refused(&function, refusal)),
         };
         if waiting.at_zero {
             self.poke.poke(function.key());

@@ -92,18 +92,22 @@ enum Short<T> {
 #[derive(Debug)]
 pub struct RouteTable<T> {
     /// Explicit hosts: prefixes, longest first.
-    hosts: HashMap<String, Vec<(String, T)>>,
+    hosts: HostMap<Vec<(String, T)>>,
     /// Service names and ClusterIP forms.
-    names: HashMap<String, T>,
-    short: HashMap<String, Short<T>>,
+    names: HostMap<T>,
+    short: HostMap<Short<T>>,
 }
+
+/// Every request looks up its host once or twice: a fast hash (seeded per process)
+/// rather than SipHash. The keys come from the cluster's objects, not from clients.
+type HostMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 impl<T> Default for RouteTable<T> {
     fn default() -> Self {
         Self {
-            hosts: HashMap::new(),
-            names: HashMap::new(),
-            short: HashMap::new(),
+            hosts: HostMap::default(),
+            names: HostMap::default(),
+            short: HostMap::default(),
         }
     }
 }

@@ -59,8 +59,16 @@ fn a_request_at_zero_wakes_the_function_through_the_poke_and_is_answered() {
         create_deployment(&ctx, "hello", 0, json!({})).await?;
         let replicas = replicas_of(&ctx, "hello");
         let scaler = start_scaler(&ctx, "scaler-wake").await?;
-        let activators =
-            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--stats-interval", "60s"]).await?;
+        // One thread (the current-thread runtime): the proxy, the poke, the watches and
+        // the demand reports share it, as in the benchmarks; the other tests run the
+        // default, a thread per CPU.
+        let activators = Activators::start(
+            &ctx,
+            Path::new(ACTIVATOR),
+            1,
+            &["--stats-interval", "60s", "--worker-threads", "1"],
+        )
+        .await?;
         create_scaled_object(
             &ctx,
             "
