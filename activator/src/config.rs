@@ -73,7 +73,9 @@ pub struct Config {
     #[arg(long, env = "BLINK_MAX_UPSTREAM_CONNECTIONS", default_value_t = 1000)]
     pub max_upstream_connections: usize,
 
-    /// A client must send a request head within this time.
+    /// A client must send a request head within this time; an HTTP/1.1 connection
+    /// with no exchange open and none begun or ended for this long is closed (checked
+    /// once per this period, so it goes after between one and two of them).
     #[arg(long, env = "BLINK_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 

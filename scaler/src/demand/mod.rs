@@ -108,10 +108,15 @@ impl Demand {
 
     /// Applies a poke received at `now`, and wakes its function.
     pub fn apply_poke(&self, poke: Poke, now: Instant) {
-        let key = poke.key.clone();
-        lock(&self.store).apply_poke(poke, now);
-        if let Some(waker) = lock(&self.wakers).get(&key) {
+        // The arrival is kept before the demand is applied: a worker that reads the
+        // demand after taking no poke then cannot see it unattributed (and one that
+        // takes the poke first counts it as held work).
+        let waker = lock(&self.wakers).get(&poke.key).cloned();
+        if let Some(waker) = &waker {
             lock(&waker.poked_at).get_or_insert(now);
+        }
+        lock(&self.store).apply_poke(poke, now);
+        if let Some(waker) = waker {
             waker.notify.notify_one();
         }
     }

@@ -266,7 +266,20 @@ impl Worker {
                         self.replicas = None;
                     }
                 }
-                _ = tick.tick() => self.poll_due(),
+                _ = tick.tick() => {
+                    self.poll_due();
+                    // The periodic re-read of `/scale` gives way to a poke as the
+                    // status write does: the poke's step uses the count in hand, and
+                    // the read is made at a later tick.
+                    if self.resync_due() {
+                        let waker = Arc::clone(&self.waker);
+                        tokio::select! {
+                            biased;
+                            _ = waker.notified() => self.take_poke(),
+                            _ = Box::pin(self.resync_replicas()) => {}
+                        }
+                    }
+                }
                 _ = sleep_until(status_due.unwrap_or_else(Instant::now).into()), if status_due.is_some() => {
                     // A poke does not wait behind a status write (the API server's
                     // latency, or a place among the writes in flight): the write gives
@@ -462,13 +475,35 @@ impl Worker {
 
     /// Reads `/scale` when this worker has no fresh count.
     async fn ensure_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
-        let fresh = self
-            .last_read
-            .is_some_and(|at| at.elapsed() < self.ctx.config.resync);
-        if let (Some(replicas), true) = (self.replicas, fresh) {
+        // A poke's step does not wait for a re-read: the count in hand is at most one
+        // resync period old, as every step's is (the target's watch keeps it current).
+        if let Some(replicas) = self.replicas
+            && (!self.resync_stale() || self.poked_at.is_some())
+        {
             return Some(replicas);
         }
         self.read_replicas(plan).await
+    }
+
+    /// The count in hand is older than the resync period.
+    fn resync_stale(&self) -> bool {
+        self.last_read
+            .is_none_or(|at| at.elapsed() >= self.ctx.config.resync)
+    }
+
+    /// A periodic re-read of a count in hand is due (a first read is the step's).
+    fn resync_due(&self) -> bool {
+        self.replicas.is_some()
+            && self.resync_stale()
+            && self.plan.is_ok()
+            && self.ctx.leadership.state().is_leader
+    }
+
+    /// The periodic re-read; cancelling it leaves the count in hand as it was.
+    async fn resync_replicas(&mut self) {
+        if let Ok(plan) = self.plan.clone() {
+            self.read_replicas(&plan).await;
+        }
     }
 
     async fn read_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
@@ -557,11 +592,6 @@ impl Worker {
     }
 
     async fn step(&mut self) {
-        // A poke that came while the worker was busy elsewhere (its wake-up not yet
-        // waited for) is decided on now, and its latency counted from its arrival.
-        if let Some(at) = self.waker.take_poke() {
-            self.poked_at.get_or_insert(at);
-        }
         let leader = self.ctx.leadership.state();
         if !leader.is_leader || !self.ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -612,6 +642,12 @@ impl Worker {
                 None => seeded,
             }
         });
+        // A poke that came while the worker was busy elsewhere (its wake-up not yet
+        // waited for, or this step's reads of the API under way) is decided on now,
+        // with the demand it brought, and its latency counted from its arrival.
+        if let Some(at) = self.waker.take_poke() {
+            self.poked_at.get_or_insert(at);
+        }
         let demand = self.ctx.demand.aggregate(&self.key, now);
         let mut readings = Vec::with_capacity(plan.triggers.len());
         for (index, trigger) in plan.triggers.iter().enumerate() {
