@@ -93,7 +93,8 @@ pub struct Config {
     #[arg(long, env = "BLINK_STALL_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub stall_after: Duration,
 
-    /// How often a function's `/scale` is re-read even without a change seen.
+    /// How often a function's `/scale` is re-read even without a change seen (each
+    /// function draws its own period between ¾ of this and this).
     #[arg(long, env = "BLINK_RESYNC", default_value = "60s", value_parser = parse_duration)]
     pub resync: Duration,
 

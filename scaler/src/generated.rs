@@ -145,6 +145,24 @@ fn seconds(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
 
+/// Generated for a workload of `kind`: only that workload may update or remove it. A
+/// SpinApp and the Deployment SpinKube makes for it share a name, so a plain
+/// Deployment must not take the object generated for its annotated SpinApp as its own.
+pub fn is_generated_for(object: &ScaledObject, kind: &str) -> bool {
+    is_generated(object) && generated_for(object) == Some(kind)
+}
+
+/// The kind of workload an object was generated for (its controlling owner's).
+pub fn generated_for(object: &ScaledObject) -> Option<&str> {
+    object
+        .metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| owner.kind.as_str())
+}
+
 pub fn is_generated(object: &ScaledObject) -> bool {
     object
         .metadata
@@ -215,6 +233,19 @@ mod tests {
             object.metadata.annotations.as_ref().expect("copied")["blink.sh/transparent"],
             "true"
         );
+    }
+
+    #[test]
+    fn an_object_belongs_to_the_kind_it_was_generated_for() {
+        let meta = meta(&[("blink.sh/scale-to-zero", "true")]);
+        let for_spin_app =
+            generate("core.spinkube.dev/v1alpha1", "SpinApp", &meta).expect("generates");
+        assert!(is_generated_for(&for_spin_app, "SpinApp"));
+        assert!(!is_generated_for(&for_spin_app, "Deployment"));
+        assert_eq!(generated_for(&for_spin_app), Some("SpinApp"));
+        let mut made_by_hand = for_spin_app.clone();
+        made_by_hand.metadata.labels = None;
+        assert!(!is_generated_for(&made_by_hand, "SpinApp"));
     }
 
     #[test]

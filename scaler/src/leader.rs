@@ -203,9 +203,25 @@ impl Leadership {
         }
     }
 
-    /// Every change of state, starting from the current one.
+    /// Every change of state that [`is_news`], starting from the current one.
     pub fn subscribe(&self) -> watch::Receiver<LeaderState> {
         self.state.subscribe()
+    }
+
+    /// Each change of role (`true`: became leader), once; renewals and a new holder
+    /// elsewhere are not changes of role.
+    pub fn roles(&self) -> impl futures::Stream<Item = bool> + Send + 'static {
+        let rx = self.state.subscribe();
+        let leading = rx.borrow().is_leader;
+        futures::stream::unfold((rx, leading), |(mut rx, leading)| async move {
+            loop {
+                rx.changed().await.ok()?;
+                let now_leading = rx.borrow_and_update().is_leader;
+                if now_leading != leading {
+                    return Some((now_leading, (rx, now_leading)));
+                }
+            }
+        })
     }
 }
 
@@ -570,11 +586,26 @@ async fn run<S: LeaseStore>(
     }
 }
 
+/// Whether subscribers must be woken for `next`: a change of role, holder or term, or
+/// a renewal that comes after the deadline passed (writes wait for it in
+/// [`Leadership::writable`]). A renewal that only moves a deadline not yet passed is
+/// news to nobody: every function worker subscribes, and waking them all at each
+/// renewal made each run a step and re-read `/scale` in one burst, which pokes then
+/// queued behind.
+pub fn is_news(current: &LeaderState, next: &LeaderState, now: Instant) -> bool {
+    current.is_leader != next.is_leader
+        || current.holder != next.holder
+        || current.acquired_at != next.acquired_at
+        || (current.deadline != next.deadline && current.deadline.is_none_or(|d| now >= d))
+}
+
 fn publish(state: &watch::Sender<LeaderState>, next: LeaderState, config: &LeaseConfig) {
     state.send_if_modified(|current| {
         if *current == next {
             return false;
         }
+        // Stored either way: `state()`, `can_write()` and a later `borrow` see it.
+        let news = is_news(current, &next, now());
         if current.is_leader != next.is_leader {
             if next.is_leader {
                 tracing::info!(lease = %config.name, identity = %config.identity, "became leader");
@@ -583,7 +614,7 @@ fn publish(state: &watch::Sender<LeaderState>, next: LeaderState, config: &Lease
             }
         }
         *current = next;
-        true
+        news
     });
 }
 
@@ -725,6 +756,90 @@ mod tests {
                 ..LeaseSpec::default()
             }),
         }
+    }
+
+    #[test]
+    fn only_a_change_of_role_holder_or_term_or_a_late_renewal_is_news() {
+        let t0 = Instant::now();
+        let leading = |deadline: Duration| LeaderState {
+            is_leader: true,
+            holder: Some("me".into()),
+            acquired_at: Some(t0),
+            deadline: Some(t0 + deadline),
+        };
+        let cases = [
+            // A renewal before the deadline: stored, nobody woken.
+            (leading(4 * SECOND), leading(7 * SECOND), 3 * SECOND, false),
+            // A renewal after it: writes are waiting for it.
+            (leading(4 * SECOND), leading(9 * SECOND), 4 * SECOND, true),
+            (leading(4 * SECOND), leading(9 * SECOND), 5 * SECOND, true),
+            // Becoming leader, losing it, a new term, a new holder elsewhere.
+            (
+                LeaderState::follower(None),
+                leading(4 * SECOND),
+                Duration::ZERO,
+                true,
+            ),
+            (
+                leading(4 * SECOND),
+                LeaderState::follower(None),
+                SECOND,
+                true,
+            ),
+            (
+                leading(4 * SECOND),
+                LeaderState {
+                    acquired_at: Some(t0 + SECOND),
+                    ..leading(4 * SECOND)
+                },
+                SECOND,
+                true,
+            ),
+            (
+                LeaderState::follower(Some("a".into())),
+                LeaderState::follower(Some("b".into())),
+                SECOND,
+                true,
+            ),
+        ];
+        for (current, next, at, news) in cases {
+            assert_eq!(
+                is_news(&current, &next, t0 + at),
+                news,
+                "{current:?} -> {next:?} at +{at:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn renewals_wake_no_subscriber_and_roles_change_once() {
+        let shared = Arc::new(Shared::default());
+        let c = candidate(&shared, "a");
+        let mut roles = Box::pin(c.leadership.roles());
+        let became = tokio::time::timeout(10 * SECOND, roles.next())
+            .await
+            .expect("a role change");
+        assert_eq!(became, Some(true));
+        let mut rx = c.leadership.subscribe();
+        rx.borrow_and_update();
+        let first = c.leadership.state().deadline.expect("deadline");
+        // Several renewals (every 600 ms): the deadline moves, nobody is woken.
+        tokio::time::sleep(2 * SECOND).await;
+        assert!(c.leadership.state().deadline.expect("deadline") > first);
+        assert!(
+            !rx.has_changed().expect("sender alive"),
+            "a renewal woke a subscriber"
+        );
+        c.shutdown.cancel();
+        let lost = tokio::time::timeout(10 * SECOND, roles.next())
+            .await
+            .expect("a role change");
+        assert_eq!(lost, Some(false));
+        assert!(
+            rx.has_changed().expect("sender alive"),
+            "losing the role is news"
+        );
+        c.task.await.expect("task ends");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use blink_tests::{
     wait,
     workloads::{condition_state, create_deployment, create_scaled_object, desired},
 };
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api,
@@ -163,6 +164,28 @@ fn an_annotated_spin_app_gets_a_generated_scaled_object() {
             || condition_state(&ctx, "hi", Condition::READY),
         )
         .await?;
+
+        // SpinKube's Deployment of the same name is a plain (not annotated) workload:
+        // a change to it must leave the object generated for the SpinApp alone, through
+        // the change and the Lease renewals after it (every 3 s here).
+        let uid = generated.metadata.uid.clone();
+        ctx.api::<Deployment>()
+            .patch(
+                "hi",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+            )
+            .await?;
+        let watched_until = tokio::time::Instant::now() + Duration::from_secs(8);
+        while tokio::time::Instant::now() < watched_until {
+            let now = ctx.api::<ScaledObject>().get_opt("hi").await?;
+            let now_uid = now.as_ref().and_then(|o| o.metadata.uid.clone());
+            ensure!(
+                now_uid == uid,
+                "the SpinApp's generated ScaledObject was removed or replaced after its Deployment changed (uid {uid:?} -> {now_uid:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         scaler.stop().await;
         release_finalizers(&ctx).await
     });

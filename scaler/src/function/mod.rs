@@ -116,6 +116,13 @@ pub fn spawn(ctx: Arc<Context>, key: FunctionKey, input: FunctionInput) -> Handl
     }
 }
 
+/// A function's own re-read period: `period` shortened by up to a quarter (`draw` is
+/// uniform in [0, 1)), so functions created together do not all re-read `/scale` in
+/// the same tick, and the API server sees a steady trickle instead of bursts.
+fn spread_resync(period: Duration, draw: f64) -> Duration {
+    period.mul_f64(1.0 - draw.clamp(0.0, 1.0) / 4.0)
+}
+
 /// A pull trigger's slot: the built trigger (or why it could not be built), its last
 /// reading and when to poll next.
 #[derive(Debug)]
@@ -156,6 +163,8 @@ struct Worker {
     state: Option<decide::State>,
     replicas: Option<Replicas>,
     last_read: Option<Instant>,
+    /// This function's re-read period of `/scale` ([`spread_resync`]).
+    resync: Duration,
     /// The count this worker last set (drift is a change away from it).
     last_set: Option<i32>,
     target_error: Option<TargetError>,
@@ -188,6 +197,7 @@ impl Worker {
             namespace: key.namespace().to_owned(),
             name: key.name().to_owned(),
         };
+        let resync = spread_resync(ctx.config.resync, rand::random());
         Self {
             book: StatusBook::new(first.object.status.clone(), Duration::from_secs(1)),
             plan: plan::plan(&first.object),
@@ -205,6 +215,7 @@ impl Worker {
             state: None,
             replicas: None,
             last_read: None,
+            resync,
             last_set: None,
             target_error: None,
             was_active: false,
@@ -224,6 +235,7 @@ impl Worker {
     async fn run(mut self, cancel: CancellationToken) {
         Box::pin(self.rebuild()).await;
         let mut leadership = self.ctx.leadership.subscribe();
+        let mut leading = leadership.borrow_and_update().is_leader;
         let mut tick = interval(self.tick_period());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -259,8 +271,14 @@ impl Worker {
                     if changed.is_err() {
                         break;
                     }
-                    let state = leadership.borrow_and_update().clone();
-                    if !state.is_leader {
+                    let now_leading = leadership.borrow_and_update().is_leader;
+                    if now_leading == leading {
+                        // A late renewal or another holder: no step (writes waiting
+                        // for the renewal resume by themselves).
+                        continue;
+                    }
+                    leading = now_leading;
+                    if !leading {
                         // A future term starts from the cluster's state, not ours.
                         self.state = None;
                         self.replicas = None;
@@ -473,22 +491,21 @@ impl Worker {
         }
     }
 
-    /// Reads `/scale` when this worker has no fresh count.
+    /// Reads `/scale` when this worker has no count in hand. A step never re-reads one
+    /// it has: the target's watch re-reads on every change, and the tick's periodic
+    /// re-read ([`Self::resync_due`]), which gives way to a poke, keeps it at most one
+    /// resync period old. A re-read inside the step would make a poke arriving
+    /// meanwhile wait for it.
     async fn ensure_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
-        // A poke's step does not wait for a re-read: the count in hand is at most one
-        // resync period old, as every step's is (the target's watch keeps it current).
-        if let Some(replicas) = self.replicas
-            && (!self.resync_stale() || self.poked_at.is_some())
-        {
+        if let Some(replicas) = self.replicas {
             return Some(replicas);
         }
         self.read_replicas(plan).await
     }
 
-    /// The count in hand is older than the resync period.
+    /// The count in hand is older than this function's resync period.
     fn resync_stale(&self) -> bool {
-        self.last_read
-            .is_none_or(|at| at.elapsed() >= self.ctx.config.resync)
+        self.last_read.is_none_or(|at| at.elapsed() >= self.resync)
     }
 
     /// A periodic re-read of a count in hand is due (a first read is the step's).
@@ -1369,6 +1386,31 @@ fn explain(plan: &Plan, decision: &Decision, readings: &[Reading]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_function_re_reads_within_the_last_quarter_of_the_period() {
+        let minute = Duration::from_secs(60);
+        let cases = [
+            (0.0, minute),
+            (0.5, Duration::from_millis(52_500)),
+            (0.999_999, Duration::from_secs(45)),
+            // Out-of-range draws stay within the bounds.
+            (-1.0, minute),
+            (7.0, Duration::from_secs(45)),
+        ];
+        for (draw, expected) in cases {
+            let period = spread_resync(minute, draw);
+            let off = period.abs_diff(expected);
+            assert!(off < Duration::from_millis(1), "{draw}: {period:?}");
+        }
+        for _ in 0..1_000 {
+            let period = spread_resync(minute, rand::random());
+            assert!(
+                (Duration::from_secs(45)..=minute).contains(&period),
+                "{period:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_triggers_own_activity_verdict_survives() {
