@@ -37,8 +37,13 @@ use tokio::{
 const MAX_HEADERS: usize = 100;
 /// The largest response head accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Room made in the read buffer before each read.
+/// Room made in the read buffer when a read finds less than [`MIN_READ_ROOM`] left.
 const READ_CHUNK: usize = 8 * 1024;
+/// A read goes into the room the buffer has left while this much is left. Heads and
+/// small bodies taken out of the buffer keep its allocation shared, so asking for a
+/// whole [`READ_CHUNK`] before every read would allocate a new buffer for nearly
+/// every response; this way one allocation serves tens of small responses.
+const MIN_READ_ROOM: usize = 1024;
 /// The longest chunk extension accepted (they are read and dropped).
 const MAX_CHUNK_EXTENSION: u16 = 4 * 1024;
 
@@ -97,7 +102,7 @@ pub struct Http1Connection {
     /// A request went over it before: it may have been closed by the replica since.
     reused: bool,
     /// Field names this replica has sent.
-    names: Vec<HeaderName>,
+    names: RememberedNames,
     place: Place,
 }
 
@@ -123,7 +128,7 @@ impl Http1Connection {
             io,
             read: BytesMut::new(),
             reused: false,
-            names: Vec::new(),
+            names: RememberedNames::new(),
             place: Place {
                 _permit: permit,
                 open,
@@ -309,7 +314,7 @@ impl Http1Connection {
             if self.read.len() >= MAX_HEAD_BYTES {
                 return Err(Error::HeadTooLarge);
             }
-            self.read.reserve(READ_CHUNK);
+            make_room(&mut self.read);
             match self.io.read_buf(&mut self.read).await {
                 Ok(0) if self.read.is_empty() => return Err(Error::ClosedBeforeResponse),
                 Ok(0) => return Err(Error::Truncated),
@@ -321,6 +326,13 @@ impl Http1Connection {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Room for the next read (see [`MIN_READ_ROOM`]).
+fn make_room(buffer: &mut BytesMut) {
+    if buffer.capacity() - buffer.len() < MIN_READ_ROOM {
+        buffer.reserve(READ_CHUNK);
     }
 }
 
@@ -344,7 +356,7 @@ enum BodySent {
 async fn answered_early(io: &TcpStream, read: &mut BytesMut) -> io::Result<()> {
     loop {
         io.readable().await?;
-        read.reserve(READ_CHUNK);
+        make_room(read);
         match io.try_read_buf(read) {
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -406,7 +418,7 @@ fn encode_trailers(trailers: &HeaderMap) -> Vec<u8> {
 /// met) rather than being copied again for every response.
 fn parse_response_head(
     buffer: &mut BytesMut,
-    names: &mut Vec<HeaderName>,
+    names: &mut RememberedNames,
 ) -> Result<Option<response::Parts>, Error> {
     // Room for a usual head first: the arrays are cleared on every parse.
     match parse_response_head_with::<24>(buffer, names) {
@@ -423,7 +435,7 @@ const MAX_REMEMBERED_NAMES: usize = 32;
 
 fn parse_response_head_with<const FIELDS: usize>(
     buffer: &mut BytesMut,
-    names: &mut Vec<HeaderName>,
+    names: &mut RememberedNames,
 ) -> Result<Option<response::Parts>, Error> {
     let mut fields = [httparse::EMPTY_HEADER; FIELDS];
     let mut parsed = httparse::Response::new(&mut fields);
@@ -474,19 +486,21 @@ fn parse_response_head_with<const FIELDS: usize>(
     Ok(Some(parts))
 }
 
+/// Field names a connection has met, each as the replica spelled it beside the name
+/// it stands for. A replica spells its names the same way on every response, so a
+/// byte comparison finds them (no case folding per field).
+type RememberedNames = Vec<(Box<[u8]>, HeaderName)>;
+
 /// A field name: one this connection met before (a replica sends the same few on
 /// every response), or a new one, then remembered. Making a name `http` does not know
 /// copies it; a remembered one is shared.
-fn header_name(raw: &[u8], names: &mut Vec<HeaderName>) -> Result<HeaderName, Error> {
-    if let Some(known) = names
-        .iter()
-        .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(raw))
-    {
+fn header_name(raw: &[u8], names: &mut RememberedNames) -> Result<HeaderName, Error> {
+    if let Some((_, known)) = names.iter().find(|(spelled, _)| **spelled == *raw) {
         return Ok(known.clone());
     }
     let name = HeaderName::from_bytes(raw).map_err(|_| Error::Malformed("invalid field name"))?;
     if names.len() < MAX_REMEMBERED_NAMES {
-        names.push(name.clone());
+        names.push((raw.into(), name.clone()));
     }
     Ok(name)
 }
@@ -594,7 +608,7 @@ impl ResponseBody {
 
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         let connection = &mut self.connection;
-        connection.read.reserve(READ_CHUNK);
+        make_room(&mut connection.read);
         let read = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut connection.io),
             cx,
@@ -980,6 +994,55 @@ mod tests {
         }
         too_many.push_str("\r\n");
         assert!(parse_response_head(&mut BytesMut::from(too_many.as_bytes()), &mut names).is_err());
+    }
+
+    #[test]
+    fn names_are_remembered_as_spelled() {
+        let mut names = RememberedNames::new();
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Type: a\r\nX-Trace: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: b\r\nX-Trace: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Type: c\r\nX-Trace: 3\r\n\r\n",
+        ] {
+            let parts = parse_response_head(&mut BytesMut::from(head.as_bytes()), &mut names)
+                .expect("valid")
+                .expect("whole");
+            assert_eq!(parts.headers.len(), 2, "{head}");
+            assert!(parts.headers.contains_key("content-type"), "{head}");
+            assert!(parts.headers.contains_key("x-trace"), "{head}");
+        }
+        let spelled: Vec<&[u8]> = names.iter().map(|(s, _)| &**s).collect();
+        assert_eq!(
+            spelled,
+            [&b"Content-Type"[..], b"X-Trace", b"content-type"],
+            "one entry per spelling, found again byte for byte"
+        );
+        assert_eq!(names[0].1, names[2].1, "both spellings name one field");
+    }
+
+    #[test]
+    fn small_responses_share_a_read_buffer_until_little_room_is_left() {
+        const RESPONSES: usize = 100;
+        const SIZE: usize = 200;
+        let mut buffer = BytesMut::new();
+        let mut kept = Vec::new();
+        let mut allocations = 0;
+        for _ in 0..RESPONSES {
+            let before = buffer.capacity() - buffer.len();
+            make_room(&mut buffer);
+            if buffer.capacity() - buffer.len() != before {
+                allocations += 1;
+            }
+            assert!(buffer.capacity() - buffer.len() >= MIN_READ_ROOM);
+            buffer.extend_from_slice(&[b'x'; SIZE]);
+            // A head taken out shares the buffer's allocation while it lives.
+            kept.push(buffer.split_to(SIZE).freeze());
+        }
+        let most = RESPONSES * SIZE / (READ_CHUNK - MIN_READ_ROOM) + 2;
+        assert!(
+            allocations <= most,
+            "{allocations} allocations for {RESPONSES} responses (at most {most})"
+        );
     }
 
     #[test]

@@ -157,23 +157,6 @@ pub async fn serve<S>(
         };
         let service = service.clone();
         let address = Arc::new(ClientAddress::new(client));
-        let activity = Arc::new(Activity::default());
-        let handler = {
-            let activity = activity.clone();
-            service_fn(move |request: Request<Incoming>| {
-                let exchange = OpenExchange::begin(&activity);
-                let response = service
-                    .clone()
-                    .call(Exchange::new(request, address.clone()));
-                async move {
-                    let response = response.await?;
-                    Ok::<_, Infallible>(response.map(|body| Watched {
-                        body,
-                        _exchange: exchange,
-                    }))
-                }
-            })
-        };
         let (metrics, protocols, closing) = (metrics.clone(), protocols.clone(), closing.clone());
         let header_timeout = config.header_timeout;
         connections.spawn(async move {
@@ -181,6 +164,12 @@ pub async fn serve<S>(
             let result = match speaks_h2c(&stream, header_timeout).await {
                 None => Ok(()),
                 Some(true) => {
+                    // HTTP/2 limits its own streams and pings: no idle watch to feed.
+                    let handler = service_fn(move |request: Request<Incoming>| {
+                        service
+                            .clone()
+                            .call(Exchange::new(request, address.clone()))
+                    });
                     // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1
                     // one's, and inline every connection's task would carry it.
                     let mut connection = Box::pin(
@@ -192,6 +181,23 @@ pub async fn serve<S>(
                         .await
                 }
                 Some(false) => {
+                    let activity = Arc::new(Activity::default());
+                    let handler = {
+                        let activity = activity.clone();
+                        service_fn(move |request: Request<Incoming>| {
+                            let exchange = OpenExchange::begin(&activity);
+                            let response = service
+                                .clone()
+                                .call(Exchange::new(request, address.clone()));
+                            async move {
+                                let response = response.await?;
+                                Ok::<_, Infallible>(response.map(|body| Watched {
+                                    body,
+                                    _exchange: exchange,
+                                }))
+                            }
+                        })
+                    };
                     let connection = std::pin::pin!(
                         protocols
                             .http1
