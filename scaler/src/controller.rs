@@ -8,7 +8,7 @@
 //! the leader alone writes it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -63,6 +63,8 @@ fn api_version_of(kind: &str) -> &'static str {
 }
 
 const SPIN_APP_API_VERSION: &str = "core.spinkube.dev/v1alpha1";
+/// How soon a generated object whose write or removal failed is tried again.
+const GENERATED_RETRY: Duration = Duration::from_secs(5);
 
 struct Entry {
     handle: Handle,
@@ -114,6 +116,9 @@ struct Controller {
     autoscalers: HashMap<TargetId, BTreeSet<String>>,
     /// What was last applied for each generated object, so it is written on change only.
     generated: HashMap<TargetId, ScaledObject>,
+    /// Workloads whose generated object could not be written or removed: tried again
+    /// every [`GENERATED_RETRY`] until it works or the workload changes.
+    generated_failed: HashSet<TargetId>,
     /// Objects whose `http` routes another, older object holds
     /// ([`blink_crds::routing::resolve`]), with why.
     route_conflicts: HashMap<FunctionKey, String>,
@@ -201,16 +206,22 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         workloads: HashMap::new(),
         autoscalers: HashMap::new(),
         generated: HashMap::new(),
+        generated_failed: HashSet::new(),
         route_conflicts: HashMap::new(),
         routes_dirty: false,
     };
     // Routes are settled over every object (linear), so at most once a second.
     let mut settle_routes = tokio::time::interval(Duration::from_secs(1));
     settle_routes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry_generated = tokio::time::interval(GENERATED_RETRY);
+    retry_generated.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = settle_routes.tick(), if controller.routes_dirty => controller.settle_routes(),
+            _ = retry_generated.tick(), if !controller.generated_failed.is_empty() => {
+                controller.retry_generated().await;
+            }
             change = changes.next() => {
                 let list_done = matches!(
                     &change,
@@ -622,6 +633,14 @@ impl Controller {
         }
     }
 
+    /// Tries again the generated objects whose last write or removal failed.
+    async fn retry_generated(&mut self) {
+        let ids: Vec<TargetId> = self.generated_failed.drain().collect();
+        for id in ids {
+            self.reconcile_workload(&id).await;
+        }
+    }
+
     async fn reconcile_generated(&mut self) {
         let ids: Vec<TargetId> = self.workloads.keys().cloned().collect();
         self.generated.clear();
@@ -635,6 +654,7 @@ impl Controller {
         if !self.ctx.leadership.state().is_leader {
             return;
         }
+        self.generated_failed.remove(id);
         let Some(meta) = self.workloads.get(id) else {
             return;
         };
@@ -650,8 +670,10 @@ impl Controller {
             .map(|entry| entry.object.clone());
         if !generated::opted_in(annotations) {
             self.generated.remove(id);
-            if existing.is_some_and(|o| generated::is_generated_for(&o, &id.1)) {
-                self.delete_generated(&api, &id.1, &id.2).await;
+            if existing.is_some_and(|o| generated::is_generated_for(&o, &id.1))
+                && !self.delete_generated(&api, &id.1, &id.2).await
+            {
+                self.generated_failed.insert(id.clone());
             }
             return;
         }
@@ -707,18 +729,31 @@ impl Controller {
                 self.generated.insert(id.clone(), wanted);
             }
             Err(e) => {
-                warn!(workload = %id.2, error = %e, "could not write the generated ScaledObject")
+                warn!(workload = %id.2, error = %e, retry = ?GENERATED_RETRY, "could not write the generated ScaledObject");
+                self.generated_failed.insert(id.clone());
             }
         }
     }
 
-    async fn delete_generated(&self, api: &Api<ScaledObject>, kind: &str, name: &str) {
-        if let Ok(Some(object)) = api.get_opt(name).await
-            && generated::is_generated_for(&object, kind)
-            && let Err(e) = api.delete(name, &DeleteParams::default()).await
-        {
-            warn!(workload = %name, error = %e, "could not delete the generated ScaledObject");
+    /// Removes the object generated for the workload `kind`/`name`; false when that
+    /// could not be done (to be tried again).
+    async fn delete_generated(&self, api: &Api<ScaledObject>, kind: &str, name: &str) -> bool {
+        let result = match api.get_opt(name).await {
+            Ok(Some(object)) if generated::is_generated_for(&object, kind) => api
+                .delete(name, &DeleteParams::default())
+                .await
+                .map(|_| ())
+                .or_else(|e| match &e {
+                    kube::Error::Api(status) if status.is_not_found() => Ok(()),
+                    _ => Err(e),
+                }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            warn!(workload = %name, error = %e, retry = ?GENERATED_RETRY, "could not delete the generated ScaledObject");
         }
+        result.is_ok()
     }
 
     fn workload_event(

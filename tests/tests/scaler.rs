@@ -971,3 +971,96 @@ spec:
         finish(&ctx, scaler).await
     });
 }
+
+/// A generated object the API server refuses is tried again on its own: the workload
+/// does not change, no leadership changes, and yet the object appears once allowed.
+#[test]
+fn a_refused_generated_object_is_written_once_the_api_server_allows_it() {
+    blink_tests::run("scaler-generated-retry", |ctx| async move {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        // Refuses generated ScaledObjects in this test's namespace only.
+        let name = format!("deny-generated-{}", ctx.namespace());
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {"failurePolicy": "Fail",
+                     "matchConstraints": {"resourceRules": [{"apiGroups": ["blink.sh"],
+                         "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
+                         "resources": ["scaledobjects"]}]},
+                     "validations": [{"expression":
+                         "!has(object.metadata.labels) || !('blink.sh/generated' in object.metadata.labels)",
+                         "message": "generated ScaledObjects are refused for this test"}]}
+        }))?;
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {"policyName": name, "validationActions": ["Deny"],
+                     "matchResources": {"namespaceSelector": {"matchLabels":
+                         {"kubernetes.io/metadata.name": ctx.namespace()}}}}
+        }))?;
+        let policies: kube::Api<ValidatingAdmissionPolicy> = kube::Api::all(ctx.client());
+        let bindings: kube::Api<ValidatingAdmissionPolicyBinding> = kube::Api::all(ctx.client());
+        policies.create(&Default::default(), &policy).await?;
+        bindings.create(&Default::default(), &binding).await?;
+        // In force once a dry run of a generated object is refused.
+        let probe: ScaledObject = serde_yaml::from_str(
+            "
+metadata: {name: probe, labels: {blink.sh/generated: 'true'}}
+spec:
+  scaleTargetRef: {name: probe}
+  triggers: [{type: http, metadata: {}}]
+",
+        )?;
+        let dry_run = kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait::until(
+            LONG,
+            "the admission policy refuses generated objects",
+            || async {
+                let refused = match ctx.api::<ScaledObject>().create(&dry_run, &probe).await {
+                    Ok(_) => false,
+                    Err(e) if e.to_string().contains("refused for this test") => true,
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(refused.then_some(()))
+            },
+        )
+        .await?;
+
+        create_deployment(
+            &ctx,
+            "refused",
+            0,
+            json!({"blink.sh/scale-to-zero": "true"}),
+        )
+        .await?;
+        let scaler = start_scaler(&ctx, "scaler-generated-retry").await?;
+        // Refused twice: the first write and at least one try after it.
+        let writes = r#"blink_scaler_api_writes_total{kind="generated"}"#;
+        wait::until(
+            LONG,
+            "two refused writes of the generated object",
+            || async { Ok((scaler.metric(writes).await? >= 2.0).then_some(())) },
+        )
+        .await?;
+        ensure!(
+            ctx.api::<ScaledObject>()
+                .get_opt("refused")
+                .await?
+                .is_none(),
+            "the generated object was written despite the policy"
+        );
+
+        bindings.delete(&name, &DeleteParams::default()).await?;
+        policies.delete(&name, &DeleteParams::default()).await?;
+        wait::until(LONG, "the generated object, once allowed", || async {
+            Ok(ctx.api::<ScaledObject>().get_opt("refused").await?)
+        })
+        .await?;
+        finish(&ctx, scaler).await
+    });
+}
