@@ -63,7 +63,10 @@ impl AuditEvent {
 pub fn read(path: &Path) -> anyhow::Result<Vec<AuditEvent>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
+    // The API server may be writing the last line as it is read: only whole lines count.
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| serde_json::from_str::<AuditEvent>(line).context("parsing an audit event"))
         .filter(|e| e.as_ref().map_or(true, |e| e.stage == "ResponseComplete"))

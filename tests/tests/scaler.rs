@@ -74,6 +74,25 @@ fn scale_writes_by(ctx: &TestContext, user: &str) -> anyhow::Result<Vec<audit::A
         .collect())
 }
 
+/// The API server writes a request's audit line after it has sent the response, so a read
+/// made just after a change was seen can miss the write that made it: read until two reads
+/// 300 ms apart agree (for at most 10 s).
+async fn settled_scale_writes_by(
+    ctx: &TestContext,
+    user: &str,
+) -> anyhow::Result<Vec<audit::AuditEvent>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut writes = scale_writes_by(ctx, user)?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = scale_writes_by(ctx, user)?;
+        if again.len() == writes.len() || std::time::Instant::now() > deadline {
+            return Ok(again);
+        }
+        writes = again;
+    }
+}
+
 #[test]
 fn rabbitmq_queue_length_wakes_scales_and_idles_back_to_zero() {
     blink_tests::run("scaler-rabbitmq", |ctx| async move {
@@ -253,7 +272,7 @@ spec:
             .await
             .context("25 replicas")??;
         // Held there under the same demand: no PATCH in between.
-        let writes_at_25 = scale_writes_by(&ctx, "scaler-http")?.len();
+        let writes_at_25 = settled_scale_writes_by(&ctx, "scaler-http").await?.len();
         for _ in 0..4 {
             client.snapshot(vec![demand(&web, 250.0, 500)]).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -290,7 +309,7 @@ spec:
             .context("back to 0")??;
 
         // One PATCH per change, and every one by this scaler.
-        let writes = scale_writes_by(&ctx, "scaler-http")?;
+        let writes = settled_scale_writes_by(&ctx, "scaler-http").await?;
         let all = audit::scale_writes(
             &audit::read(&ctx.bed().audit_log)?,
             ctx.namespace(),
@@ -420,7 +439,9 @@ spec:
         )
         .await?;
         until_condition(&ctx, "hello", Condition::CONFLICT, "True", "TargetConflict").await?;
-        let before = scale_writes_by(&ctx, "scaler-annotated")?.len();
+        let before = settled_scale_writes_by(&ctx, "scaler-annotated")
+            .await?
+            .len();
         for _ in 0..3 {
             client.snapshot(vec![demand(&hello, 90.0, 60)]).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -513,7 +534,11 @@ spec:
         let mut client = DemandClient::new(addr, Some(token.clone()), "test-activator");
         client.snapshot(vec![demand(&web, 40.0, 100)]).await?;
         until_desired(&ctx, "web", 4).await?;
-        ensure!(!scale_writes_by(&ctx, "scaler-one")?.is_empty());
+        ensure!(
+            !settled_scale_writes_by(&ctx, "scaler-one")
+                .await?
+                .is_empty()
+        );
         ensure!(
             scale_writes_by(&ctx, "scaler-two")?.is_empty(),
             "the follower wrote"
@@ -544,7 +569,9 @@ spec:
         client.snapshot(vec![demand(&web, 90.0, 100)]).await?;
         until_desired(&ctx, "web", 9).await?;
         ensure!(
-            !scale_writes_by(&ctx, "scaler-two")?.is_empty(),
+            !settled_scale_writes_by(&ctx, "scaler-two")
+                .await?
+                .is_empty(),
             "the new leader never wrote"
         );
         eprintln!("leader replaced {took:?} after kill -9");
