@@ -175,11 +175,15 @@ spec:
             blink_slice(&ctx, "hello").await?.is_some(),
             "at zero without Blink's slice"
         );
-        let order = writes_in_order(&ctx, "scaler-transparent")?;
-        let first_zero = order
-            .iter()
-            .position(|w| w == "patch scale")
-            .context("a PATCH")?;
+        // The audit line of a request is written after its response is sent: wait for it.
+        let (order, first_zero) = wait::until(LONG, "the PATCH to 0 in the audit log", || async {
+            let order = writes_in_order(&ctx, "scaler-transparent")?;
+            Ok(order
+                .iter()
+                .position(|w| w == "patch scale")
+                .map(|first_zero| (order.clone(), first_zero)))
+        })
+        .await?;
         ensure!(
             order[..first_zero]
                 .iter()
