@@ -216,6 +216,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
     let mut retry_generated = tokio::time::interval(GENERATED_RETRY);
     retry_generated.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The interval is not polled while nothing failed, so its next tick may be long
+        // overdue: a first failure is retried a whole period after it, not at once.
+        let none_failed = controller.generated_failed.is_empty();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = settle_routes.tick(), if controller.routes_dirty => controller.settle_routes(),
@@ -244,6 +247,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
                 None => break,
                 }
             }
+        }
+        if none_failed && !controller.generated_failed.is_empty() {
+            retry_generated.reset();
         }
     }
     for (_, entry) in controller.functions.drain() {
@@ -628,6 +634,7 @@ impl Controller {
                 self.workloads.remove(&id);
                 // The generated object goes with its owner (garbage collection).
                 self.generated.remove(&id);
+                self.generated_failed.remove(&id);
             }
             Event::Init | Event::InitDone => {}
         }

@@ -89,6 +89,17 @@ pub struct LeaderState {
 }
 
 impl LeaderState {
+    /// This process's term as leader: when it gained the Lease, `None` while not
+    /// leading. A watch may merge "lost, then won again" into one change, which only
+    /// the term tells apart from a renewal.
+    pub fn term(&self) -> Option<Instant> {
+        if self.is_leader {
+            self.acquired_at
+        } else {
+            None
+        }
+    }
+
     /// Not leading, no holder known.
     pub fn follower(holder: Option<String>) -> Self {
         Self {
@@ -192,8 +203,14 @@ impl Leadership {
     pub async fn writable(&self) -> LeaderState {
         let mut rx = self.state.subscribe();
         loop {
+            // The clock is read before the state: a renewal published after this read
+            // is made at a later time, past the deadline that refuses us here, so it
+            // is news and wakes the wait below (read after, a renewal landing just
+            // before the old deadline would be taken in silence and the wait would
+            // never end).
+            let at = now();
             let state = rx.borrow_and_update().clone();
-            if may_write(&state, now()) {
+            if may_write(&state, at) {
                 return state;
             }
             if rx.changed().await.is_err() {
@@ -208,17 +225,18 @@ impl Leadership {
         self.state.subscribe()
     }
 
-    /// Each change of role (`true`: became leader), once; renewals and a new holder
-    /// elsewhere are not changes of role.
+    /// Each change of term, once: `true` when a term as leader begins (also straight
+    /// after another one, if the Lease was lost and won back between two looks),
+    /// `false` when one ends. Renewals and a new holder elsewhere are not changes.
     pub fn roles(&self) -> impl futures::Stream<Item = bool> + Send + 'static {
         let rx = self.state.subscribe();
-        let leading = rx.borrow().is_leader;
-        futures::stream::unfold((rx, leading), |(mut rx, leading)| async move {
+        let term = rx.borrow().term();
+        futures::stream::unfold((rx, term), |(mut rx, term)| async move {
             loop {
                 rx.changed().await.ok()?;
-                let now_leading = rx.borrow_and_update().is_leader;
-                if now_leading != leading {
-                    return Some((now_leading, (rx, now_leading)));
+                let now_term = rx.borrow_and_update().term();
+                if now_term != term {
+                    return Some((now_term.is_some(), (rx, now_term)));
                 }
             }
         })
@@ -840,6 +858,39 @@ mod tests {
             "losing the role is news"
         );
         c.task.await.expect("task ends");
+    }
+
+    #[tokio::test]
+    async fn a_term_lost_and_won_back_between_two_looks_is_a_new_term() {
+        let t0 = Instant::now();
+        let leader = |acquired_at: Instant| LeaderState {
+            is_leader: true,
+            holder: Some("me".into()),
+            acquired_at: Some(acquired_at),
+            deadline: Some(acquired_at + 10 * SECOND),
+        };
+        let (leadership, control) = Leadership::manual(leader(t0));
+        let mut roles = Box::pin(leadership.roles());
+        // Lost, then won back, before the stream looks: one change, a new term.
+        control.set(LeaderState::follower(Some("other".into())));
+        control.set(leader(t0 + SECOND));
+        let next = tokio::time::timeout(SECOND, roles.next()).await;
+        assert_eq!(next.ok(), Some(Some(true)), "a new term went unseen");
+        assert_eq!(leadership.state().term(), Some(t0 + SECOND));
+        // A renewal in the same term is no change.
+        control.set(LeaderState {
+            deadline: Some(t0 + 20 * SECOND),
+            ..leader(t0 + SECOND)
+        });
+        assert!(
+            tokio::time::timeout(SECOND / 10, roles.next())
+                .await
+                .is_err(),
+            "a renewal was taken for a new term"
+        );
+        control.set(LeaderState::follower(None));
+        let next = tokio::time::timeout(SECOND, roles.next()).await;
+        assert_eq!(next.ok(), Some(Some(false)));
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl Worker {
     async fn run(mut self, cancel: CancellationToken) {
         Box::pin(self.rebuild()).await;
         let mut leadership = self.ctx.leadership.subscribe();
-        let mut leading = leadership.borrow_and_update().is_leader;
+        let mut term = leadership.borrow_and_update().term();
         let mut tick = interval(self.tick_period());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -271,18 +271,19 @@ impl Worker {
                     if changed.is_err() {
                         break;
                     }
-                    let now_leading = leadership.borrow_and_update().is_leader;
-                    if now_leading == leading {
+                    let now_term = leadership.borrow_and_update().term();
+                    if now_term == term {
                         // A late renewal or another holder: no step (writes waiting
                         // for the renewal resume by themselves).
                         continue;
                     }
-                    leading = now_leading;
-                    if !leading {
-                        // A future term starts from the cluster's state, not ours.
+                    if term.is_some() {
+                        // The term ended (another may have begun at once): the next
+                        // starts from the cluster's state, not ours.
                         self.state = None;
                         self.replicas = None;
                     }
+                    term = now_term;
                 }
                 _ = tick.tick() => {
                     self.poll_due();
