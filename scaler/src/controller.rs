@@ -746,8 +746,19 @@ impl Controller {
     /// could not be done (to be tried again).
     async fn delete_generated(&self, api: &Api<ScaledObject>, kind: &str, name: &str) -> bool {
         let result = match api.get_opt(name).await {
+            // Only the object just read: one created in its place meanwhile is
+            // refused (409) and looked at again on the retry.
             Ok(Some(object)) if generated::is_generated_for(&object, kind) => api
-                .delete(name, &DeleteParams::default())
+                .delete(
+                    name,
+                    &DeleteParams {
+                        preconditions: Some(kube::api::Preconditions {
+                            uid: object.metadata.uid.clone(),
+                            resource_version: None,
+                        }),
+                        ..DeleteParams::default()
+                    },
+                )
                 .await
                 .map(|_| ())
                 .or_else(|e| match &e {

@@ -451,6 +451,36 @@ spec:
             "a conflicted target was scaled"
         );
         ensure!(scale_writes_by(&ctx, "scaler-annotated")?.len() == before);
+
+        // The annotation goes: so does the generated object, and the user's object,
+        // alone on the target now, scales it.
+        ctx.api::<Deployment>()
+            .patch(
+                "hello",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"blink.sh/scale-to-zero": null}}}),
+                ),
+            )
+            .await?;
+        wait::until(LONG, "the generated ScaledObject removed", || async {
+            Ok(ctx
+                .api::<ScaledObject>()
+                .get_opt("hello")
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        until_condition(
+            &ctx,
+            "hello-user",
+            Condition::CONFLICT,
+            "False",
+            "NoConflict",
+        )
+        .await?;
+        until_desired(&ctx, "hello", 7).await?;
         finish(&ctx, scaler).await
     });
 }
