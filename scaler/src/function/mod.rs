@@ -798,6 +798,7 @@ impl Worker {
                             Ok(())
                         }
                         Some(Written::Set(_)) => Ok(()),
+                        Some(Written::TermEnded) => Err("the term as leader ended".to_owned()),
                         None => Err("scale failed".to_owned()),
                     }
                 }
@@ -1085,6 +1086,12 @@ impl Worker {
             Ok(Written::ZeroVetoed) => {
                 debug!(function = %self.key, "scale to zero vetoed: work arrived");
                 Some(Written::ZeroVetoed)
+            }
+            Ok(Written::TermEnded) => {
+                debug!(function = %self.key, "decision dropped: its term as leader ended");
+                self.state = None;
+                self.replicas = None;
+                Some(Written::TermEnded)
             }
             Err(e) => {
                 warn!(function = %self.key, error = %e, "scale failed");

@@ -43,6 +43,9 @@ pub enum Written {
     /// A PATCH to zero was sent, work arrived meanwhile, and the count was set back to
     /// `wake` at once.
     ZeroRewoken(Replicas),
+    /// Nothing was written: the term as leader the decision was made in ended while
+    /// the write waited for a renewal. The next term starts from the cluster's state.
+    TermEnded,
 }
 
 impl Writer {
@@ -73,7 +76,10 @@ impl Writer {
         replicas: i32,
         wake: i32,
     ) -> Result<Written, TargetError> {
-        self.leadership.writable().await;
+        let term = self.leadership.state().term();
+        if self.leadership.writable().await.term() != term {
+            return Ok(Written::TermEnded);
+        }
         if replicas != 0 {
             return self.scale.set(target, replicas).await.map(Written::Set);
         }
@@ -100,7 +106,7 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::{sync::Mutex, time::Duration};
 
     use blink_crds::Poke;
 
@@ -208,6 +214,45 @@ mod tests {
             "{written:?}"
         );
         assert_eq!(sets(&target), [0, 2], "woken again at once");
+    }
+
+    #[tokio::test]
+    async fn a_decision_waiting_for_a_renewal_is_dropped_when_its_term_ends() {
+        let t0 = Instant::now();
+        let leader = |acquired_at: Instant, deadline: Instant| crate::leader::LeaderState {
+            is_leader: true,
+            holder: Some("me".into()),
+            acquired_at: Some(acquired_at),
+            deadline: Some(deadline),
+        };
+        let (target, demand, _, key, target_ref) = setup();
+        for (renewal, expected_sets) in [
+            // A renewal of the same term: the write goes out.
+            (leader(t0, t0 + Duration::from_secs(3600)), vec![5]),
+            // Lost and won back while waiting: a new term, nothing written.
+            (
+                leader(t0 + Duration::from_secs(1), t0 + Duration::from_secs(3600)),
+                vec![],
+            ),
+        ] {
+            target.sets.lock().expect("lock").clear();
+            // Past its deadline: the write waits for a renewal.
+            let (leadership, control) = Leadership::manual(leader(t0, t0));
+            let writer = Writer::new(target.clone(), demand.clone(), leadership);
+            let (key, target_ref) = (key.clone(), target_ref.clone());
+            let write = tokio::spawn(async move { writer.set(&key, &target_ref, 5, 1).await });
+            tokio::task::yield_now().await;
+            assert!(sets(&target).is_empty(), "written past the deadline");
+            let new_term = renewal.acquired_at != Some(t0);
+            control.set(renewal);
+            let written = tokio::time::timeout(Duration::from_secs(5), write)
+                .await
+                .expect("the write ends")
+                .expect("no panic")
+                .expect("no error");
+            assert_eq!(written == Written::TermEnded, new_term, "{written:?}");
+            assert_eq!(sets(&target), expected_sets);
+        }
     }
 
     #[tokio::test]
