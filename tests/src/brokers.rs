@@ -158,6 +158,23 @@ impl PrivateRabbitMq {
             async move { Ok(req.send().await?.status().is_success().then_some(())) }
         })
         .await;
+        ready.with_context(|| format!("log:\n{}", self.broker.log_tail()))?;
+        // The management API can answer before the AMQP listener is up (RabbitMQ starts
+        // client listeners last): ready means an AMQP connection is accepted too.
+        let amqp_url = self.amqp_url.clone();
+        let ready = crate::wait::until(Duration::from_secs(90), "private RabbitMQ's AMQP", || {
+            let amqp_url = amqp_url.clone();
+            async move {
+                Ok(match crate::rabbitmq::connect(&amqp_url).await {
+                    Ok(conn) => {
+                        conn.close(200, "ready".into()).await.ok();
+                        Some(())
+                    }
+                    Err(_) => None,
+                })
+            }
+        })
+        .await;
         ready.with_context(|| format!("log:\n{}", self.broker.log_tail()))
     }
 
