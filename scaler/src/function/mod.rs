@@ -742,6 +742,9 @@ impl Worker {
         let Some(slices) = self.ctx.slices.clone() else {
             return;
         };
+        // The term this step's decision belongs to: its actions are not carried into
+        // another (as `Writer::set` does for the PATCH).
+        let term = self.ctx.leadership.state().term();
         let service = plan.service_name();
         let namespace = self.key.namespace().to_owned();
         let phase = *self
@@ -767,7 +770,12 @@ impl Worker {
         let (mut next, actions) =
             transparent::next(phase, observed, self.ctx.config.parking_settle);
         for action in actions {
-            self.ctx.leadership.writable().await;
+            if self.ctx.leadership.writable().await.term() != term {
+                // The phase stays: it remembers Blink's slice, which the next term's
+                // first step settles.
+                debug!(function = %self.key, ?action, "transparent step dropped: its term as leader ended");
+                return;
+            }
             let done = match action {
                 transparent::Action::AddSlice => {
                     self.ctx.metrics.wrote("slice");
