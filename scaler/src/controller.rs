@@ -8,7 +8,7 @@
 //! the leader alone writes it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::{
     function::{self, Context, FunctionInput, Handle},
     generated,
+    retry::Retries,
     target::{FIELD_MANAGER, TargetRef},
 };
 
@@ -63,8 +64,10 @@ fn api_version_of(kind: &str) -> &'static str {
 }
 
 const SPIN_APP_API_VERSION: &str = "core.spinkube.dev/v1alpha1";
-/// How soon a generated object whose write or removal failed is tried again.
-const GENERATED_RETRY: Duration = Duration::from_secs(5);
+/// How soon a generated object whose write or removal failed is tried again: the
+/// first time, and at most (the wait doubles with each failure in a row).
+const GENERATED_RETRY_FIRST: Duration = Duration::from_secs(5);
+const GENERATED_RETRY_MAX: Duration = Duration::from_secs(300);
 
 struct Entry {
     handle: Handle,
@@ -117,8 +120,8 @@ struct Controller {
     /// What was last applied for each generated object, so it is written on change only.
     generated: HashMap<TargetId, ScaledObject>,
     /// Workloads whose generated object could not be written or removed: tried again
-    /// every [`GENERATED_RETRY`] until it works or the workload changes.
-    generated_failed: HashSet<TargetId>,
+    /// with backoff until it works (a change of the workload tries at once).
+    generated_retries: Retries<TargetId>,
     /// Objects whose `http` routes another, older object holds
     /// ([`blink_crds::routing::resolve`]), with why.
     route_conflicts: HashMap<FunctionKey, String>,
@@ -206,23 +209,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         workloads: HashMap::new(),
         autoscalers: HashMap::new(),
         generated: HashMap::new(),
-        generated_failed: HashSet::new(),
+        generated_retries: Retries::new(GENERATED_RETRY_FIRST, GENERATED_RETRY_MAX),
         route_conflicts: HashMap::new(),
         routes_dirty: false,
     };
     // Routes are settled over every object (linear), so at most once a second.
     let mut settle_routes = tokio::time::interval(Duration::from_secs(1));
     settle_routes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut retry_generated = tokio::time::interval(GENERATED_RETRY);
-    retry_generated.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // The interval is not polled while nothing failed, so its next tick may be long
-        // overdue: a first failure is retried a whole period after it, not at once.
-        let none_failed = controller.generated_failed.is_empty();
+        let next_retry = controller.generated_retries.next_due();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = settle_routes.tick(), if controller.routes_dirty => controller.settle_routes(),
-            _ = retry_generated.tick(), if !controller.generated_failed.is_empty() => {
+            () = sleep_until_some(next_retry), if next_retry.is_some() => {
                 controller.retry_generated().await;
             }
             change = changes.next() => {
@@ -248,14 +247,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
                 }
             }
         }
-        if none_failed && !controller.generated_failed.is_empty() {
-            retry_generated.reset();
-        }
     }
     for (_, entry) in controller.functions.drain() {
         entry.handle.stop().await;
     }
     Ok(())
+}
+
+/// Sleeps until `at`; forever without one (a `select!` branch guarded by `is_some`).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn has_http(object: &ScaledObject) -> bool {
@@ -634,15 +638,16 @@ impl Controller {
                 self.workloads.remove(&id);
                 // The generated object goes with its owner (garbage collection).
                 self.generated.remove(&id);
-                self.generated_failed.remove(&id);
+                self.generated_retries.succeeded(&id);
             }
             Event::Init | Event::InitDone => {}
         }
     }
 
-    /// Tries again the generated objects whose last write or removal failed.
+    /// Tries again the generated objects whose last write or removal failed and whose
+    /// wait is over.
     async fn retry_generated(&mut self) {
-        let ids: Vec<TargetId> = self.generated_failed.drain().collect();
+        let ids = self.generated_retries.take_due(tokio::time::Instant::now());
         for id in ids {
             self.reconcile_workload(&id).await;
         }
@@ -656,14 +661,35 @@ impl Controller {
         }
     }
 
-    /// Writes, updates or deletes the generated object of one workload (leader only).
+    /// Writes, updates or deletes the generated object of one workload (leader only);
+    /// what the API server refused is tried again later.
     async fn reconcile_workload(&mut self, id: &TargetId) {
-        if !self.ctx.leadership.state().is_leader {
-            return;
+        match self.reconcile_generated_object(id).await {
+            Ok(()) => self.generated_retries.succeeded(id),
+            Err(failure) => {
+                let retry_in = self
+                    .generated_retries
+                    .failed(id.clone(), tokio::time::Instant::now());
+                warn!(
+                    workload = %id.2,
+                    kind = %id.1,
+                    error = %failure.error,
+                    failures = self.generated_retries.failures(id),
+                    ?retry_in,
+                    "could not {} the generated ScaledObject",
+                    failure.action,
+                );
+            }
         }
-        self.generated_failed.remove(id);
+    }
+
+    async fn reconcile_generated_object(&mut self, id: &TargetId) -> Result<(), GeneratedFailure> {
+        if !self.ctx.leadership.state().is_leader {
+            // Becoming leader reconciles every workload.
+            return Ok(());
+        }
         let Some(meta) = self.workloads.get(id) else {
-            return;
+            return Ok(());
         };
         let metadata = ObjectMeta::clone(meta);
         let empty = BTreeMap::new();
@@ -677,12 +703,10 @@ impl Controller {
             .map(|entry| entry.object.clone());
         if !generated::opted_in(annotations) {
             self.generated.remove(id);
-            if existing.is_some_and(|o| generated::is_generated_for(&o, &id.1))
-                && !self.delete_generated(&api, &id.1, &id.2).await
-            {
-                self.generated_failed.insert(id.clone());
+            if existing.is_some_and(|o| generated::is_generated_for(&o, &id.1)) {
+                return delete_generated(&api, &id.1, &id.2).await;
             }
-            return;
+            return Ok(());
         }
         let wanted = match generated::generate(api_version_of(&id.1), &id.1, &metadata) {
             Ok(object) => object,
@@ -694,11 +718,11 @@ impl Controller {
                     "InvalidAnnotation",
                     message,
                 );
-                return;
+                return Ok(());
             }
         };
         if self.generated.get(id) == Some(&wanted) {
-            return;
+            return Ok(());
         }
         match existing {
             Some(existing) if !generated::is_generated_for(&existing, &id.1) => {
@@ -718,60 +742,27 @@ impl Controller {
                         id.2
                     ),
                 );
-                return;
+                return Ok(());
             }
             Some(existing)
                 if existing.spec == wanted.spec
                     && existing.metadata.annotations == wanted.metadata.annotations =>
             {
                 self.generated.insert(id.clone(), wanted);
-                return;
+                return Ok(());
             }
             _ => {}
         }
         let params = PatchParams::apply(FIELD_MANAGER).force();
         self.ctx.metrics.wrote("generated");
-        match api.patch(&id.2, &params, &Patch::Apply(&wanted)).await {
-            Ok(_) => {
-                self.generated.insert(id.clone(), wanted);
-            }
-            Err(e) => {
-                warn!(workload = %id.2, error = %e, retry = ?GENERATED_RETRY, "could not write the generated ScaledObject");
-                self.generated_failed.insert(id.clone());
-            }
-        }
-    }
-
-    /// Removes the object generated for the workload `kind`/`name`; false when that
-    /// could not be done (to be tried again).
-    async fn delete_generated(&self, api: &Api<ScaledObject>, kind: &str, name: &str) -> bool {
-        let result = match api.get_opt(name).await {
-            // Only the object just read: one created in its place meanwhile is
-            // refused (409) and looked at again on the retry.
-            Ok(Some(object)) if generated::is_generated_for(&object, kind) => api
-                .delete(
-                    name,
-                    &DeleteParams {
-                        preconditions: Some(kube::api::Preconditions {
-                            uid: object.metadata.uid.clone(),
-                            resource_version: None,
-                        }),
-                        ..DeleteParams::default()
-                    },
-                )
-                .await
-                .map(|_| ())
-                .or_else(|e| match &e {
-                    kube::Error::Api(status) if status.is_not_found() => Ok(()),
-                    _ => Err(e),
-                }),
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = &result {
-            warn!(workload = %name, error = %e, retry = ?GENERATED_RETRY, "could not delete the generated ScaledObject");
-        }
-        result.is_ok()
+        api.patch(&id.2, &params, &Patch::Apply(&wanted))
+            .await
+            .map_err(|error| GeneratedFailure {
+                action: "write",
+                error,
+            })?;
+        self.generated.insert(id.clone(), wanted);
+        Ok(())
     }
 
     fn workload_event(
@@ -802,6 +793,47 @@ impl Controller {
             let _ = recorder.publish(&event, &reference).await;
         });
     }
+}
+
+/// Removes the object generated for the workload `kind`/`name`.
+async fn delete_generated(
+    api: &Api<ScaledObject>,
+    kind: &str,
+    name: &str,
+) -> Result<(), GeneratedFailure> {
+    let result = match api.get_opt(name).await {
+        // Only the object just read: one created in its place meanwhile is
+        // refused (409) and looked at again on the retry.
+        Ok(Some(object)) if generated::is_generated_for(&object, kind) => api
+            .delete(
+                name,
+                &DeleteParams {
+                    preconditions: Some(kube::api::Preconditions {
+                        uid: object.metadata.uid.clone(),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                },
+            )
+            .await
+            .map(|_| ())
+            .or_else(|e| match &e {
+                kube::Error::Api(status) if status.is_not_found() => Ok(()),
+                _ => Err(e),
+            }),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.map_err(|error| GeneratedFailure {
+        action: "delete",
+        error,
+    })
+}
+
+/// A write or removal of a generated object the API server refused.
+struct GeneratedFailure {
+    action: &'static str,
+    error: kube::Error,
 }
 
 /// The field manager that owns `spec.replicas` now, when it is not Blink.

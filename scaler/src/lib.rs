@@ -9,6 +9,7 @@
 //! - [`triggers`]: what a pull trigger measures (RabbitMQ, Kafka, Prometheus, cron).
 //! - [`demand`]: what activators report (snapshots, pokes) and who may report it.
 //! - [`leader`]: whether this process may write.
+//! - [`retry`]: when to try again what the API server refused.
 //! - [`target`]: reading and setting replicas (`/scale`).
 //! - [`config`], [`metrics`], [`admin`]: flags, Prometheus metrics, the admin port.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod function;
 pub mod generated;
 pub mod leader;
 pub mod metrics;
+pub mod retry;
 pub mod target;
 pub mod transparent;
 pub mod triggers;
