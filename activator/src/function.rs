@@ -267,17 +267,24 @@ impl Function {
         self.meter().take(now)
     }
 
-    /// A request arrives with `body_bytes` it may hold (see [`hold`]).
-    pub fn admit(self: &Arc<Self>, body_bytes: u64) -> Result<Admission, Refusal> {
-        self.meter().requests += 1;
+    /// A request arrives, at `arrived`, with `body_bytes` it may hold (see [`hold`]).
+    pub fn admit(
+        self: &Arc<Self>,
+        body_bytes: u64,
+        arrived: Instant,
+    ) -> Result<Admission, Refusal> {
         let state = self.state();
-        if state.draining {
-            return Err(Refusal::Draining);
-        }
-        if state.queue.is_empty()
-            && let Some(ticket) = self.take_slot(&state)
+        // The warm path: a replica with room, the arrival counted with the slot taken
+        // (one look at the meter, and the clock read at arrival).
+        if !state.draining
+            && state.queue.is_empty()
+            && let Some(ticket) = self.take_slot(&state, arrived, Arrival::Counted)
         {
             return Ok(Admission::Ready(ticket));
+        }
+        self.meter().requests += 1;
+        if state.draining {
+            return Err(Refusal::Draining);
         }
         if let Some(reason) = state
             .cannot_wake
@@ -304,7 +311,7 @@ impl Function {
         if state.draining {
             return Err(Refusal::Draining);
         }
-        if let Some(ticket) = self.take_slot(&state) {
+        if let Some(ticket) = self.take_slot(&state, Instant::now(), Arrival::CountedBefore) {
             return Ok(Admission::Ready(ticket));
         }
         Ok(Admission::Wait(self.enqueue(
@@ -344,8 +351,13 @@ impl Function {
     }
 
     /// Picks a replica with room (power of two choices, sitting-out ones excluded) and
-    /// takes a slot on it.
-    fn take_slot(self: &Arc<Self>, state: &State) -> Option<Ticket> {
+    /// takes a slot on it at `now`; an `arrival` not yet counted is counted with it.
+    fn take_slot(
+        self: &Arc<Self>,
+        state: &State,
+        now: Instant,
+        arrival: Arrival,
+    ) -> Option<Ticket> {
         let replicas = &state.replicas;
         let chosen = balance::pick(
             replicas.len(),
@@ -356,7 +368,13 @@ impl Function {
         let replica = replicas[chosen].clone();
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.inc();
-        self.meter().in_flight.increment(Instant::now());
+        {
+            let mut meter = self.meter();
+            meter.in_flight.increment(now);
+            if arrival == Arrival::Counted {
+                meter.requests += 1;
+            }
+        }
         Some(Ticket {
             replica,
             function: self.clone(),
@@ -387,7 +405,8 @@ impl Function {
                 state.queue.pop_front();
                 continue;
             }
-            let Some(ticket) = self.take_slot(&state) else {
+            let Some(ticket) = self.take_slot(&state, Instant::now(), Arrival::CountedBefore)
+            else {
                 break;
             };
             if let Some(waiter) = state.queue.pop_front()
@@ -475,6 +494,13 @@ impl Function {
     }
 }
 
+/// Whether a slot taken is also a request's arrival, to be counted in the meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Counted,
+    CountedBefore,
+}
+
 /// Where a request waits in the queue.
 #[derive(Debug, Clone, Copy)]
 enum Place {
@@ -555,8 +581,8 @@ mod tests {
     #[tokio::test]
     async fn requests_wait_at_zero_and_leave_in_arrival_order() {
         let f = function(Some(1), 10);
-        let first = waiting(f.admit(0));
-        let second = waiting(f.admit(0));
+        let first = waiting(f.admit(0, Instant::now()));
+        let second = waiting(f.admit(0, Instant::now()));
         assert!(first.at_zero && second.at_zero);
         assert_eq!(f.held().requests, 2);
         f.set_replicas(&[addr(1)]);
@@ -576,11 +602,14 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_gives_up_frees_its_place_at_once() {
         let f = function(None, 1);
-        let w = waiting(f.admit(100));
-        assert!(matches!(f.admit(0), Err(Refusal::QueueFull(_))));
+        let w = waiting(f.admit(100, Instant::now()));
+        assert!(matches!(
+            f.admit(0, Instant::now()),
+            Err(Refusal::QueueFull(_))
+        ));
         drop(w);
         assert_eq!(f.held(), Held::default());
-        let w = waiting(f.admit(0));
+        let w = waiting(f.admit(0, Instant::now()));
         f.set_replicas(&[addr(1)]);
         assert!(w.ticket().await.is_ok());
     }
@@ -590,7 +619,7 @@ mod tests {
         let f = function(None, 10);
         f.set_replicas(&[addr(1), addr(2)]);
         let tickets: Vec<Ticket> = (0..10)
-            .map(|_| match f.admit(0) {
+            .map(|_| match f.admit(0, Instant::now()) {
                 Ok(Admission::Ready(t)) => t,
                 other => panic!("{other:?}"),
             })
@@ -606,15 +635,21 @@ mod tests {
     #[tokio::test]
     async fn cannot_wake_answers_waiting_and_new_requests() {
         let f = function(None, 10);
-        let w = waiting(f.admit(0));
+        let w = waiting(f.admit(0, Instant::now()));
         f.set_cannot_wake(Some("ScaleUpStalled: no node fits".to_owned()));
         assert!(
             matches!(w.ticket().await, Err(Refusal::CannotWake(r)) if r.contains("ScaleUpStalled"))
         );
-        assert!(matches!(f.admit(0), Err(Refusal::CannotWake(_))));
+        assert!(matches!(
+            f.admit(0, Instant::now()),
+            Err(Refusal::CannotWake(_))
+        ));
         // With a ready replica, requests are served whatever the scaler says.
         f.set_replicas(&[addr(1)]);
-        assert!(matches!(f.admit(0), Ok(Admission::Ready(_))));
+        assert!(matches!(
+            f.admit(0, Instant::now()),
+            Ok(Admission::Ready(_))
+        ));
     }
 
     fn ready(admission: Result<Admission, Refusal>) -> Ticket {
@@ -646,7 +681,7 @@ mod tests {
     async fn a_replica_that_refused_sits_out_and_readmission_goes_elsewhere() {
         let f = function(None, 10);
         f.set_replicas(&[addr(1), addr(2)]);
-        let refused = ready(f.admit(0));
+        let refused = ready(f.admit(0, Instant::now()));
         let first = refused.replica().clone();
         f.sit_out(&first);
         drop(refused);
@@ -664,8 +699,8 @@ mod tests {
     async fn readmitted_requests_wait_at_the_front() {
         let f = function(Some(1), 10);
         f.set_replicas(&[addr(1)]);
-        let busy = ready(f.admit(0));
-        let older_arrival = waiting(f.admit(0));
+        let busy = ready(f.admit(0, Instant::now()));
+        let older_arrival = waiting(f.admit(0, Instant::now()));
         let readmitted = waiting(f.readmit(0));
         drop(busy);
         let t = readmitted
@@ -686,7 +721,7 @@ mod tests {
         drop(listener);
         let f = function(None, 10);
         f.set_replicas(&[address]);
-        let refused = ready(f.admit(0));
+        let refused = ready(f.admit(0, Instant::now()));
         assert!(refused.replica().upstream.checkout().await.is_err());
         let replica = refused.replica().clone();
         f.sit_out(&replica);
@@ -716,7 +751,7 @@ mod tests {
     async fn replicas_kept_across_updates_keep_their_counts() {
         let f = function(None, 10);
         f.set_replicas(&[addr(1)]);
-        let t = match f.admit(0) {
+        let t = match f.admit(0, Instant::now()) {
             Ok(Admission::Ready(t)) => t,
             other => panic!("{other:?}"),
         };
@@ -740,7 +775,7 @@ mod tests {
             "warm from the start: no wake"
         );
         f.set_replicas(&[]);
-        let w = waiting(f.admit(0));
+        let w = waiting(f.admit(0, Instant::now()));
         f.set_replicas(&[addr(1)]);
         assert!(
             f.take_ready_since().is_some(),
@@ -753,16 +788,16 @@ mod tests {
     #[tokio::test]
     async fn drain_answers_everything_waiting() {
         let f = function(None, 10);
-        let w = waiting(f.admit(0));
+        let w = waiting(f.admit(0, Instant::now()));
         f.drain();
         assert!(matches!(w.ticket().await, Err(Refusal::Draining)));
-        assert!(matches!(f.admit(0), Err(Refusal::Draining)));
+        assert!(matches!(f.admit(0, Instant::now()), Err(Refusal::Draining)));
     }
 
     #[tokio::test]
     async fn demand_counts_arrivals_and_waiting() {
         let f = function(None, 10);
-        let w = waiting(f.admit(0));
+        let w = waiting(f.admit(0, Instant::now()));
         std::thread::sleep(Duration::from_millis(20));
         let reading = f.take_demand(Instant::now());
         assert_eq!(reading.requests, 1);

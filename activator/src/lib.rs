@@ -11,7 +11,8 @@
 //!   what [`watch`] sees (ScaledObjects, Services, EndpointSlices).
 //! - [`pool`]: connections to one replica.
 //! - [`demand`]: pokes and snapshots to the scaler that holds the Lease.
-//! - [`server`]: the listener (bounds, timeouts, drain); [`admin`]: metrics and probes.
+//! - [`server`]: the listener (bounds, timeouts, drain), with [`side`] for what waits
+//!   beside a connection; [`admin`]: metrics and probes.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod proxy;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod side;
 pub mod watch;
 
 use std::sync::Arc;

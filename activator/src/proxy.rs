@@ -338,7 +338,7 @@ where
             .or_else(|| exchange.request.body().is_end_stream().then_some(0));
         let body_bytes = held_body_bytes(content_length, self.config.read_buffer);
         exchange.held_body_bytes = body_bytes;
-        let waiting = match function.admit(body_bytes) {
+        let waiting = match function.admit(body_bytes, exchange.arrived) {
             Ok(Admission::Ready(ticket)) => {
                 exchange.ticket = Some(ticket);
                 return self.inner.call(exchange);

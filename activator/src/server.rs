@@ -16,6 +16,7 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -27,6 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::future::Either;
 use http_body::{Body, Frame, SizeHint};
 use hyper::{Request, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -42,6 +44,7 @@ use crate::{
     headers::ClientAddress,
     metrics::Metrics,
     proxy::{self, BodyError, Exchange, ProxyBody},
+    side::{Finished, WithSide},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -177,8 +180,11 @@ pub async fn serve<S>(
                             .http2
                             .serve_connection(TokioIo::new(stream), handler),
                     );
-                    until_done_or_drained(connection.as_mut(), &closing, |c| c.graceful_shutdown())
-                        .await
+                    until_done_or_stopped(connection.as_mut(), &closing, None, |c| {
+                        c.graceful_shutdown();
+                    })
+                    .await
+                    .unwrap_or(Ok(()))
                 }
                 Some(false) => {
                     let activity = Arc::new(Activity::default());
@@ -198,19 +204,21 @@ pub async fn serve<S>(
                             }
                         })
                     };
-                    let connection = std::pin::pin!(
+                    let mut connection = std::pin::pin!(
                         protocols
                             .http1
                             .serve_connection(TokioIo::new(stream), handler)
                             .with_upgrades()
                     );
-                    tokio::select! {
-                        result = until_done_or_drained(connection, &closing, |c| c.graceful_shutdown()) => result,
-                        () = activity.quiet_for(header_timeout) => {
-                            debug!(%client, "closed a connection idle or slow to send a request");
-                            Ok(())
-                        }
-                    }
+                    let quiet = activity.quiet_for(header_timeout);
+                    until_done_or_stopped(connection.as_mut(), &closing, Some(quiet), |c| {
+                        c.graceful_shutdown();
+                    })
+                    .await
+                    .unwrap_or_else(|| {
+                        debug!(%client, "closed a connection idle or slow to send a request");
+                        Ok(())
+                    })
                 }
             };
             if let Err(e) = result {
@@ -245,20 +253,30 @@ pub async fn serve<S>(
     }
 }
 
-/// Runs a client connection to its end; once `closing` fires, `drain` tells it to finish
-/// the exchange in hand (a GOAWAY for HTTP/2) and it runs until it has. The caller
-/// pins the connection where it lives: moved in here, it would take its room in the
-/// connection's task twice.
-async fn until_done_or_drained<C: std::future::Future>(
-    mut connection: std::pin::Pin<&mut C>,
+/// Runs a client connection to its end, unless it goes `quiet` first (`None`: closed,
+/// idle or too slow sending a head). Once `closing` fires, `drain` tells it to finish
+/// the exchange in hand (a GOAWAY for HTTP/2) and it runs until it has.
+///
+/// The quiet watch and the drain signal are polled only when they were woken
+/// ([`WithSide`]), not at every wake of the connection. One await in the caller: the
+/// connection's task keeps only this future's room, not its parts' beside it.
+async fn until_done_or_stopped<C: Future>(
+    mut connection: Pin<&mut C>,
     closing: &CancellationToken,
-    drain: impl FnOnce(std::pin::Pin<&mut C>),
-) -> C::Output {
-    tokio::select! {
-        result = connection.as_mut() => result,
-        _ = closing.cancelled() => {
+    quiet: Option<QuietFor<'_>>,
+    drain: impl FnOnce(Pin<&mut C>),
+) -> Option<C::Output> {
+    let quiet = match quiet {
+        Some(quiet) => Either::Left(quiet),
+        None => Either::Right(std::future::pending()),
+    };
+    let closing = std::pin::pin!(closing.cancelled());
+    match WithSide::new(connection.as_mut(), futures::future::select(quiet, closing)).await {
+        Finished::Main(output) => Some(output),
+        Finished::Side(Either::Left(_)) => None,
+        Finished::Side(Either::Right(_)) => {
             drain(connection.as_mut());
-            connection.await
+            Some(connection.await)
         }
     }
 }
@@ -274,19 +292,39 @@ struct Activity {
 }
 
 impl Activity {
-    /// Returns once a whole `period` passed with no exchange open and none begun or
+    /// Ready once a whole `period` passed with no exchange open and none begun or
     /// ended: the client is idle, or too slow sending a request's head.
-    async fn quiet_for(&self, period: Duration) {
+    fn quiet_for(&self, period: Duration) -> QuietFor<'_> {
         let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen = self.events.load(Ordering::Relaxed);
+        QuietFor {
+            activity: self,
+            checks,
+            seen: self.events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// See [`Activity::quiet_for`]: a check at every `period`.
+#[derive(Debug)]
+struct QuietFor<'a> {
+    activity: &'a Activity,
+    checks: tokio::time::Interval,
+    /// Events as of the last check.
+    seen: u64,
+}
+
+impl Future for QuietFor<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            checks.tick().await;
-            let events = self.events.load(Ordering::Relaxed);
-            if events == seen && self.open.load(Ordering::Relaxed) == 0 {
-                return;
+            std::task::ready!(self.checks.poll_tick(cx));
+            let events = self.activity.events.load(Ordering::Relaxed);
+            if events == self.seen && self.activity.open.load(Ordering::Relaxed) == 0 {
+                return Poll::Ready(());
             }
-            seen = events;
+            self.seen = events;
         }
     }
 }
