@@ -278,7 +278,7 @@ impl Function {
         // (one look at the meter, and the clock read at arrival).
         if !state.draining
             && state.queue.is_empty()
-            && let Some(ticket) = self.take_slot(&state, arrived, Arrival::Counted)
+            && let Some(ticket) = self.take_slot(&state, arrived, Arrival::CountNow)
         {
             return Ok(Admission::Ready(ticket));
         }
@@ -311,7 +311,7 @@ impl Function {
         if state.draining {
             return Err(Refusal::Draining);
         }
-        if let Some(ticket) = self.take_slot(&state, Instant::now(), Arrival::CountedBefore) {
+        if let Some(ticket) = self.take_slot(&state, Instant::now(), Arrival::AlreadyCounted) {
             return Ok(Admission::Ready(ticket));
         }
         Ok(Admission::Wait(self.enqueue(
@@ -371,7 +371,7 @@ impl Function {
         {
             let mut meter = self.meter();
             meter.in_flight.increment(now);
-            if arrival == Arrival::Counted {
+            if arrival == Arrival::CountNow {
                 meter.requests += 1;
             }
         }
@@ -405,7 +405,7 @@ impl Function {
                 state.queue.pop_front();
                 continue;
             }
-            let Some(ticket) = self.take_slot(&state, Instant::now(), Arrival::CountedBefore)
+            let Some(ticket) = self.take_slot(&state, Instant::now(), Arrival::AlreadyCounted)
             else {
                 break;
             };
@@ -497,8 +497,10 @@ impl Function {
 /// Whether a slot taken is also a request's arrival, to be counted in the meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Arrival {
-    Counted,
-    CountedBefore,
+    /// A request just admitted: its arrival is counted with its slot.
+    CountNow,
+    /// A request counted when it arrived (readmitted, or leaving the queue).
+    AlreadyCounted,
 }
 
 /// Where a request waits in the queue.
@@ -805,5 +807,28 @@ mod tests {
         drop(w);
         let reading = f.take_demand(Instant::now());
         assert_eq!(reading.requests, 0);
+    }
+
+    #[tokio::test]
+    async fn each_request_counts_once_whichever_way_it_takes() {
+        let f = function(Some(1), 10);
+        f.set_replicas(&[addr(1)]);
+        // At once (the warm path), then queued behind the busy replica, then readmitted
+        // after its replica refused: three slots taken, two arrivals.
+        let warm = ready(f.admit(0, Instant::now()));
+        let queued = waiting(f.admit(0, Instant::now()));
+        std::thread::sleep(Duration::from_millis(20));
+        drop(warm);
+        let dispatched = queued
+            .ticket()
+            .await
+            .expect("dispatched when the slot frees");
+        drop(dispatched);
+        let readmitted = ready(f.readmit(0));
+        std::thread::sleep(Duration::from_millis(20));
+        let reading = f.take_demand(Instant::now());
+        assert_eq!(reading.requests, 2, "{reading:?}");
+        assert!(reading.in_flight > 0.5, "{reading:?}");
+        drop(readmitted);
     }
 }

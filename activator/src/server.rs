@@ -305,7 +305,9 @@ impl Activity {
     }
 }
 
-/// See [`Activity::quiet_for`]: a check at every `period`.
+/// See [`Activity::quiet_for`]: a check at every `period`. Written out, not an async
+/// fn: it is `Unpin`, so it sits inline beside the drain signal in the connection's
+/// task (see [`until_done_or_stopped`]).
 #[derive(Debug)]
 struct QuietFor<'a> {
     activity: &'a Activity,

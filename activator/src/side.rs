@@ -37,7 +37,7 @@ pub struct WithSide<M, S> {
 }
 
 /// The side future's waker: marks it due, then wakes the task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SideSignal {
     due: AtomicBool,
     task: Mutex<Option<Waker>>,
