@@ -17,6 +17,12 @@
 //! Ratios are to the direct path of the same round; the table's medians are over rounds.
 //! Each proxy's rate, CPU per request and p99 are also put against nginx's round by
 //! round (the targets), and the median of those printed.
+//!
+//! `BLINK_BENCH_CALLGRIND=<requests>` counts instead of timing: every proxy runs under
+//! valgrind's callgrind, and the instructions each executes in user space for that many
+//! requests (32 connections, after a tenth as many to warm up) are divided by them. A
+//! count does not move with the machine's noise, which hides differences of a few
+//! percent in CPU time; it says nothing of the kernel's part, nor of cache misses.
 
 use std::{
     net::SocketAddr,
@@ -81,22 +87,32 @@ fn main() {
         }
         let rounds = env_number("BLINK_BENCH_ROUNDS", 3) as usize;
         let seconds = env_number("BLINK_BENCH_SECONDS", 5);
+        let counted_requests = env_number("BLINK_BENCH_CALLGRIND", 0);
+        let callgrind = (counted_requests > 0).then(Callgrind::new).transpose()?;
         let (replica, replica_addr) = start_replica(&ctx).await?;
         // As many threads as nginx has workers (one), as the comparison asks. A second
         // build of the activator (`BLINK_BENCH_BASELINE`, a path) is measured beside it
         // in the same rounds, so that a change is compared on the same noise.
         let baseline = std::env::var_os("BLINK_BENCH_BASELINE").map(PathBuf::from);
-        let mut binaries = vec![Path::new(ACTIVATOR)];
-        binaries.extend(baseline.as_deref());
+        let mut binaries = vec![PathBuf::from(ACTIVATOR)];
+        binaries.extend(baseline);
+        if let Some(callgrind) = &callgrind {
+            binaries = binaries
+                .iter()
+                .enumerate()
+                .map(|(i, binary)| callgrind.wrapper(binary, i))
+                .collect::<anyhow::Result<_>>()?;
+        }
+        let binary_paths: Vec<&Path> = binaries.iter().map(PathBuf::as_path).collect();
         let activators = Activators::start_mixed(
             &ctx,
-            &binaries,
+            &binary_paths,
             i32::try_from(binaries.len())?,
             &["--worker-threads", "1"],
         )
         .await?;
         let host = format!("warm.{}", ctx.namespace());
-        let nginx = Nginx::start(replica_addr).await?;
+        let nginx = Nginx::start(replica_addr, callgrind.as_ref()).await?;
         let mut paths = vec![
             Target {
                 name: "direct",
@@ -112,7 +128,7 @@ fn main() {
             },
         ];
         for pod in &activators.pods {
-            let name = if activators.binary(&pod.name).as_deref() == Some(Path::new(ACTIVATOR)) {
+            let name = if activators.binary(&pod.name).as_ref() == binaries.first() {
                 "activator"
             } else {
                 "baseline"
@@ -134,6 +150,13 @@ fn main() {
             });
         }
         paths.sort_by_key(|p| p.name != "direct" && p.name != "nginx" && p.name != "activator");
+        if let Some(callgrind) = &callgrind {
+            count_instructions(callgrind, &paths, counted_requests).await?;
+            drop(nginx);
+            activators.processes.shutdown().await;
+            replica.shutdown().await;
+            return Ok(());
+        }
         for path in &paths {
             warm_up(path).await?;
         }
@@ -224,15 +247,26 @@ struct Nginx {
     master: std::process::Child,
     addr: SocketAddr,
     dir: PathBuf,
+    /// One process, master and worker at once.
+    single: bool,
 }
 
 impl Nginx {
-    async fn start(replica: SocketAddr) -> anyhow::Result<Self> {
+    /// Under `callgrind` when given (its worker, forked, stays under it).
+    async fn start(replica: SocketAddr, callgrind: Option<&Callgrind>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("blink-bench-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let addr: SocketAddr = format!("127.0.0.1:{NGINX_PORT}").parse()?;
+        // Under callgrind, the master is the worker: a forked worker cannot be reached
+        // by `callgrind_control`. It serves requests the same way.
+        let single = if callgrind.is_some() {
+            "master_process off;"
+        } else {
+            ""
+        };
         let config = format!(
             "worker_processes 1;
+{single}
 daemon off;
 user root;
 pid {dir}/nginx.pid;
@@ -263,7 +297,15 @@ http {{
         );
         let config_path = dir.join("nginx.conf");
         std::fs::write(&config_path, config)?;
-        let master = std::process::Command::new("nginx")
+        let mut command = match callgrind {
+            Some(callgrind) => {
+                let mut command = std::process::Command::new("valgrind");
+                command.args(callgrind.args("nginx")).arg("nginx");
+                command
+            }
+            None => std::process::Command::new("nginx"),
+        };
+        let master = command
             .arg("-c")
             .arg(&config_path)
             .arg("-p")
@@ -272,14 +314,22 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx")?;
-        let nginx = Self { master, addr, dir };
+        let nginx = Self {
+            master,
+            addr,
+            dir,
+            single: callgrind.is_some(),
+        };
         wait_for_200(addr, "nginx.bench").await?;
         Ok(nginx)
     }
 
-    /// The one worker: the master's child.
+    /// The one worker: the master's child, or the master itself when single.
     fn worker_pid(&self) -> anyhow::Result<u32> {
         let master = self.master.id();
+        if self.single {
+            return Ok(master);
+        }
         let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))?;
         children
             .split_whitespace()
@@ -299,6 +349,172 @@ impl Drop for Nginx {
         let _ = self.master.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Where callgrind writes its counts, and how a process is put under it.
+struct Callgrind {
+    dir: PathBuf,
+}
+
+impl Callgrind {
+    fn new() -> anyhow::Result<Self> {
+        ensure!(
+            which("valgrind") && which("callgrind_control"),
+            "valgrind is not installed (Debian's valgrind has callgrind)"
+        );
+        let dir =
+            std::env::temp_dir().join(format!("blink-bench-callgrind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Instrumentation starts off: only what [`count_instructions`] turns on is
+    /// counted, not start-up (which also runs at nearly full speed).
+    fn args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--tool=callgrind".to_owned(),
+            "--instr-atstart=no".to_owned(),
+            format!("--callgrind-out-file={}/{name}.%p.out", self.dir.display()),
+        ]
+    }
+
+    /// A script that runs `binary` under callgrind with the arguments it is given.
+    fn wrapper(&self, binary: &Path, index: usize) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let name = format!("activator-{index}");
+        let path = self.dir.join(&name);
+        let args = self.args(&name).join(" ");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nexec valgrind {args} {} \"$@\"\n",
+                binary.display()
+            ),
+        )?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(path)
+    }
+
+    /// Runs `callgrind_control <option> <pid>`.
+    async fn control(&self, option: &[&str], pid: u32) -> anyhow::Result<()> {
+        let output = tokio::process::Command::new("callgrind_control")
+            .args(option)
+            .arg(pid.to_string())
+            .output()
+            .await
+            .context("running callgrind_control")?;
+        ensure!(
+            output.status.success(),
+            "callgrind_control {option:?} {pid}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    /// The instructions counted since counting was turned on: dumps them, reads the
+    /// dump's `totals:` line, and keeps the dump as `keep_as` for `callgrind_annotate`.
+    async fn dump_total(&self, pid: u32, keep_as: &Path) -> anyhow::Result<u64> {
+        self.control(&["--dump"], pid).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let dumps = std::fs::read_dir(&self.dir)?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.contains(&format!(".{pid}.out.")))
+                });
+            for dump in dumps {
+                let text = std::fs::read_to_string(&dump)?;
+                // `totals: 123456`, which may run into what vgdb printed after it.
+                if let Some(total) = text.lines().find_map(|l| l.strip_prefix("totals:")) {
+                    let digits: String = total
+                        .trim_start()
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    std::fs::rename(&dump, keep_as)?;
+                    return digits.parse().context("callgrind totals");
+                }
+            }
+            if Instant::now() >= deadline {
+                let names: Vec<String> = std::fs::read_dir(&self.dir)?
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                bail!("no callgrind dump from {pid} in {names:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Callgrind {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Each proxy's user-space instructions per request, counted by callgrind over
+/// `requests` requests, and put against nginx's.
+async fn count_instructions(
+    callgrind: &Callgrind,
+    paths: &[Target],
+    requests: u64,
+) -> anyhow::Result<()> {
+    let mut counted = Vec::new();
+    for path in paths {
+        let Some(pid) = path.proxy_pid else { continue };
+        closed_loop(path, requests / 10).await?;
+        callgrind.control(&["--instr=on"], pid).await?;
+        closed_loop(path, requests).await?;
+        callgrind.control(&["--instr=off"], pid).await?;
+        let dump = std::env::temp_dir().join(format!("blink-bench-callgrind-{}.out", path.name));
+        let total = callgrind.dump_total(pid, &dump).await?;
+        counted.push((path.name, total as f64 / requests as f64));
+    }
+    println!(
+        "user-space instructions per request (callgrind; {requests} requests over {CONNECTIONS} connections; the counts by function are in {}):",
+        std::env::temp_dir()
+            .join("blink-bench-callgrind-<path>.out")
+            .display()
+    );
+    let nginx = counted
+        .iter()
+        .find(|(name, _)| *name == "nginx")
+        .map(|(_, n)| *n);
+    for (name, per_request) in &counted {
+        let against = nginx.map_or(String::new(), |n| {
+            format!(" ({:.3}× nginx's)", per_request / n)
+        });
+        println!("{name:<9} {per_request:>9.0}{against}");
+    }
+    Ok(())
+}
+
+/// Exactly `requests` requests, spread over `CONNECTIONS` connections each sending
+/// its next as soon as it has its answer; every one must be answered 200.
+async fn closed_loop(path: &Target, requests: u64) -> anyhow::Result<()> {
+    let connections = CONNECTIONS as u64;
+    let workers: Vec<_> = (0..connections)
+        .map(|c| {
+            let path = path.clone();
+            let share = requests / connections + u64::from(c < requests % connections);
+            tokio::spawn(async move {
+                let mut client = Client::connect(path.addr).await?;
+                for _ in 0..share {
+                    let status = client.get(&path.host).await?;
+                    ensure!(status == 200, "{} answered {status}", path.name);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(())
 }
 
 /// A few seconds of load, not counted: pools filled, caches warm.
