@@ -207,19 +207,9 @@ pub fn request_host_value(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue>
     })
 }
 
-/// The request target for the upstream: origin-form (`/path?query`) with a `Host`
-/// field for HTTP/1.1; absolute-form (scheme and authority, which HTTP/2 sends as
-/// pseudo-headers) and no `Host` for h2c.
-pub fn upstream_target(
-    uri: &Uri,
-    headers: &mut HeaderMap,
-    host: Option<&HeaderValue>,
-    protocol: Protocol,
-) -> Uri {
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+/// The `Host` field for the upstream: the request's host for HTTP/1.1 (a client
+/// speaking HTTP/2 sends none), none for h2c, where the authority carries it.
+pub fn set_upstream_host(headers: &mut HeaderMap, host: Option<&HeaderValue>, protocol: Protocol) {
     match protocol {
         Protocol::Http1 => {
             if !headers.contains_key(HOST)
@@ -227,20 +217,39 @@ pub fn upstream_target(
             {
                 headers.insert(HOST, value.clone());
             }
-            Uri::from(path)
         }
         Protocol::H2c => {
             headers.remove(HOST);
+        }
+    }
+}
+
+/// The request target for the upstream, when it is not `uri` as it is: origin-form
+/// (`/path?query`) for HTTP/1.1; absolute-form (scheme and authority, which HTTP/2
+/// sends as pseudo-headers) for h2c.
+pub fn upstream_target(uri: &Uri, host: Option<&HeaderValue>, protocol: Protocol) -> Option<Uri> {
+    match protocol {
+        // Origin-form already, as an HTTP/1.1 client sends it.
+        Protocol::Http1 if uri.scheme().is_none() && uri.authority().is_none() => None,
+        Protocol::Http1 => Some(Uri::from(origin_form_path(uri))),
+        Protocol::H2c => {
             let authority = host
                 .and_then(|h| Authority::try_from(h.as_bytes()).ok())
                 .unwrap_or_else(|| Authority::from_static("localhost"));
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(authority);
-            parts.path_and_query = Some(path);
-            Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+            parts.path_and_query = Some(origin_form_path(uri));
+            Uri::from_parts(parts).ok()
         }
     }
+}
+
+/// The path and query of `uri`, `/` when it has none (an authority-form target).
+fn origin_form_path(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 #[cfg(test)]
@@ -359,17 +368,42 @@ mod tests {
 
     #[test]
     fn targets_per_protocol() {
-        let uri: Uri = "http://f.example/a?b=1".parse().expect("uri");
-        let mut h = HeaderMap::new();
         let host = HeaderValue::from_static("f.example");
-        let target = upstream_target(&uri, &mut h, Some(&host), Protocol::Http1);
-        assert_eq!(target.to_string(), "/a?b=1");
-        assert_eq!(h[HOST], "f.example");
-        let uri: Uri = "/a".parse().expect("uri");
-        let mut h = headers(&[("host", "f.example:8080")]);
+        let target = |uri: &str, protocol| {
+            let uri: Uri = uri.parse().expect("uri");
+            upstream_target(&uri, Some(&host), protocol).map(|t| t.to_string())
+        };
+        assert_eq!(
+            target("http://f.example/a?b=1", Protocol::Http1).as_deref(),
+            Some("/a?b=1")
+        );
+        // Origin-form stays as it came.
+        assert_eq!(target("/c/d?e", Protocol::Http1), None);
+        // Authority-form (CONNECT's) has no path: the replica gets `/`.
+        assert_eq!(
+            target("f.example:80", Protocol::Http1).as_deref(),
+            Some("/")
+        );
+        assert_eq!(
+            target("/a", Protocol::H2c).as_deref(),
+            Some("http://f.example/a")
+        );
+        assert_eq!(
+            target("http://other.example:8080/a", Protocol::H2c).as_deref(),
+            Some("http://f.example/a")
+        );
+    }
+
+    #[test]
+    fn the_host_field_goes_to_http1_replicas_only() {
         let host = HeaderValue::from_static("f.example:8080");
-        let target = upstream_target(&uri, &mut h, Some(&host), Protocol::H2c);
-        assert_eq!(target.to_string(), "http://f.example:8080/a");
+        let mut h = HeaderMap::new();
+        set_upstream_host(&mut h, Some(&host), Protocol::Http1);
+        assert_eq!(h[HOST], "f.example:8080");
+        let mut h = headers(&[("host", "mine.example")]);
+        set_upstream_host(&mut h, Some(&host), Protocol::Http1);
+        assert_eq!(h[HOST], "mine.example");
+        set_upstream_host(&mut h, Some(&host), Protocol::H2c);
         assert!(!h.contains_key(HOST));
     }
 }

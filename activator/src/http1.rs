@@ -44,6 +44,8 @@ const READ_CHUNK: usize = 8 * 1024;
 /// whole [`READ_CHUNK`] before every read would allocate a new buffer for nearly
 /// every response; this way one allocation serves tens of small responses.
 const MIN_READ_ROOM: usize = 1024;
+/// A connection keeps its request-head buffer up to this size; a larger head's goes.
+const HEAD_BUFFER_KEPT: usize = 4 * 1024;
 /// The longest chunk extension accepted (they are read and dropped).
 const MAX_CHUNK_EXTENSION: u16 = 4 * 1024;
 
@@ -103,6 +105,9 @@ pub struct Http1Connection {
     reused: bool,
     /// Field names this replica has sent.
     names: RememberedNames,
+    /// The request head being written: one allocation for the connection's life
+    /// instead of one per request.
+    head: Vec<u8>,
     place: Place,
 }
 
@@ -129,6 +134,7 @@ impl Http1Connection {
             read: BytesMut::new(),
             reused: false,
             names: RememberedNames::new(),
+            head: Vec::new(),
             place: Place {
                 _permit: permit,
                 open,
@@ -152,24 +158,29 @@ impl Http1Connection {
 
     /// Sends `request` (its head already in the form the replica gets) and reads the
     /// response's head.
-    pub async fn send<B>(mut self, request: Request<B>) -> Result<Answer, SendError<B>>
+    pub async fn send<B>(mut self, mut request: Request<B>) -> Result<Answer, SendError<B>>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let (parts, mut body) = request.into_parts();
-        let body_empty = body.is_end_stream();
-        let chunked = !body_empty && !parts.headers.contains_key(CONTENT_LENGTH);
-        let request_head = encode_request_head(&parts, chunked);
-        if let Err(error) = self.io.write_all(&request_head).await {
+        // The request stays whole (no parts taken out and put back): it is large, and
+        // it goes back to the caller when it was not sent.
+        let body_empty = request.body().is_end_stream();
+        let chunked = !body_empty && !request.headers().contains_key(CONTENT_LENGTH);
+        encode_request_head(&mut self.head, &request, chunked);
+        let written = self.io.write_all(&self.head).await;
+        if self.head.capacity() > HEAD_BUFFER_KEPT {
+            self.head = Vec::new();
+        }
+        if let Err(error) = written {
             return Err(SendError {
-                unsent: Some(Request::from_parts(parts, body)),
+                unsent: Some(request),
                 error: error.into(),
             });
         }
         let mut keep_alive = true;
         if !body_empty {
-            match self.send_body(&mut body, chunked).await {
+            match self.send_body(request.body_mut(), chunked).await {
                 Ok(BodySent::Whole) => {}
                 Ok(BodySent::Interrupted) => keep_alive = false,
                 Err(error) => {
@@ -192,10 +203,10 @@ impl Http1Connection {
                 // A reused connection the replica closed as the request went out: it
                 // never read the request, and one without a body can go again.
                 Err(Error::ClosedBeforeResponse)
-                    if self.reused && body_empty && parts.method.is_idempotent() =>
+                    if self.reused && body_empty && request.method().is_idempotent() =>
                 {
                     return Err(SendError {
-                        unsent: Some(Request::from_parts(parts, body)),
+                        unsent: Some(request),
                         error: Error::ClosedBeforeResponse,
                     });
                 }
@@ -223,7 +234,7 @@ impl Http1Connection {
                 },
             ));
         }
-        let framing = match response_framing(&parts.method, &head) {
+        let framing = match response_framing(request.method(), &head) {
             Ok(framing) => framing,
             Err(error) => {
                 return Err(SendError {
@@ -368,25 +379,26 @@ async fn answered_early(io: &TcpStream, read: &mut BytesMut) -> io::Result<()> {
 /// `METHOD target HTTP/1.1`, the fields, and the framing: the client's
 /// `Content-Length` (kept among the fields) or, for a body of unknown length,
 /// `Transfer-Encoding: chunked`.
-fn encode_request_head(parts: &http::request::Parts, chunked: bool) -> Vec<u8> {
-    let target = parts
-        .uri
+fn encode_request_head<B>(head: &mut Vec<u8>, request: &Request<B>, chunked: bool) {
+    let target = request
+        .uri()
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let mut head = Vec::with_capacity(
+    head.clear();
+    head.reserve(
         64 + target.len()
-            + parts
-                .headers
+            + request
+                .headers()
                 .iter()
                 .map(|(n, v)| n.as_str().len() + v.len() + 4)
                 .sum::<usize>(),
     );
-    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.extend_from_slice(request.method().as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in request.headers() {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
@@ -396,7 +408,6 @@ fn encode_request_head(parts: &http::request::Parts, chunked: bool) -> Vec<u8> {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 /// The last chunk and the trailer section.
@@ -1394,10 +1405,11 @@ mod tests {
             .header("host", "fn.example")
             .body(())
             .expect("request");
-        let (parts, ()) = request.into_parts();
-        let head = String::from_utf8(encode_request_head(&parts, true)).expect("utf-8");
+        // The buffer is the connection's: what an earlier request left in it goes.
+        let mut head = b"GET /earlier HTTP/1.1\r\n\r\n".to_vec();
+        encode_request_head(&mut head, &request, true);
         assert_eq!(
-            head,
+            String::from_utf8(head).expect("utf-8"),
             "POST /upload?x=1 HTTP/1.1\r\nhost: fn.example\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let trailers = encode_trailers(&HeaderMap::from_iter([(

@@ -282,14 +282,20 @@ async fn until_done_or_stopped<C: Future>(
 }
 
 /// What happens on one HTTP/1.1 connection, for its idle watch: exchanges begun or
-/// ended, and those open. Only the connection's own task touches it; atomics make it
-/// `Sync` for hyper's service, at the price of an uncontended increment.
+/// ended, and those open. Only the connection's own task touches it; an atomic makes
+/// it `Sync` for hyper's service, at the price of an uncontended add per event.
 #[derive(Debug, Default)]
 struct Activity {
-    /// Exchanges begun plus exchanges ended.
-    events: AtomicU64,
-    open: AtomicU64,
+    /// Exchanges open in the low 32 bits, exchanges begun plus ended (wrapping) in the
+    /// high 32: one add records an event, and one load tells whether any happened.
+    state: AtomicU64,
 }
+
+/// An exchange begun: one more event, one more open.
+const BEGIN: u64 = (1 << 32) + 1;
+/// An exchange ended: one more event, one fewer open (the low half, at least 1, gives
+/// its borrow to the carry that counts the event).
+const END: u64 = (1 << 32) - 1;
 
 impl Activity {
     /// Ready once a whole `period` passed with no exchange open and none begun or
@@ -300,7 +306,7 @@ impl Activity {
         QuietFor {
             activity: self,
             checks,
-            seen: self.events.load(Ordering::Relaxed),
+            seen: self.state.load(Ordering::Relaxed),
         }
     }
 }
@@ -312,7 +318,7 @@ impl Activity {
 struct QuietFor<'a> {
     activity: &'a Activity,
     checks: tokio::time::Interval,
-    /// Events as of the last check.
+    /// The activity's state as of the last check.
     seen: u64,
 }
 
@@ -322,11 +328,12 @@ impl Future for QuietFor<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             std::task::ready!(self.checks.poll_tick(cx));
-            let events = self.activity.events.load(Ordering::Relaxed);
-            if events == self.seen && self.activity.open.load(Ordering::Relaxed) == 0 {
+            let state = self.activity.state.load(Ordering::Relaxed);
+            let open = state as u32;
+            if state == self.seen && open == 0 {
                 return Poll::Ready(());
             }
-            self.seen = events;
+            self.seen = state;
         }
     }
 }
@@ -338,16 +345,14 @@ struct OpenExchange(Arc<Activity>);
 
 impl OpenExchange {
     fn begin(activity: &Arc<Activity>) -> Self {
-        activity.events.fetch_add(1, Ordering::Relaxed);
-        activity.open.fetch_add(1, Ordering::Relaxed);
+        activity.state.fetch_add(BEGIN, Ordering::Relaxed);
         Self(activity.clone())
     }
 }
 
 impl Drop for OpenExchange {
     fn drop(&mut self) {
-        self.0.events.fetch_add(1, Ordering::Relaxed);
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.state.fetch_add(END, Ordering::Relaxed);
     }
 }
 
@@ -440,6 +445,24 @@ mod tests {
             "closed {:?} after",
             ended.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_exchanges_keep_the_connection_until_the_last_ends() {
+        let activity = Arc::new(Activity::default());
+        let first = OpenExchange::begin(&activity);
+        let second = OpenExchange::begin(&activity);
+        drop(first);
+        let watch = activity.quiet_for(PERIOD);
+        tokio::pin!(watch);
+        assert!(timeout(PERIOD * 5, watch.as_mut()).await.is_err());
+        let third = OpenExchange::begin(&activity);
+        drop(second);
+        assert!(timeout(PERIOD * 5, watch.as_mut()).await.is_err());
+        drop(third);
+        assert_eq!(activity.state.load(Ordering::Relaxed) as u32, 0);
+        // Ended between checks: the next check sees the event, the one after it quiet.
+        assert!(timeout(PERIOD * 3, watch.as_mut()).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
