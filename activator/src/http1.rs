@@ -180,7 +180,9 @@ impl Http1Connection {
         }
         let mut keep_alive = true;
         if !body_empty {
-            match self.send_body(request.body_mut(), chunked).await {
+            // Boxed: inline, streaming a body (two futures raced) would make every
+            // exchange's future larger, and each move of it longer, bodiless ones too.
+            match Box::pin(self.send_body(request.body_mut(), chunked)).await {
                 Ok(BodySent::Whole) => {}
                 Ok(BodySent::Interrupted) => keep_alive = false,
                 Err(error) => {
