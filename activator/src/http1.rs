@@ -236,7 +236,8 @@ impl Http1Connection {
                 },
             ));
         }
-        let framing = match response_framing(request.method(), &head) {
+        let fields = FramingFields::of(&head.headers);
+        let framing = match response_framing(request.method(), &head, fields) {
             Ok(framing) => framing,
             Err(error) => {
                 return Err(SendError {
@@ -247,14 +248,14 @@ impl Http1Connection {
         };
         // Both framings at once is how responses are smuggled: this one is read by
         // its `Transfer-Encoding`, and the connection goes no further.
-        let both_framings = head.headers.contains_key(TRANSFER_ENCODING)
-            && head.headers.contains_key(CONTENT_LENGTH);
+        let both_framings = fields.transfer_encoding && fields.content_length;
+        let replica_closes = fields.connection && has_token(&head.headers, CONNECTION, "close");
         keep_alive &= head.version == Version::HTTP_11
-            && !has_token(&head.headers, CONNECTION, "close")
+            && !replica_closes
             && !matches!(framing, Framing::UntilClose)
             && !both_framings;
         let mut head = head;
-        if matches!(framing, Framing::Chunked(_) | Framing::UntilClose) {
+        if fields.content_length && matches!(framing, Framing::Chunked(_) | Framing::UntilClose) {
             // The length is the replica's framing, not the body's; the server frames
             // the body again for its client.
             head.headers.remove(CONTENT_LENGTH);
@@ -537,7 +538,37 @@ enum Framing {
     Done,
 }
 
-fn response_framing(method: &Method, head: &response::Parts) -> Result<Framing, Error> {
+/// Which of the fields that frame a response its head has. Found in one pass over its
+/// names: a response has a handful of fields, and a lookup of each of these three
+/// costs more than the whole pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct FramingFields {
+    transfer_encoding: bool,
+    content_length: bool,
+    connection: bool,
+}
+
+impl FramingFields {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut fields = Self::default();
+        for name in headers.keys() {
+            if name == TRANSFER_ENCODING {
+                fields.transfer_encoding = true;
+            } else if name == CONTENT_LENGTH {
+                fields.content_length = true;
+            } else if name == CONNECTION {
+                fields.connection = true;
+            }
+        }
+        fields
+    }
+}
+
+fn response_framing(
+    method: &Method,
+    head: &response::Parts,
+    fields: FramingFields,
+) -> Result<Framing, Error> {
     if method == Method::HEAD
         || head.status.is_informational()
         || head.status == StatusCode::NO_CONTENT
@@ -545,7 +576,7 @@ fn response_framing(method: &Method, head: &response::Parts) -> Result<Framing, 
     {
         return Ok(Framing::Done);
     }
-    if head.headers.contains_key(TRANSFER_ENCODING) {
+    if fields.transfer_encoding {
         let last_is_chunked = head
             .headers
             .get_all(TRANSFER_ENCODING)
@@ -560,12 +591,11 @@ fn response_framing(method: &Method, head: &response::Parts) -> Result<Framing, 
             Framing::UntilClose
         });
     }
-    let mut lengths = head.headers.get_all(CONTENT_LENGTH).iter().peekable();
-    if lengths.peek().is_none() {
+    if !fields.content_length {
         return Ok(Framing::UntilClose);
     }
     let mut length = None;
-    for value in lengths {
+    for value in head.headers.get_all(CONTENT_LENGTH) {
         // `Content-Length: 5, 5` and repeated equal fields are one length.
         for item in value.to_str().unwrap_or("x").split(',') {
             let item = item.trim();
@@ -1117,7 +1147,8 @@ mod tests {
             ),
         ];
         for (method, text, expected) in cases {
-            let framing = response_framing(method, &head(text));
+            let head = head(text);
+            let framing = response_framing(method, &head, FramingFields::of(&head.headers));
             let got = match framing {
                 Ok(Length(n)) => format!("Length({n})"),
                 Ok(Chunked(_)) => "Chunked".to_owned(),
@@ -1127,6 +1158,32 @@ mod tests {
             };
             assert_eq!(&got, expected, "{method} {text:?}");
         }
+    }
+
+    /// The one pass finds what a lookup of each field would, whatever the spelling,
+    /// the order, repeats or the fields around them.
+    #[test]
+    fn framing_fields_are_those_a_lookup_finds() {
+        let heads = [
+            "HTTP/1.1 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\nTRANSFER-ENCODING: chunked\r\nDate: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nContent-Length: 9\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nX-Content-Length: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\n",
+        ];
+        for text in heads {
+            let head = head(text);
+            let looked_up = FramingFields {
+                transfer_encoding: head.headers.contains_key(TRANSFER_ENCODING),
+                content_length: head.headers.contains_key(CONTENT_LENGTH),
+                connection: head.headers.contains_key(CONNECTION),
+            };
+            assert_eq!(FramingFields::of(&head.headers), looked_up, "{text:?}");
+        }
+        let both = head(heads[3]);
+        let fields = FramingFields::of(&both.headers);
+        assert!(fields.transfer_encoding && fields.content_length && fields.connection);
     }
 
     // ---- Conversations with a scripted replica on loopback ----
@@ -1270,6 +1327,19 @@ mod tests {
         let (data, _, reusable) = read_body(body).await;
         assert_eq!(data, b"ok");
         assert!(reusable.is_none());
+        drop(served);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_replica_closes_is_not_reused() {
+        let (connection, served) = replica(vec![(
+            After::Head,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, Close\r\n\r\nok",
+        )])
+        .await;
+        let (_, mut body) = response(connection.send(get("/")).await.expect("answer"));
+        assert_eq!(body.take_whole().expect("whole"), Bytes::from_static(b"ok"));
+        assert!(body.into_reusable().is_none());
         drop(served);
     }
 
