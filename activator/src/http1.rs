@@ -193,7 +193,7 @@ impl Http1Connection {
                 }
             }
         }
-        let head = loop {
+        let mut head = loop {
             match self.read_head().await {
                 Ok(head)
                     if head.status.is_informational()
@@ -254,7 +254,6 @@ impl Http1Connection {
             && !replica_closes
             && !matches!(framing, Framing::UntilClose)
             && !both_framings;
-        let mut head = head;
         if fields.content_length && matches!(framing, Framing::Chunked(_) | Framing::UntilClose) {
             // The length is the replica's framing, not the body's; the server frames
             // the body again for its client.
