@@ -14,7 +14,9 @@
 ///   ([`crate::headers::detach_from_read_buffer`]), or hyper's next read of the
 ///   connection would take a second;
 /// - its write buffer: 8 KiB, which hyper allocates for every HTTP/1.1 connection up
-///   front;
+///   front. Its pages become resident only once a response is written into them
+///   (jemalloc leaves them unbacked until then), so a held first request does not pay
+///   for it, but a kept-alive connection held for its next request does;
 /// - the connection's task (about 1 KiB: an HTTP/2 connection's larger state is boxed,
 ///   and only h2c clients pay for it), its timers, the parsed head, the exchange on its
 ///   way through the layers, the place in the queue, and the allocator's share: about

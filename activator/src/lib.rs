@@ -43,6 +43,7 @@ use tracing::{info, warn};
 pub fn main_entry() {
     let config = config::Config::from_args();
     init_logs(&config.log_format);
+    return_freed_memory_in_background();
     // One thread asked for: the current-thread scheduler, where the process is that one
     // thread (a multi-thread runtime of one worker keeps the caller's thread besides,
     // and pays for synchronising its queues with the other threads it could have).
@@ -66,6 +67,18 @@ pub fn main_entry() {
     if let Err(e) = runtime.block_on(run(config)) {
         tracing::error!(error = format!("{e:#}"), "blink-activator stopped");
         std::process::exit(1);
+    }
+}
+
+/// jemalloc (the binary's allocator, `main.rs` says why) gives freed pages back to the
+/// system only when it is next called, and an idle activator hardly calls it: after
+/// 10,000 held requests were served, 90 MB stayed resident (idle: 26 MB). Its
+/// background thread purges on its own, by the same 10 s decay: 33 MB. One is enough.
+fn return_freed_memory_in_background() {
+    let enabled = tikv_jemalloc_ctl::max_background_threads::write(1)
+        .and_then(|()| tikv_jemalloc_ctl::background_thread::write(true));
+    if let Err(e) = enabled {
+        tracing::warn!(error = %e, "jemalloc's background purging is off: memory freed after a burst returns only as the activator allocates");
     }
 }
 
