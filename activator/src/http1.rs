@@ -21,7 +21,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version,
     header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING},
     response,
 };
@@ -69,12 +69,19 @@ pub enum Error {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request that failed; `unsent` gives it back when the replica cannot have acted on
-/// it, so it may go to another connection.
+/// it, so it may go to another HTTP/1.1 connection (once its head was written, emptied
+/// of target and fields, with the head as written).
 #[derive(Debug)]
 pub struct SendError<B> {
     pub unsent: Option<Request<B>>,
     pub error: Error,
 }
+
+/// The head of a request as it was written to a connection that then closed before
+/// answering, carried by the request (emptied of its target and fields once written)
+/// to the connection that sends it again.
+#[derive(Debug, Clone)]
+struct WrittenHead(Vec<u8>);
 
 /// What a replica answered.
 #[derive(Debug)]
@@ -167,17 +174,25 @@ impl Http1Connection {
         // it goes back to the caller when it was not sent.
         let body_empty = request.body().is_end_stream();
         let chunked = !body_empty && !request.headers().contains_key(CONTENT_LENGTH);
-        encode_request_head(&mut self.head, &request, chunked);
-        let written = self.io.write_all(&self.head).await;
-        if self.head.capacity() > HEAD_BUFFER_KEPT {
-            self.head = Vec::new();
+        match request.extensions_mut().remove::<WrittenHead>() {
+            Some(WrittenHead(head)) => self.head = head,
+            None => encode_request_head(&mut self.head, &request, chunked),
         }
+        let written = self.io.write_all(&self.head).await;
         if let Err(error) = written {
             return Err(SendError {
                 unsent: Some(request),
                 error: error.into(),
             });
         }
+        // Written, the target and fields go now, not after the response: hyper parsed
+        // them as slices of the client connection's 8 KiB read buffer, and while they
+        // keep it shared, hyper's read of that connection during the wait (to notice a
+        // client that leaves) takes a new buffer — an 8 KiB allocation and free per
+        // request. From here only the method and the body are needed; a resend takes
+        // the head as written.
+        *request.uri_mut() = Uri::default();
+        *request.headers_mut() = HeaderMap::new();
         let mut keep_alive = true;
         if !body_empty {
             // Boxed: inline, streaming a body (two futures raced) would make every
@@ -207,6 +222,9 @@ impl Http1Connection {
                 Err(Error::ClosedBeforeResponse)
                     if self.reused && body_empty && request.method().is_idempotent() =>
                 {
+                    request
+                        .extensions_mut()
+                        .insert(WrittenHead(std::mem::take(&mut self.head)));
                     return Err(SendError {
                         unsent: Some(request),
                         error: Error::ClosedBeforeResponse,
@@ -235,6 +253,9 @@ impl Http1Connection {
                     _place: place,
                 },
             ));
+        }
+        if self.head.capacity() > HEAD_BUFFER_KEPT {
+            self.head = Vec::new();
         }
         let fields = FramingFields::of(&head.headers);
         let framing = match response_framing(request.method(), &head, fields) {
@@ -1448,7 +1469,21 @@ mod tests {
             .send(get("/again"))
             .await
             .expect_err("closed");
-        assert_eq!(failed.unsent.expect("given back").uri(), "/again");
+        let unsent = failed.unsent.expect("given back");
+        assert!(
+            unsent.headers().is_empty(),
+            "once written, its fields (slices of the client's read buffer) are gone"
+        );
+        // Sent again, it goes out as it was first written.
+        let (connection, served) =
+            replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
+        let (parts, body) = response(connection.send(unsent).await.expect("answer"));
+        assert_eq!(parts.status, StatusCode::NO_CONTENT);
+        drop(body);
+        assert_eq!(
+            served.await.expect("replica"),
+            "GET /again HTTP/1.1\r\nhost: fn.example\r\n\r\n"
+        );
 
         let (connection, served) = replica(vec![]).await;
         let _ = served.await;

@@ -551,6 +551,9 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
         Protocol::H2c => Version::HTTP_2,
     };
     request.extensions_mut().clear();
+    // A slice of the client connection's read buffer, like the fields (see
+    // `Http1Connection::send`): not kept through the wait.
+    drop(host);
     // A pooled connection can close between its check and the send; the request comes
     // back unsent, and one more connection is tried.
     for attempt in 0..2 {
