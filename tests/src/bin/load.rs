@@ -1,5 +1,7 @@
 //! A load client for the activator tests: opens `--requests` connections at once, one
-//! GET each, and prints how they were answered as one JSON line.
+//! GET each, and prints how they were answered as one JSON line. With `--first-host`,
+//! each connection first carries a GET for that host and reads its answer, so the GET
+//! counted goes over a kept-alive connection that has already been answered.
 //!
 //! `load --addr 10.244.0.5:8080 --host burst.ns --requests 10000 --timeout 300s`
 
@@ -15,6 +17,9 @@ struct Args {
     addr: SocketAddr,
     #[arg(long)]
     host: String,
+    /// A host asked for first on each connection (its answer read, not counted).
+    #[arg(long)]
+    first_host: Option<String>,
     #[arg(long, default_value = "/")]
     path: String,
     #[arg(long)]
@@ -32,8 +37,28 @@ async fn one(args: &Args) -> Result<(u16, Option<String>), String> {
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(connection);
-    let request = http::Request::get(&args.path)
-        .header("host", &args.host)
+    if let Some(first_host) = &args.first_host {
+        get(&mut sender, &args.path, first_host)
+            .await
+            .map_err(|e| format!("first {e}"))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection after the first answer: {e}"))?;
+    }
+    let (status, body) = get(&mut sender, &args.path, &args.host).await?;
+    let failure = (status >= 300).then(|| String::from_utf8_lossy(&body).trim().to_owned());
+    Ok((status, failure))
+}
+
+/// One GET on the connection: its status and whole body.
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>,
+    path: &str,
+    host: &str,
+) -> Result<(u16, bytes::Bytes), String> {
+    let request = http::Request::get(path)
+        .header("host", host)
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
     let response = sender
@@ -47,8 +72,7 @@ async fn one(args: &Args) -> Result<(u16, Option<String>), String> {
         .await
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    let failure = (status >= 300).then(|| String::from_utf8_lossy(&body).trim().to_owned());
-    Ok((status, failure))
+    Ok((status, body))
 }
 
 #[tokio::main]
