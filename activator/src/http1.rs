@@ -77,9 +77,9 @@ pub struct SendError<B> {
     pub error: Error,
 }
 
-/// The head of a request as it was written to a connection that then closed before
-/// answering, carried by the request (emptied of its target and fields once written)
-/// to the connection that sends it again.
+/// The head of a request as encoded for a connection that failed before the replica
+/// could act on it, carried by the request (emptied of its target and fields once
+/// written) to the connection that sends it again.
 #[derive(Debug, Clone)]
 struct WrittenHead(Vec<u8>);
 
@@ -180,10 +180,7 @@ impl Http1Connection {
         }
         let written = self.io.write_all(&self.head).await;
         if let Err(error) = written {
-            return Err(SendError {
-                unsent: Some(request),
-                error: error.into(),
-            });
+            return Err(self.give_back(request, error.into()));
         }
         // Written, the target and fields go now, not after the response: hyper parsed
         // them as slices of the client connection's 8 KiB read buffer, and while they
@@ -222,13 +219,7 @@ impl Http1Connection {
                 Err(Error::ClosedBeforeResponse)
                     if self.reused && body_empty && request.method().is_idempotent() =>
                 {
-                    request
-                        .extensions_mut()
-                        .insert(WrittenHead(std::mem::take(&mut self.head)));
-                    return Err(SendError {
-                        unsent: Some(request),
-                        error: Error::ClosedBeforeResponse,
-                    });
+                    return Err(self.give_back(request, Error::ClosedBeforeResponse));
                 }
                 Err(error) => {
                     return Err(SendError {
@@ -288,6 +279,19 @@ impl Http1Connection {
                 keep_alive,
             },
         ))
+    }
+
+    /// A request the replica cannot have acted on, given back with its head as encoded
+    /// here: the head is all a resend needs, and once written the request no longer
+    /// holds its target and fields. The connection is done with.
+    fn give_back<B>(&mut self, mut request: Request<B>, error: Error) -> SendError<B> {
+        request
+            .extensions_mut()
+            .insert(WrittenHead(std::mem::take(&mut self.head)));
+        SendError {
+            unsent: Some(request),
+            error,
+        }
     }
 
     /// Streams the request body; stops early (and the connection is not reused) if
@@ -1458,6 +1462,43 @@ mod tests {
         );
         assert!(body.into_reusable().is_none(), "the request was cut short");
         drop(served);
+    }
+
+    #[tokio::test]
+    async fn a_request_given_back_twice_still_goes_out_as_first_written() {
+        let (connection, served) = replica(vec![]).await;
+        let _ = served.await;
+        let failed = connection
+            .reused()
+            .send(get("/again"))
+            .await
+            .expect_err("closed");
+        let unsent = failed.unsent.expect("given back");
+        // The next connection is reset before anything is written to it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let io = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        accepted.set_zero_linger().expect("linger");
+        drop(accepted);
+        io.readable().await.expect("the reset arrives");
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let reset = Http1Connection::new(io, permit, Gauge::default());
+        let failed = reset.send(unsent).await.expect_err("reset");
+        assert!(matches!(failed.error, Error::Io(_)), "{:?}", failed.error);
+        let unsent = failed.unsent.expect("given back again");
+        let (connection, served) =
+            replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
+        let (parts, body) = response(connection.send(unsent).await.expect("answer"));
+        assert_eq!(parts.status, StatusCode::NO_CONTENT);
+        drop(body);
+        assert_eq!(
+            served.await.expect("replica"),
+            "GET /again HTTP/1.1\r\nhost: fn.example\r\n\r\n"
+        );
     }
 
     #[tokio::test]
