@@ -1289,7 +1289,10 @@ mod tests {
     }
 
     async fn connect(addr: std::net::SocketAddr) -> Http1Connection {
-        let io = TcpStream::connect(addr).await.expect("connect");
+        over(TcpStream::connect(addr).await.expect("connect"))
+    }
+
+    fn over(io: TcpStream) -> Http1Connection {
         let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .expect("permit");
@@ -1483,11 +1486,7 @@ mod tests {
         accepted.set_zero_linger().expect("linger");
         drop(accepted);
         io.readable().await.expect("the reset arrives");
-        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("permit");
-        let reset = Http1Connection::new(io, permit, Gauge::default());
-        let failed = reset.send(unsent).await.expect_err("reset");
+        let failed = over(io).send(unsent).await.expect_err("reset");
         assert!(matches!(failed.error, Error::Io(_)), "{:?}", failed.error);
         let unsent = failed.unsent.expect("given back again");
         let (connection, served) =
