@@ -1467,16 +1467,27 @@ mod tests {
         drop(served);
     }
 
-    #[tokio::test]
-    async fn a_request_given_back_twice_still_goes_out_as_first_written() {
+    /// `request` sent over a reused connection the replica has closed: given back.
+    async fn given_back(request: Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
         let (connection, served) = replica(vec![]).await;
         let _ = served.await;
-        let failed = connection
-            .reused()
-            .send(get("/again"))
-            .await
-            .expect_err("closed");
-        let unsent = failed.unsent.expect("given back");
+        let failed = connection.reused().send(request).await.expect_err("closed");
+        failed.unsent.expect("given back")
+    }
+
+    /// Sends a given-back request to a replica and returns what the replica read.
+    async fn sent_again(unsent: Request<Empty<Bytes>>) -> String {
+        let (connection, served) =
+            replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
+        let (parts, body) = response(connection.send(unsent).await.expect("answer"));
+        assert_eq!(parts.status, StatusCode::NO_CONTENT);
+        drop(body);
+        served.await.expect("replica")
+    }
+
+    #[tokio::test]
+    async fn a_request_given_back_twice_still_goes_out_as_first_written() {
+        let unsent = given_back(get("/again")).await;
         // The next connection is reset before anything is written to it.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let io = TcpStream::connect(listener.local_addr().expect("addr"))
@@ -1489,39 +1500,22 @@ mod tests {
         let failed = over(io).send(unsent).await.expect_err("reset");
         assert!(matches!(failed.error, Error::Io(_)), "{:?}", failed.error);
         let unsent = failed.unsent.expect("given back again");
-        let (connection, served) =
-            replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
-        let (parts, body) = response(connection.send(unsent).await.expect("answer"));
-        assert_eq!(parts.status, StatusCode::NO_CONTENT);
-        drop(body);
         assert_eq!(
-            served.await.expect("replica"),
+            sent_again(unsent).await,
             "GET /again HTTP/1.1\r\nhost: fn.example\r\n\r\n"
         );
     }
 
     #[tokio::test]
     async fn a_reused_connection_closed_before_answering_gives_an_idempotent_request_back() {
-        let (connection, served) = replica(vec![]).await;
-        let _ = served.await;
-        let failed = connection
-            .reused()
-            .send(get("/again"))
-            .await
-            .expect_err("closed");
-        let unsent = failed.unsent.expect("given back");
+        let unsent = given_back(get("/again")).await;
         assert!(
             unsent.headers().is_empty(),
             "once written, its fields (slices of the client's read buffer) are gone"
         );
         // Sent again, it goes out as it was first written.
-        let (connection, served) =
-            replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
-        let (parts, body) = response(connection.send(unsent).await.expect("answer"));
-        assert_eq!(parts.status, StatusCode::NO_CONTENT);
-        drop(body);
         assert_eq!(
-            served.await.expect("replica"),
+            sent_again(unsent).await,
             "GET /again HTTP/1.1\r\nhost: fn.example\r\n\r\n"
         );
 
