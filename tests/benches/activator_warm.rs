@@ -12,7 +12,8 @@
 //!   taken from each request's send (from its scheduled time when the path had made
 //!   it fall more than an interval behind, so a stall counts against the path);
 //! - CPU per request of the proxy (activator process, nginx worker) during the max-rate
-//!   run, from `/proc`.
+//!   run, from `/proc`, and its context switches per request (all its threads): each
+//!   voluntary one is a wait for events that found none ready.
 //!
 //! Ratios are to the direct path of the same round; the table's medians are over rounds.
 //! Each proxy's rate, CPU per request and p99 are also put against nginx's round by
@@ -72,6 +73,8 @@ struct Measured {
     cpu_us_per_request: Option<f64>,
     /// The kernel's share of it.
     system_us_per_request: Option<f64>,
+    /// Times the proxy's threads gave up the CPU (waiting for events) or were made to.
+    switches_per_request: Option<f64>,
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
     fixed_errors: usize,
@@ -173,8 +176,9 @@ fn main() {
                     measured
                         .cpu_us_per_request
                         .zip(measured.system_us_per_request)
-                        .map(|(us, system)| format!(
-                            ", {us:.1} µs CPU/request ({system:.1} kernel)"
+                        .zip(measured.switches_per_request)
+                        .map(|((us, system), switches)| format!(
+                            ", {us:.1} µs CPU/request ({system:.1} kernel), {switches:.3} switches/request"
                         ))
                         .unwrap_or_default(),
                     measured.fixed_p50_ms,
@@ -524,9 +528,14 @@ async fn warm_up(path: &Target) -> anyhow::Result<()> {
 
 async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
     let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
+    let switches_before = path.proxy_pid.map(context_switches).transpose()?;
     let max = wrk(path, seconds).await?;
     let cpu = match (path.proxy_pid, cpu_before) {
         (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
+        _ => None,
+    };
+    let switches = match (path.proxy_pid, switches_before) {
+        (Some(pid), Some(before)) => Some(context_switches(pid)?.saturating_sub(before)),
         _ => None,
     };
     let per_request = |time: Duration| time.as_secs_f64() * 1e6 / max.requests as f64;
@@ -537,6 +546,7 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         max_p99_ms: max.p99_ms,
         cpu_us_per_request: cpu.map(|cpu| per_request(cpu.user + cpu.system)),
         system_us_per_request: cpu.map(|cpu| per_request(cpu.system)),
+        switches_per_request: switches.map(|n| n as f64 / max.requests as f64),
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
         fixed_errors: fixed.errors,
@@ -576,6 +586,26 @@ fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
         user: ticks(fields[11])?,
         system: ticks(fields[12])?,
     })
+}
+
+/// Context switches of all of a process's threads so far, voluntary or not.
+fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread can end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(count) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += count.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok(total)
 }
 
 struct WrkResult {
@@ -774,6 +804,12 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
                 .filter_map(|m| m.system_us_per_request)
                 .collect(),
         );
+        let switches = median(
+            measured
+                .iter()
+                .filter_map(|m| m.switches_per_request)
+                .collect(),
+        );
         if i > 1 {
             let rate = per_round(measured, nginx, |m, n| Some(m.max_rps / n.max_rps));
             let cpu = per_round(measured, nginx, |m, n| {
@@ -782,9 +818,17 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             let p99 = per_round(measured, nginx, |m, n| {
                 Some(m.fixed_p99_ms - n.fixed_p99_ms)
             });
+            // A median near 1 says as much of a tie as of a draw: the count of rounds
+            // each side won says which.
+            let faster = measured
+                .iter()
+                .zip(nginx)
+                .filter(|(m, n)| m.max_rps >= n.max_rps)
+                .count();
             println!(
-                "{:<9} against nginx, round by round (medians): rate {rate:.2}×, CPU per request {cpu:.2}×, p99 at {FIXED_RATE} rps {p99:+.3} ms",
-                path.name
+                "{:<9} against nginx, round by round (medians): rate {rate:.2}× (at or above nginx's in {faster} of {} rounds), CPU per request {cpu:.2}×, p99 at {FIXED_RATE} rps {p99:+.3} ms",
+                path.name,
+                measured.len()
             );
         }
         println!(
@@ -800,7 +844,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             if cpu.is_nan() {
                 "—".to_owned()
             } else {
-                format!("{cpu:.1} µs/request ({system:.1} kernel)")
+                format!("{cpu:.1} µs/request ({system:.1} kernel), {switches:.3} switches/request")
             },
             measured.iter().map(|m| m.fixed_errors).sum::<usize>(),
         );
