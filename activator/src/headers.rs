@@ -26,11 +26,35 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    list_has(headers, CONNECTION, token)
+}
+
+/// Whether a list field names `token`, in any of its fields.
+fn list_has(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                // A token may carry parameters (`trailers;q=1` is not one, but
+                // `gzip;q=0.5` is how codings come).
+                let t = t.split(';').next().unwrap_or(t);
+                t.trim().eq_ignore_ascii_case(token)
+            })
+        })
     })
+}
+
+/// The request's transfer codings other than chunked (`gzip` of `gzip, chunked`),
+/// which it cannot be passed on with: the body goes to the replica chunked anew, or
+/// with its length, so any other coding would be lost and its bytes taken as plain.
+/// hyper's server has already refused a request whose last coding is not chunked.
+pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+        .map(str::to_owned)
 }
 
 /// Drops the fields that belong to one connection: `Connection` and every field it
@@ -60,13 +84,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(TRANSFER_ENCODING);
-    if headers
-        .get(TE)
-        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        // The one TE value that means end to end: "I accept trailers".
-    } else {
+    // `trailers` is the one TE value that means end to end ("I accept trailers"); the
+    // codings a client accepts are for this hop only, in any of its TE fields.
+    if headers.contains_key(TE) {
+        let trailers = list_has(headers, TE, "trailers");
         headers.remove(TE);
+        if trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -117,15 +142,21 @@ fn header_value(bytes: Bytes) -> HeaderValue {
 /// `X-Forwarded-*` fields many servers read, added to whatever earlier proxies set.
 /// `host` is the request's own value (a cheap clone of the bytes it arrived in).
 pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Option<&HeaderValue>) {
-    let host_text = host
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| is_token_or_host(h));
+    let host_text = host.and_then(|h| h.to_str().ok()).filter(|h| is_host(h));
     let forwarded = match host_text {
         Some(host) => {
-            let mut element = BytesMut::with_capacity(client.forwarded.len() + 6 + host.len());
+            let mut element = BytesMut::with_capacity(client.forwarded.len() + 8 + host.len());
             element.extend_from_slice(client.forwarded.as_bytes());
             element.extend_from_slice(b";host=");
-            element.extend_from_slice(host.as_bytes());
+            // A value is a token or a quoted string (RFC 7239 §4): `f.example` as it
+            // is, `"f.example:8080"` and `"[2001:db8::1]"` quoted.
+            if host.bytes().all(is_token_byte) {
+                element.extend_from_slice(host.as_bytes());
+            } else {
+                element.extend_from_slice(b"\"");
+                element.extend_from_slice(host.as_bytes());
+                element.extend_from_slice(b"\"");
+            }
             header_value(element.freeze())
         }
         None => client.forwarded.clone(),
@@ -144,12 +175,35 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Opti
         .or_insert_with(|| HeaderValue::from_static("http"));
 }
 
-/// A host as it may appear unquoted in `Forwarded`.
-fn is_token_or_host(host: &str) -> bool {
+/// A host (name or address, with its port) as `Forwarded` may carry it, quoted or not;
+/// anything else is left out of that field.
+fn is_host(host: &str) -> bool {
     !host.is_empty()
         && host.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_' | b'[' | b']')
         })
+}
+
+/// A `tchar` of RFC 9110 §5.6.2.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
 /// Adds `value` to a comma-separated list field (earlier proxies' entries first).
@@ -189,32 +243,48 @@ pub fn detach_from_read_buffer<B>(request: &mut http::Request<B>) {
     }
 }
 
-/// The host a request asked for: the `Host` field (HTTP/1.1) or the URI's authority
-/// (HTTP/2's `:authority`).
-pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(Authority::as_str))
+/// Why a request names no one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoHost {
+    /// No authority in its target and no (readable) `Host` field.
+    Missing,
+    /// More than one `Host` field (RFC 9112 §3.2: answered 400). Routed by one and
+    /// read by the replica by another, it would reach a function that did not ask
+    /// for it.
+    Repeated,
 }
 
-/// The same, as a header value of its own: the `Host` field's bytes shared, or the
-/// authority's copied.
+/// The host a request asked for: the target's authority when it has one (an
+/// absolute-form target, HTTP/2's `:authority`), which then wins over `Host` (RFC 9112
+/// §3.2.2), else the one `Host` field.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str, NoHost> {
+    if let Some(authority) = uri.authority() {
+        return Ok(authority.as_str());
+    }
+    let mut fields = headers.get_all(HOST).iter();
+    let host = fields.next().and_then(|h| h.to_str().ok());
+    if fields.next().is_some() {
+        return Err(NoHost::Repeated);
+    }
+    host.ok_or(NoHost::Missing)
+}
+
+/// The same, as a header value of its own: the authority's copied, or the `Host`
+/// field's bytes shared. Called once [`request_host`] has accepted the request.
 pub fn request_host_value(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
-    headers.get(HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+    match uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => headers.get(HOST).cloned(),
+    }
 }
 
 /// The `Host` field for the upstream: the request's host for HTTP/1.1 (a client
-/// speaking HTTP/2 sends none), none for h2c, where the authority carries it.
+/// speaking HTTP/2 sends none; an absolute-form target's authority replaces the
+/// client's field), none for h2c, where the authority carries it.
 pub fn set_upstream_host(headers: &mut HeaderMap, host: Option<&HeaderValue>, protocol: Protocol) {
     match protocol {
         Protocol::Http1 => {
-            if !headers.contains_key(HOST)
-                && let Some(value) = host
-            {
+            if let Some(value) = host {
                 headers.insert(HOST, value.clone());
             }
         }
@@ -317,10 +387,71 @@ mod tests {
     }
 
     #[test]
-    fn te_trailers_stays() {
-        let mut h = headers(&[("te", "trailers")]);
-        remove_hop_by_hop(&mut h, false);
-        assert_eq!(names(&h), ["te"]);
+    fn te_trailers_stays_alone() {
+        for fields in [
+            &[("te", "trailers")][..],
+            &[("te", "gzip;q=0.5, Trailers")],
+            &[("te", "gzip"), ("te", "trailers")],
+        ] {
+            let mut h = headers(fields);
+            remove_hop_by_hop(&mut h, false);
+            assert_eq!(
+                h.get_all(TE).iter().collect::<Vec<_>>(),
+                ["trailers"],
+                "{fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_found() {
+        for (fields, other) in [
+            (&[("transfer-encoding", "chunked")][..], None),
+            (&[("transfer-encoding", "Chunked")], None),
+            (&[("transfer-encoding", "gzip, chunked")], Some("gzip")),
+            (
+                &[
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                Some("gzip"),
+            ),
+            (&[], None),
+        ] {
+            assert_eq!(
+                other_transfer_coding(&headers(fields)).as_deref(),
+                other,
+                "{fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_host_is_the_authority_or_the_one_host_field() {
+        let host = |uri: &str, fields: &[(&str, &str)]| {
+            let uri: Uri = uri.parse().expect("uri");
+            let fields = headers(fields);
+            request_host(&uri, &fields).map(str::to_owned)
+        };
+        assert_eq!(
+            host("/a", &[("host", "f.example")]).as_deref(),
+            Ok("f.example")
+        );
+        // An absolute-form target's authority wins over the field (RFC 9112 §3.2.2).
+        assert_eq!(
+            host("http://g.example/a", &[("host", "f.example")]).as_deref(),
+            Ok("g.example")
+        );
+        assert_eq!(host("/a", &[]), Err(NoHost::Missing));
+        assert_eq!(
+            host("/a", &[("host", "f.example"), ("host", "g.example")]),
+            Err(NoHost::Repeated)
+        );
+        let uri: Uri = "http://g.example/a".parse().expect("uri");
+        assert_eq!(
+            request_host_value(&uri, &headers(&[("host", "f.example")])),
+            Some(HeaderValue::from_static("g.example"))
+        );
     }
 
     #[test]
@@ -351,11 +482,19 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        // Not a token (`:`): quoted (RFC 7239 §4).
         assert_eq!(
             h["forwarded"],
-            "for=1.2.3.4, for=10.0.0.9;proto=http;host=f.example:8080"
+            "for=1.2.3.4, for=10.0.0.9;proto=http;host=\"f.example:8080\""
         );
         assert_eq!(h["x-forwarded-host"], "f.example:8080");
+        let mut h = HeaderMap::new();
+        add_forwarded(
+            &mut h,
+            &ClientAddress::new("10.0.0.9:5555".parse().expect("addr")),
+            Some(&HeaderValue::from_static("f.example")),
+        );
+        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http;host=f.example");
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut h = HeaderMap::new();
         add_forwarded(
@@ -400,9 +539,12 @@ mod tests {
         let mut h = HeaderMap::new();
         set_upstream_host(&mut h, Some(&host), Protocol::Http1);
         assert_eq!(h[HOST], "f.example:8080");
+        // The request's host is its target's authority when it has one: it replaces
+        // the client's field.
         let mut h = headers(&[("host", "mine.example")]);
         set_upstream_host(&mut h, Some(&host), Protocol::Http1);
-        assert_eq!(h[HOST], "mine.example");
+        assert_eq!(h[HOST], "f.example:8080");
+        assert_eq!(h.get_all(HOST).iter().count(), 1);
         set_upstream_host(&mut h, Some(&host), Protocol::H2c);
         assert!(!h.contains_key(HOST));
     }

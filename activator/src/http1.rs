@@ -60,6 +60,10 @@ pub enum Error {
     Truncated,
     #[error("the replica's response is malformed: {0}")]
     Malformed(&'static str),
+    #[error(
+        "the replica's response has transfer coding {0:?}; only chunked is read (a body's encoding belongs in Content-Encoding)"
+    )]
+    UnsupportedCoding(String),
     #[error("the replica's response head is larger than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
     #[error("reading the request body from the client: {0}")]
@@ -214,8 +218,10 @@ impl Http1Connection {
                     continue;
                 }
                 Ok(head) => break head,
-                // A reused connection the replica closed as the request went out: it
-                // never read the request, and one without a body can go again.
+                // A reused connection the replica closed as the request went out,
+                // mostly one it had timed out as idle. It may have read the request
+                // before closing, so only one without a body and of an idempotent
+                // method goes again (RFC 9110 §9.2.2), whose repeat is harmless.
                 Err(Error::ClosedBeforeResponse)
                     if self.reused && body_empty && request.method().is_idempotent() =>
                 {
@@ -308,8 +314,12 @@ impl Http1Connection {
                 biased;
                 frame = body.frame() => frame,
                 answered = answered_early(io, read) => {
-                    answered?;
-                    return Ok(BodySent::Interrupted);
+                    // An interim answer (a `100 Continue` to the request's `Expect`)
+                    // asks for the rest of the body; a final one, or a close, ends it.
+                    if answered? == 0 || only_interim_answers(read) == Early::Final {
+                        return Ok(BodySent::Interrupted);
+                    }
+                    continue;
                 }
             };
             let frame = match frame {
@@ -389,16 +399,56 @@ enum BodySent {
     Interrupted,
 }
 
-/// Resolves once the replica sends something (or closes) while the request body is
+/// Resolves once the replica sends something (or closes: 0) while the request body is
 /// still going out; what it sent is kept for the response.
-async fn answered_early(io: &TcpStream, read: &mut BytesMut) -> io::Result<()> {
+async fn answered_early(io: &TcpStream, read: &mut BytesMut) -> io::Result<usize> {
     loop {
         io.readable().await?;
         make_room(read);
         match io.try_read_buf(read) {
-            Ok(_) => return Ok(()),
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What a replica has sent while the request body still goes out.
+#[derive(Debug, PartialEq, Eq)]
+enum Early {
+    /// Interim answers only, now taken out of the buffer, or the start of a head that
+    /// may still be one: the upload goes on.
+    Interim,
+    /// A final answer (or what cannot be read as an interim one): the upload stops,
+    /// and the response is read as usual.
+    Final,
+}
+
+/// The most fields an interim answer may have; one with more is taken as final, and
+/// the response is read (and judged) as usual.
+const MAX_INTERIM_FIELDS: usize = 32;
+
+/// Takes the interim answers (1xx but `101`) off the front of `read`: a replica may
+/// send `100 Continue` as soon as it has the head of a request that expects it, while
+/// the body is still on its way from the client (hyper's server answers the client's
+/// `Expect` itself).
+fn only_interim_answers(read: &mut BytesMut) -> Early {
+    loop {
+        if read.is_empty() {
+            return Early::Interim;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_INTERIM_FIELDS];
+        let mut head = httparse::Response::new(&mut fields);
+        let parsed = head.parse(read);
+        let interim = head
+            .code
+            .is_some_and(|code| (100..200).contains(&code) && code != 101);
+        match parsed {
+            Ok(httparse::Status::Complete(length)) if interim => read.advance(length),
+            Ok(httparse::Status::Partial) if interim || head.code.is_none() => {
+                return Early::Interim;
+            }
+            _ => return Early::Final,
         }
     }
 }
@@ -601,19 +651,27 @@ fn response_framing(
         return Ok(Framing::Done);
     }
     if fields.transfer_encoding {
-        let last_is_chunked = head
+        // Chunked is the one coding read here. Any other (`gzip, chunked`) would reach
+        // the client decoded of its chunks only, and unlabelled, since the field is
+        // the connection's: refused rather than passed on altered.
+        let codings = head
             .headers
             .get_all(TRANSFER_ENCODING)
             .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if last_is_chunked {
-            Framing::Chunked(ChunkedDecoder::default())
-        } else {
-            Framing::UntilClose
-        });
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(str::trim)
+            .filter(|coding| !coding.is_empty());
+        let mut chunked = 0;
+        for coding in codings {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(Error::UnsupportedCoding(coding.to_owned()));
+            }
+            chunked += 1;
+        }
+        if chunked != 1 {
+            return Err(Error::Malformed("invalid Transfer-Encoding"));
+        }
+        return Ok(Framing::Chunked(ChunkedDecoder::default()));
     }
     if !fields.content_length {
         return Ok(Framing::UntilClose);
@@ -1135,13 +1193,25 @@ mod tests {
             ),
             (
                 &get,
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nContent-Length: 9\r\n\r\n",
                 "Chunked",
+            ),
+            // Codings other than chunked are refused, not passed on decoded of their
+            // chunks only; chunked twice is malformed.
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
+                "error",
             ),
             (
                 &get,
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-                "UntilClose",
+                "error",
+            ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "error",
             ),
             (&get, "HTTP/1.1 200 OK\r\n\r\n", "UntilClose"),
             (
@@ -1465,6 +1535,94 @@ mod tests {
         );
         assert!(body.into_reusable().is_none(), "the request was cut short");
         drop(served);
+    }
+
+    #[tokio::test]
+    async fn an_interim_answer_during_the_upload_lets_the_body_go_on() {
+        // `100 Continue` as soon as the head is in, then the final answer once the
+        // whole body is: the upload must not stop at the interim answer.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 4096];
+            for (until, reply) in [
+                ("\r\n\r\n", &b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
+                (
+                    "\r\n0\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nuploaded",
+                ),
+            ] {
+                while !String::from_utf8_lossy(&seen).ends_with(until) {
+                    let n = stream.read(&mut buffer).await.expect("read");
+                    assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+                    seen.extend_from_slice(&buffer[..n]);
+                }
+                stream.write_all(reply).await.expect("write");
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        });
+        let connection = connect(addr).await;
+        // The body comes later than the interim answer, as it does from a client that
+        // waited for its own `100 Continue`.
+        let (parts, frames) = futures::channel::mpsc::unbounded();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let frame = Frame::data(Bytes::from_static(b"part"));
+                let _ = parts.unbounded_send(Ok::<_, std::convert::Infallible>(frame));
+            }
+        });
+        let body = StreamBody::new(frames);
+        let request = Request::post("/up")
+            .header("expect", "100-continue")
+            .body(body)
+            .expect("request");
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(5), connection.send(request))
+                .await
+                .expect("answered once the whole body is sent");
+        let (parts, body) = response(answer.expect("answer"));
+        assert_eq!(parts.status, StatusCode::OK);
+        let (data, _, reusable) = read_body(body).await;
+        assert_eq!(data, b"uploaded");
+        assert!(reusable.is_some(), "the whole exchange happened");
+        drop(reusable);
+        assert_eq!(
+            served.await.expect("replica"),
+            "POST /up HTTP/1.1\r\nexpect: 100-continue\r\ntransfer-encoding: chunked\r\n\r\n4\r\npart\r\n4\r\npart\r\n0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn interim_answers_are_taken_off_and_a_final_one_stays() {
+        for (sent, early, left) in [
+            ("HTTP/1.1 100 Continue\r\n\r\n", Early::Interim, ""),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+                Early::Interim,
+                "",
+            ),
+            ("HTTP/1.1 100 Cont", Early::Interim, "HTTP/1.1 100 Cont"),
+            ("HTTP/1.", Early::Interim, "HTTP/1."),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too Large\r\n",
+                Early::Final,
+                "HTTP/1.1 413 Too Large\r\n",
+            ),
+            ("HTTP/1.1 200 OK\r\n", Early::Final, "HTTP/1.1 200 OK\r\n"),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                Early::Final,
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            ),
+            ("garbage\r\n\r\n", Early::Final, "garbage\r\n\r\n"),
+        ] {
+            let mut read = BytesMut::from(sent);
+            assert_eq!(only_interim_answers(&mut read), early, "{sent:?}");
+            assert_eq!(&read[..], left.as_bytes(), "{sent:?}");
+        }
     }
 
     /// `request` sent over a reused connection the replica has closed: given back.

@@ -29,7 +29,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::future::Either;
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{Layer, Service};
@@ -37,7 +37,7 @@ use tracing::warn;
 
 use crate::{
     function::{Admission, Function, Refusal, Ticket},
-    headers,
+    headers::{self, NoHost},
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
@@ -177,11 +177,23 @@ where
 
     fn call(&mut self, mut exchange: Exchange) -> Self::Future {
         let request = &exchange.request;
-        let Some(host) = headers::request_host(request.uri(), request.headers()) else {
-            return Either::Left(ready_now(answer(
-                StatusCode::BAD_REQUEST,
-                "the request names no host (no Host field or authority)",
-            )));
+        if let Some(refusal) = unservable(request) {
+            return Either::Left(ready_now(refusal));
+        }
+        let host = match headers::request_host(request.uri(), request.headers()) {
+            Ok(host) => host,
+            Err(NoHost::Missing) => {
+                return Either::Left(ready_now(answer(
+                    StatusCode::BAD_REQUEST,
+                    "the request names no host (no Host field or authority)",
+                )));
+            }
+            Err(NoHost::Repeated) => {
+                return Either::Left(ready_now(answer(
+                    StatusCode::BAD_REQUEST,
+                    "the request has more than one Host field",
+                )));
+            }
         };
         let table = self.registry.table();
         match table.lookup(host, request.uri().path()) {
@@ -195,6 +207,28 @@ where
             ))),
         }
     }
+}
+
+/// A request no function could be sent as it is, answered before routing: `CONNECT`
+/// (the activator is no forward proxy, and a tunnel's framing is not a response's), and
+/// a body in a transfer coding other than chunked (it goes to the replica framed anew,
+/// which would lose the coding).
+fn unservable<B>(request: &Request<B>) -> Option<ProxyResponse> {
+    if request.method() == Method::CONNECT {
+        return Some(answer(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not served: this is a reverse proxy for functions",
+        ));
+    }
+    if request.headers().contains_key(header::TRANSFER_ENCODING)
+        && let Some(coding) = headers::other_transfer_coding(request.headers())
+    {
+        return Some(answer(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("transfer coding {coding:?} is not supported; only chunked is"),
+        ));
+    }
+    None
 }
 
 fn ready_now(response: ProxyResponse) -> Ready<Result<ProxyResponse, Infallible>> {

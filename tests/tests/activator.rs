@@ -348,6 +348,31 @@ fn hostile_input_gets_clear_answers_and_never_stalls_the_process() {
         )
         .await?;
         ensure!(answer.starts_with("HTTP/1.1 400"), "garbage: {answer:.40}");
+        // Requests no function could be sent as they are: answered before routing, and
+        // each says why.
+        for (request, status, why) in [
+            (
+                "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+                "400",
+                "more than one Host field",
+            ),
+            (
+                "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+                "501",
+                "CONNECT is not served",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                "501",
+                "transfer coding \"gzip\" is not supported",
+            ),
+        ] {
+            let answer = raw(&addr, request.as_bytes(), Duration::from_secs(5)).await?;
+            ensure!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")) && answer.contains(why),
+                "{request:?}: {answer}"
+            );
+        }
         // Slowloris: half a head, then nothing; the connection is cut after 1 s.
         let mut slow = tokio::net::TcpStream::connect(&addr).await?;
         slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await?;
@@ -553,6 +578,58 @@ spec:
     });
 }
 
+/// POSTs `body` with `Expect: 100-continue`, sending it only once the activator has
+/// answered `100 Continue` and a moment more (so that the replica's own `100 Continue`
+/// has reached the activator first); returns the final answer, past the interim one.
+async fn upload_after_continue(addr: &str, host: &str, body: &[u8]) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let continued = b"HTTP/1.1 100 Continue\r\n\r\n";
+    while !answer.starts_with(continued) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .context("waiting for 100 Continue")??;
+        ensure!(
+            n > 0,
+            "closed before 100 Continue: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    answer.drain(..continued.len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.write_all(body).await?;
+    // The final answer: its head, then as many bytes as its Content-Length says.
+    loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return Ok(text);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .context("the final answer after the body")??;
+        ensure!(n > 0, "closed before the answer: {text:?}");
+        answer.extend_from_slice(&buffer[..n]);
+    }
+}
+
 /// Writes `bytes` on a new connection and reads the answer until the server closes or
 /// `timeout` passes.
 async fn raw(addr: &str, bytes: &[u8], timeout: Duration) -> anyhow::Result<String> {
@@ -688,6 +765,18 @@ spec:
         ensure!(
             answer.starts_with("HTTP/1.1 200") && answer.contains(&expected),
             "chunked upload: {answer}"
+        );
+        // A client that waits for `100 Continue` before its body, to a replica that
+        // sends its own as soon as it reads the head: the replica's interim answer
+        // must not end the upload, which would leave the request hanging.
+        let answer = upload_after_continue(&addr, "shared.example", b"a body sent late").await?;
+        let expected = format!(
+            "16 {:016x}",
+            blink_tests::fnv1a(blink_tests::FNV_START, b"a body sent late")
+        );
+        ensure!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains(&expected),
+            "upload after 100 Continue: {answer}"
         );
         let broken = format!("{head}5\r\nhello\r\nzz\r\n");
         let answer = raw(&addr, broken.as_bytes(), Duration::from_secs(10)).await?;
