@@ -34,8 +34,7 @@ fn list_has(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|value| {
         value.to_str().is_ok_and(|v| {
             v.split(',').any(|t| {
-                // A token may carry parameters (`trailers;q=1` is not one, but
-                // `gzip;q=0.5` is how codings come).
+                // A token may carry parameters (`gzip;q=0.5`): the name is before them.
                 let t = t.split(';').next().unwrap_or(t);
                 t.trim().eq_ignore_ascii_case(token)
             })
@@ -43,18 +42,34 @@ fn list_has(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// The request's transfer codings other than chunked (`gzip` of `gzip, chunked`),
-/// which it cannot be passed on with: the body goes to the replica chunked anew, or
-/// with its length, so any other coding would be lost and its bytes taken as plain.
-/// hyper's server has already refused a request whose last coding is not chunked.
-pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
-    headers
+/// What is wrong with a request's transfer codings, for a proxy that passes its body
+/// on chunked anew (or with its length): hyper's server has already refused one whose
+/// last coding is not chunked, and takes one layer of chunks off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodingProblem {
+    /// A coding besides chunked (`gzip` of `gzip, chunked`): it would be lost, and the
+    /// replica would take its bytes as plain.
+    Unsupported(String),
+    /// Chunked twice (RFC 9112 §6.1 forbids it): the replica would get the inner
+    /// chunks' framing as body bytes.
+    ChunkedTwice,
+}
+
+pub fn transfer_coding_problem(headers: &HeaderMap) -> Option<CodingProblem> {
+    let mut chunked = 0;
+    let codings = headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("?").split(','))
         .map(str::trim)
-        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
-        .map(str::to_owned)
+        .filter(|coding| !coding.is_empty());
+    for coding in codings {
+        if !coding.eq_ignore_ascii_case("chunked") {
+            return Some(CodingProblem::Unsupported(coding.to_owned()));
+        }
+        chunked += 1;
+    }
+    (chunked > 1).then_some(CodingProblem::ChunkedTwice)
 }
 
 /// Drops the fields that belong to one connection: `Connection` and every field it
@@ -66,6 +81,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade && !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // Looked for first: a client may name TE in `Connection` too, as RFC 9110 §10.1.4
+    // asks of one that sends it.
+    let trailers = list_has(headers, TE, "trailers");
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -86,12 +104,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(TRANSFER_ENCODING);
     // `trailers` is the one TE value that means end to end ("I accept trailers"); the
     // codings a client accepts are for this hop only, in any of its TE fields.
-    if headers.contains_key(TE) {
-        let trailers = list_has(headers, TE, "trailers");
-        headers.remove(TE);
-        if trailers {
-            headers.insert(TE, HeaderValue::from_static("trailers"));
-        }
+    headers.remove(TE);
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -252,21 +267,25 @@ pub enum NoHost {
     /// read by the replica by another, it would reach a function that did not ask
     /// for it.
     Repeated,
+    /// The target's authority carries userinfo (`user:pass@host`), which RFC 9110
+    /// §4.2.4 has a recipient treat as an error: it mostly hides the real host.
+    Userinfo,
 }
 
 /// The host a request asked for: the target's authority when it has one (an
 /// absolute-form target, HTTP/2's `:authority`), which then wins over `Host` (RFC 9112
 /// §3.2.2), else the one `Host` field.
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str, NoHost> {
-    if let Some(authority) = uri.authority() {
-        return Ok(authority.as_str());
-    }
     let mut fields = headers.get_all(HOST).iter();
     let host = fields.next().and_then(|h| h.to_str().ok());
     if fields.next().is_some() {
         return Err(NoHost::Repeated);
     }
-    host.ok_or(NoHost::Missing)
+    match uri.authority() {
+        Some(authority) if authority.as_str().contains('@') => Err(NoHost::Userinfo),
+        Some(authority) => Ok(authority.as_str()),
+        None => host.ok_or(NoHost::Missing),
+    }
 }
 
 /// The same, as a header value of its own: the authority's copied, or the `Host`
@@ -392,6 +411,7 @@ mod tests {
             &[("te", "trailers")][..],
             &[("te", "gzip;q=0.5, Trailers")],
             &[("te", "gzip"), ("te", "trailers")],
+            &[("connection", "TE"), ("te", "trailers")],
         ] {
             let mut h = headers(fields);
             remove_hop_by_hop(&mut h, false);
@@ -404,23 +424,31 @@ mod tests {
     }
 
     #[test]
-    fn transfer_codings_other_than_chunked_are_found() {
-        for (fields, other) in [
+    fn transfer_coding_problems_are_found() {
+        let unsupported = |coding: &str| Some(CodingProblem::Unsupported(coding.to_owned()));
+        for (fields, problem) in [
             (&[("transfer-encoding", "chunked")][..], None),
-            (&[("transfer-encoding", "Chunked")], None),
-            (&[("transfer-encoding", "gzip, chunked")], Some("gzip")),
+            (&[("transfer-encoding", " Chunked ")], None),
+            (
+                &[("transfer-encoding", "gzip, chunked")],
+                unsupported("gzip"),
+            ),
             (
                 &[
                     ("transfer-encoding", "gzip"),
                     ("transfer-encoding", "chunked"),
                 ],
-                Some("gzip"),
+                unsupported("gzip"),
+            ),
+            (
+                &[("transfer-encoding", "chunked, chunked")],
+                Some(CodingProblem::ChunkedTwice),
             ),
             (&[], None),
         ] {
             assert_eq!(
-                other_transfer_coding(&headers(fields)).as_deref(),
-                other,
+                transfer_coding_problem(&headers(fields)),
+                problem,
                 "{fields:?}"
             );
         }
@@ -443,9 +471,15 @@ mod tests {
             Ok("g.example")
         );
         assert_eq!(host("/a", &[]), Err(NoHost::Missing));
+        for target in ["/a", "http://g.example/a"] {
+            assert_eq!(
+                host(target, &[("host", "f.example"), ("host", "g.example")]),
+                Err(NoHost::Repeated)
+            );
+        }
         assert_eq!(
-            host("/a", &[("host", "f.example"), ("host", "g.example")]),
-            Err(NoHost::Repeated)
+            host("http://u:p@g.example/a", &[("host", "g.example")]),
+            Err(NoHost::Userinfo)
         );
         let uri: Uri = "http://g.example/a".parse().expect("uri");
         assert_eq!(

@@ -424,10 +424,6 @@ enum Early {
     Final,
 }
 
-/// The most fields an interim answer may have; one with more is taken as final, and
-/// the response is read (and judged) as usual.
-const MAX_INTERIM_FIELDS: usize = 32;
-
 /// Takes the interim answers (1xx but `101`) off the front of `read`: a replica may
 /// send `100 Continue` as soon as it has the head of a request that expects it, while
 /// the body is still on its way from the client (hyper's server answers the client's
@@ -437,7 +433,12 @@ fn only_interim_answers(read: &mut BytesMut) -> Early {
         if read.is_empty() {
             return Early::Interim;
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_INTERIM_FIELDS];
+        // What is waiting to become a head is bounded as `read_head` bounds it: past
+        // that, the upload stops, and reading the response reports it.
+        if read.len() >= MAX_HEAD_BYTES {
+            return Early::Final;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut head = httparse::Response::new(&mut fields);
         let parsed = head.parse(read);
         let interim = head
@@ -663,15 +664,18 @@ fn response_framing(
             .filter(|coding| !coding.is_empty());
         let mut chunked = 0;
         for coding in codings {
-            if !coding.eq_ignore_ascii_case("chunked") {
+            if coding.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else if !coding.eq_ignore_ascii_case("identity") {
+                // `identity`, no coding at all, is what older servers still send.
                 return Err(Error::UnsupportedCoding(coding.to_owned()));
             }
-            chunked += 1;
         }
-        if chunked != 1 {
-            return Err(Error::Malformed("invalid Transfer-Encoding"));
-        }
-        return Ok(Framing::Chunked(ChunkedDecoder::default()));
+        return match chunked {
+            0 => Ok(Framing::UntilClose),
+            1 => Ok(Framing::Chunked(ChunkedDecoder::default())),
+            _ => Err(Error::Malformed("chunked more than once")),
+        };
     }
     if !fields.content_length {
         return Ok(Framing::UntilClose);
@@ -1213,6 +1217,11 @@ mod tests {
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
                 "error",
             ),
+            (
+                &get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+                "UntilClose",
+            ),
             (&get, "HTTP/1.1 200 OK\r\n\r\n", "UntilClose"),
             (
                 &get,
@@ -1622,6 +1631,25 @@ mod tests {
             let mut read = BytesMut::from(sent);
             assert_eq!(only_interim_answers(&mut read), early, "{sent:?}");
             assert_eq!(&read[..], left.as_bytes(), "{sent:?}");
+        }
+        // Early hints with as many fields as a response may have: still interim.
+        let mut hints = "HTTP/1.1 103 Early Hints\r\n".to_owned();
+        for i in 0..MAX_HEADERS {
+            hints.push_str(&format!("Link: </{i}>\r\n"));
+        }
+        hints.push_str("\r\n");
+        let mut read = BytesMut::from(hints.as_str());
+        assert_eq!(only_interim_answers(&mut read), Early::Interim);
+        assert!(read.is_empty());
+        // What never becomes a head (an endless field, endless empty lines) stops the
+        // upload once it is as large as a head may be, rather than growing the buffer
+        // without end.
+        let endless_field = format!("HTTP/1.1 100 Continue\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
+        for endless in [endless_field, "\r\n".repeat(MAX_HEAD_BYTES / 2)] {
+            let mut read = BytesMut::from(&endless.as_bytes()[..100]);
+            assert_eq!(only_interim_answers(&mut read), Early::Interim);
+            let mut read = BytesMut::from(endless.as_str());
+            assert_eq!(only_interim_answers(&mut read), Early::Final);
         }
     }
 

@@ -37,7 +37,7 @@ use tracing::warn;
 
 use crate::{
     function::{Admission, Function, Refusal, Ticket},
-    headers::{self, NoHost},
+    headers::{self, CodingProblem, NoHost},
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
@@ -194,6 +194,12 @@ where
                     "the request has more than one Host field",
                 )));
             }
+            Err(NoHost::Userinfo) => {
+                return Either::Left(ready_now(answer(
+                    StatusCode::BAD_REQUEST,
+                    "the request target's authority carries userinfo (user@host)",
+                )));
+            }
         };
         let table = self.registry.table();
         match table.lookup(host, request.uri().path()) {
@@ -220,15 +226,19 @@ fn unservable<B>(request: &Request<B>) -> Option<ProxyResponse> {
             "CONNECT is not served: this is a reverse proxy for functions",
         ));
     }
-    if request.headers().contains_key(header::TRANSFER_ENCODING)
-        && let Some(coding) = headers::other_transfer_coding(request.headers())
-    {
-        return Some(answer(
+    if !request.headers().contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    Some(match headers::transfer_coding_problem(request.headers())? {
+        CodingProblem::Unsupported(coding) => answer(
             StatusCode::NOT_IMPLEMENTED,
             format!("transfer coding {coding:?} is not supported; only chunked is"),
-        ));
-    }
-    None
+        ),
+        CodingProblem::ChunkedTwice => answer(
+            StatusCode::BAD_REQUEST,
+            "the body is chunked twice (Transfer-Encoding names chunked more than once)",
+        ),
+    })
 }
 
 fn ready_now(response: ProxyResponse) -> Ready<Result<ProxyResponse, Infallible>> {

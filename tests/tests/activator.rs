@@ -357,6 +357,16 @@ fn hostile_input_gets_clear_answers_and_never_stalls_the_process() {
                 "more than one Host field",
             ),
             (
+                "GET http://u:p@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+                "400",
+                "carries userinfo",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+                "400",
+                "chunked twice",
+            ),
+            (
                 "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
                 "501",
                 "CONNECT is not served",
