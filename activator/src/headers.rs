@@ -156,6 +156,14 @@ fn header_value(bytes: Bytes) -> HeaderValue {
 /// Records the client and the host it asked for: `Forwarded` (RFC 7239) and the
 /// `X-Forwarded-*` fields many servers read, added to whatever earlier proxies set.
 /// `host` is the request's own value (a cheap clone of the bytes it arrived in).
+///
+/// `X-Forwarded-Host` and `X-Forwarded-Proto` already set are kept: in front of the
+/// activator there is mostly an ingress that terminated TLS and says so, and replacing
+/// its `https` would make functions build `http` links. Kept, they are only as
+/// trustworthy as the client: the activator adds no boundary here, since a function
+/// with ready replicas is reached without it (transparent mode) with whatever fields
+/// the client sends. `Forwarded` and `X-Forwarded-For` always end with what the
+/// activator saw itself.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Option<&HeaderValue>) {
     let host_text = host.and_then(|h| h.to_str().ok()).filter(|h| is_host(h));
     let forwarded = match host_text {
