@@ -165,24 +165,24 @@ fn header_value(bytes: Bytes) -> HeaderValue {
 /// the client sends. `Forwarded` and `X-Forwarded-For` always end with what the
 /// activator saw itself.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Option<&HeaderValue>) {
-    let host_text = host.and_then(|h| h.to_str().ok()).filter(|h| is_host(h));
-    let forwarded = match host_text {
-        Some(host) => {
+    let forwarded = match host.map(|h| (h, forwarded_host_form(h.as_bytes()))) {
+        Some((host, Some(form))) => {
             let mut element = BytesMut::with_capacity(client.forwarded.len() + 8 + host.len());
             element.extend_from_slice(client.forwarded.as_bytes());
             element.extend_from_slice(b";host=");
             // A value is a token or a quoted string (RFC 7239 §4): `f.example` as it
             // is, `"f.example:8080"` and `"[2001:db8::1]"` quoted.
-            if host.bytes().all(is_token_byte) {
-                element.extend_from_slice(host.as_bytes());
-            } else {
-                element.extend_from_slice(b"\"");
-                element.extend_from_slice(host.as_bytes());
-                element.extend_from_slice(b"\"");
+            match form {
+                HostForm::Token => element.extend_from_slice(host.as_bytes()),
+                HostForm::Quoted => {
+                    element.extend_from_slice(b"\"");
+                    element.extend_from_slice(host.as_bytes());
+                    element.extend_from_slice(b"\"");
+                }
             }
             header_value(element.freeze())
         }
-        None => client.forwarded.clone(),
+        _ => client.forwarded.clone(),
     };
     // Room for the four fields at once, rather than the map growing twice.
     headers.reserve(4);
@@ -198,36 +198,50 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddress, host: Opti
         .or_insert_with(|| HeaderValue::from_static("http"));
 }
 
-/// A host (name or address, with its port) as `Forwarded` may carry it, quoted or not;
-/// anything else is left out of that field.
-fn is_host(host: &str) -> bool {
-    !host.is_empty()
-        && host.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_' | b'[' | b']')
-        })
+/// How a host goes into `Forwarded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostForm {
+    Token,
+    Quoted,
 }
 
-/// A `tchar` of RFC 9110 §5.6.2.
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'!' | b'#'
-                | b'$'
-                | b'%'
-                | b'&'
-                | b'\''
-                | b'*'
-                | b'+'
-                | b'-'
-                | b'.'
-                | b'^'
-                | b'_'
-                | b'`'
-                | b'|'
-                | b'~'
-        )
+/// The form `host` (a name or an address, with its port) takes in `Forwarded`; none
+/// when it is not a host, and is left out of that field. One pass, one table look-up a
+/// byte: it runs for every request.
+fn forwarded_host_form(host: &[u8]) -> Option<HostForm> {
+    let mut form = HostForm::Token;
+    for &byte in host {
+        match HOST_BYTES[usize::from(byte)] {
+            TOKEN => {}
+            QUOTED => form = HostForm::Quoted,
+            _ => return None,
+        }
+    }
+    (!host.is_empty()).then_some(form)
 }
+
+const NOT_HOST: u8 = 0;
+/// A host byte that is an RFC 9110 `tchar` too: letters, digits, `-`, `.`, `_`.
+const TOKEN: u8 = 1;
+/// A host byte that is not a `tchar` (`:` of a port, `[` and `]` of an IPv6 address):
+/// the host is quoted.
+const QUOTED: u8 = 2;
+static HOST_BYTES: [u8; 256] = {
+    let mut table = [NOT_HOST; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_') {
+            TOKEN
+        } else if matches!(b, b':' | b'[' | b']') {
+            QUOTED
+        } else {
+            NOT_HOST
+        };
+        byte += 1;
+    }
+    table
+};
 
 /// Adds `value` to a comma-separated list field (earlier proxies' entries first).
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) {
@@ -307,11 +321,20 @@ pub fn request_host_value(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue>
 
 /// The `Host` field for the upstream: the request's host for HTTP/1.1 (a client
 /// speaking HTTP/2 sends none; an absolute-form target's authority replaces the
-/// client's field), none for h2c, where the authority carries it.
-pub fn set_upstream_host(headers: &mut HeaderMap, host: Option<&HeaderValue>, protocol: Protocol) {
+/// client's field), none for h2c, where the authority carries it. `from_target`: the
+/// host is the request target's authority, not its `Host` field.
+pub fn set_upstream_host(
+    headers: &mut HeaderMap,
+    host: Option<&HeaderValue>,
+    from_target: bool,
+    protocol: Protocol,
+) {
     match protocol {
         Protocol::Http1 => {
-            if let Some(value) = host {
+            // Taken from the field, the host is already in place.
+            if let Some(value) = host
+                && (from_target || !headers.contains_key(HOST))
+            {
                 headers.insert(HOST, value.clone());
             }
         }
@@ -537,6 +560,16 @@ mod tests {
             Some(&HeaderValue::from_static("f.example")),
         );
         assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http;host=f.example");
+        for (host, form) in [
+            ("f.example", Some(HostForm::Token)),
+            ("f.example:8080", Some(HostForm::Quoted)),
+            ("[2001:db8::1]:80", Some(HostForm::Quoted)),
+            ("f example", None),
+            ("f\"example", None),
+            ("", None),
+        ] {
+            assert_eq!(forwarded_host_form(host.as_bytes()), form, "{host:?}");
+        }
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut h = HeaderMap::new();
         add_forwarded(
@@ -579,15 +612,15 @@ mod tests {
     fn the_host_field_goes_to_http1_replicas_only() {
         let host = HeaderValue::from_static("f.example:8080");
         let mut h = HeaderMap::new();
-        set_upstream_host(&mut h, Some(&host), Protocol::Http1);
+        set_upstream_host(&mut h, Some(&host), false, Protocol::Http1);
         assert_eq!(h[HOST], "f.example:8080");
         // The request's host is its target's authority when it has one: it replaces
         // the client's field.
         let mut h = headers(&[("host", "mine.example")]);
-        set_upstream_host(&mut h, Some(&host), Protocol::Http1);
+        set_upstream_host(&mut h, Some(&host), true, Protocol::Http1);
         assert_eq!(h[HOST], "f.example:8080");
         assert_eq!(h.get_all(HOST).iter().count(), 1);
-        set_upstream_host(&mut h, Some(&host), Protocol::H2c);
+        set_upstream_host(&mut h, Some(&host), true, Protocol::H2c);
         assert!(!h.contains_key(HOST));
     }
 }

@@ -586,7 +586,13 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
     let protocol = ticket.replica().upstream.protocol();
     headers::remove_hop_by_hop(request.headers_mut(), upgrade);
     headers::add_forwarded(request.headers_mut(), &client, host.as_ref());
-    headers::set_upstream_host(request.headers_mut(), host.as_ref(), protocol);
+    let host_from_target = request.uri().authority().is_some();
+    headers::set_upstream_host(
+        request.headers_mut(),
+        host.as_ref(),
+        host_from_target,
+        protocol,
+    );
     if let Some(target) = headers::upstream_target(request.uri(), host.as_ref(), protocol) {
         *request.uri_mut() = target;
     }
