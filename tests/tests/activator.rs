@@ -588,6 +588,17 @@ spec:
     });
 }
 
+/// Whether `answer` is the test replica's 200 to an upload of `body`: its length and
+/// hash.
+fn answers_upload_of(answer: &str, body: &[u8]) -> bool {
+    let expected = format!(
+        "{} {:016x}",
+        body.len(),
+        blink_tests::fnv1a(blink_tests::FNV_START, body)
+    );
+    answer.starts_with("HTTP/1.1 200") && answer.contains(&expected)
+}
+
 /// POSTs `body` with `Expect: 100-continue`, sending it only once the activator has
 /// answered `100 Continue` and a moment more (so that the replica's own `100 Continue`
 /// has reached the activator first); returns the final answer, past the interim one.
@@ -768,24 +779,17 @@ spec:
             "POST /upload HTTP/1.1\r\nHost: shared.example\r\nTransfer-Encoding: chunked\r\n\r\n";
         let whole = format!("{head}5\r\nhello\r\n11;ext=1\r\n world, and more!\r\n0\r\n\r\n");
         let answer = raw(&addr, whole.as_bytes(), Duration::from_secs(10)).await?;
-        let expected = format!(
-            "22 {:016x}",
-            blink_tests::fnv1a(blink_tests::FNV_START, b"hello world, and more!")
-        );
         ensure!(
-            answer.starts_with("HTTP/1.1 200") && answer.contains(&expected),
+            answers_upload_of(&answer, b"hello world, and more!"),
             "chunked upload: {answer}"
         );
         // A client that waits for `100 Continue` before its body, to a replica that
         // sends its own as soon as it reads the head: the replica's interim answer
         // must not end the upload, which would leave the request hanging.
-        let answer = upload_after_continue(&addr, "shared.example", b"a body sent late").await?;
-        let expected = format!(
-            "16 {:016x}",
-            blink_tests::fnv1a(blink_tests::FNV_START, b"a body sent late")
-        );
+        let late = b"a body sent late";
+        let answer = upload_after_continue(&addr, "shared.example", late).await?;
         ensure!(
-            answer.starts_with("HTTP/1.1 200") && answer.contains(&expected),
+            answers_upload_of(&answer, late),
             "upload after 100 Continue: {answer}"
         );
         let broken = format!("{head}5\r\nhello\r\nzz\r\n");
