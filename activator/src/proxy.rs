@@ -219,14 +219,18 @@ where
 /// (the activator is no forward proxy, and a tunnel's framing is not a response's), and
 /// a body in a transfer coding other than chunked (it goes to the replica framed anew,
 /// which would lose the coding).
-fn unservable<B>(request: &Request<B>) -> Option<ProxyResponse> {
+fn unservable<B: Body>(request: &Request<B>) -> Option<ProxyResponse> {
     if request.method() == Method::CONNECT {
         return Some(answer(
             StatusCode::NOT_IMPLEMENTED,
             "CONNECT is not served: this is a reverse proxy for functions",
         ));
     }
-    if !request.headers().contains_key(header::TRANSFER_ENCODING) {
+    // A body of known length (none, or `Content-Length`) was not sent chunked: no
+    // look-up for the field then, on the path of nearly every request.
+    if request.body().size_hint().exact().is_some()
+        || !request.headers().contains_key(header::TRANSFER_ENCODING)
+    {
         return None;
     }
     Some(match headers::transfer_coding_problem(request.headers())? {
