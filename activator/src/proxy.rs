@@ -1,7 +1,10 @@
 //! The request path, as tower layers, outermost first:
 //!
 //! 1. [`Route`] — Host (and path) → function, from the routing table; an unknown or
-//!    ambiguous host is answered 404 with a body that says which.
+//!    ambiguous host is answered 404 with a body that says which. Before it, what no
+//!    function could be sent as it is: no host or two `Host` fields, userinfo in the
+//!    target, a body chunked twice (400); `CONNECT`, a transfer coding besides chunked
+//!    (501).
 //! 2. [`Observe`] — counts the answer by code and times it, per function.
 //! 3. [`Hold`] — admission: a replica with room at once, or a place in the function's
 //!    queue until one is ready (the scaler is poked when none is), or the precise
