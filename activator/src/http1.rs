@@ -1575,12 +1575,12 @@ mod tests {
         let connection = connect(addr).await;
         // The body comes later than the interim answer, as it does from a client that
         // waited for its own `100 Continue`.
-        let (parts, frames) = futures::channel::mpsc::unbounded();
+        let (send_frame, frames) = futures::channel::mpsc::unbounded();
         tokio::spawn(async move {
             for _ in 0..2 {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 let frame = Frame::data(Bytes::from_static(b"part"));
-                let _ = parts.unbounded_send(Ok::<_, std::convert::Infallible>(frame));
+                let _ = send_frame.unbounded_send(Ok::<_, std::convert::Infallible>(frame));
             }
         });
         let body = StreamBody::new(frames);
