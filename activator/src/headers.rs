@@ -29,8 +29,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     list_has(headers, CONNECTION, token)
 }
 
-/// Whether a list field names `token`, in any of its fields.
-fn list_has(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// Whether a list field (`Connection`, `TE`) names `token`, in any of its fields.
+pub fn list_has(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|value| {
         value.to_str().is_ok_and(|v| {
             v.split(',').any(|t| {
@@ -42,34 +42,35 @@ fn list_has(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// What is wrong with a request's transfer codings, for a proxy that passes its body
-/// on chunked anew (or with its length): hyper's server has already refused one whose
-/// last coding is not chunked, and takes one layer of chunks off.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CodingProblem {
-    /// A coding besides chunked (`gzip` of `gzip, chunked`): it would be lost, and the
-    /// replica would take its bytes as plain.
-    Unsupported(String),
-    /// Chunked twice (RFC 9112 §6.1 forbids it): the replica would get the inner
-    /// chunks' framing as body bytes.
-    ChunkedTwice,
+/// A message's transfer codings (`Transfer-Encoding`, RFC 9112 §6.1), as a proxy that
+/// reads chunked and nothing else sees them. `identity`, no coding at all, which older
+/// servers still send, counts as none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferCodings {
+    /// How many times chunked is named: once is how a body of unknown length is
+    /// framed; twice is malformed.
+    pub chunked: usize,
+    /// The first coding besides chunked (`gzip` of `gzip, chunked`), which would be
+    /// lost once the chunks are taken off: the body would go on as plain bytes.
+    pub other: Option<String>,
 }
 
-pub fn transfer_coding_problem(headers: &HeaderMap) -> Option<CodingProblem> {
-    let mut chunked = 0;
-    let codings = headers
+pub fn transfer_codings(headers: &HeaderMap) -> TransferCodings {
+    let mut codings = TransferCodings::default();
+    let named = headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("?").split(','))
         .map(str::trim)
-        .filter(|coding| !coding.is_empty());
-    for coding in codings {
-        if !coding.eq_ignore_ascii_case("chunked") {
-            return Some(CodingProblem::Unsupported(coding.to_owned()));
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
+    for coding in named {
+        if coding.eq_ignore_ascii_case("chunked") {
+            codings.chunked += 1;
+        } else if codings.other.is_none() {
+            codings.other = Some(coding.to_owned());
         }
-        chunked += 1;
     }
-    (chunked > 1).then_some(CodingProblem::ChunkedTwice)
+    codings
 }
 
 /// Drops the fields that belong to one connection: `Connection` and every field it
@@ -280,17 +281,20 @@ pub fn detach_from_read_buffer<B>(request: &mut http::Request<B>) {
     }
 }
 
-/// Why a request names no one host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a request names no one host; the message is the 400's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NoHost {
     /// No authority in its target and no (readable) `Host` field.
+    #[error("the request names no host (no Host field or authority)")]
     Missing,
     /// More than one `Host` field (RFC 9112 §3.2: answered 400). Routed by one and
     /// read by the replica by another, it would reach a function that did not ask
     /// for it.
+    #[error("the request has more than one Host field")]
     Repeated,
     /// The target's authority carries userinfo (`user:pass@host`), which RFC 9110
     /// §4.2.4 has a recipient treat as an error: it mostly hides the real host.
+    #[error("the request target's authority carries userinfo (user@host)")]
     Userinfo,
 }
 
@@ -455,33 +459,33 @@ mod tests {
     }
 
     #[test]
-    fn transfer_coding_problems_are_found() {
-        let unsupported = |coding: &str| Some(CodingProblem::Unsupported(coding.to_owned()));
-        for (fields, problem) in [
-            (&[("transfer-encoding", "chunked")][..], None),
-            (&[("transfer-encoding", " Chunked ")], None),
+    fn transfer_codings_are_counted_and_others_named() {
+        let codings = |chunked, other: Option<&str>| TransferCodings {
+            chunked,
+            other: other.map(str::to_owned),
+        };
+        for (fields, expected) in [
+            (&[("transfer-encoding", "chunked")][..], codings(1, None)),
+            (&[("transfer-encoding", " Chunked ")], codings(1, None)),
+            (&[("transfer-encoding", "identity")], codings(0, None)),
             (
                 &[("transfer-encoding", "gzip, chunked")],
-                unsupported("gzip"),
+                codings(1, Some("gzip")),
             ),
             (
                 &[
                     ("transfer-encoding", "gzip"),
                     ("transfer-encoding", "chunked"),
                 ],
-                unsupported("gzip"),
+                codings(1, Some("gzip")),
             ),
             (
                 &[("transfer-encoding", "chunked, chunked")],
-                Some(CodingProblem::ChunkedTwice),
+                codings(2, None),
             ),
-            (&[], None),
+            (&[], codings(0, None)),
         ] {
-            assert_eq!(
-                transfer_coding_problem(&headers(fields)),
-                problem,
-                "{fields:?}"
-            );
+            assert_eq!(transfer_codings(&headers(fields)), expected, "{fields:?}");
         }
     }
 

@@ -33,6 +33,8 @@ use tokio::{
     sync::OwnedSemaphorePermit,
 };
 
+use crate::headers;
+
 /// The most header fields a response (or its trailers) may have.
 const MAX_HEADERS: usize = 100;
 /// The largest response head accepted.
@@ -211,12 +213,7 @@ impl Http1Connection {
         }
         let mut head = loop {
             match self.read_head().await {
-                Ok(head)
-                    if head.status.is_informational()
-                        && head.status != StatusCode::SWITCHING_PROTOCOLS =>
-                {
-                    continue;
-                }
+                Ok(head) if is_interim(head.status.as_u16()) => continue,
                 Ok(head) => break head,
                 // A reused connection the replica closed as the request went out,
                 // mostly one it had timed out as idle. It may have read the request
@@ -267,7 +264,8 @@ impl Http1Connection {
         // Both framings at once is how responses are smuggled: this one is read by
         // its `Transfer-Encoding`, and the connection goes no further.
         let both_framings = fields.transfer_encoding && fields.content_length;
-        let replica_closes = fields.connection && has_token(&head.headers, CONNECTION, "close");
+        let replica_closes =
+            fields.connection && headers::list_has(&head.headers, CONNECTION, "close");
         keep_alive &= head.version == Version::HTTP_11
             && !replica_closes
             && !matches!(framing, Framing::UntilClose)
@@ -413,6 +411,12 @@ async fn answered_early(io: &TcpStream, read: &mut BytesMut) -> io::Result<usize
     }
 }
 
+/// An interim answer, which a final one follows: 1xx, but `101 Switching Protocols`,
+/// after which the connection is no longer HTTP.
+fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
+}
+
 /// What a replica has sent while the request body still goes out.
 #[derive(Debug, PartialEq, Eq)]
 enum Early {
@@ -441,9 +445,7 @@ fn only_interim_answers(read: &mut BytesMut) -> Early {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut head = httparse::Response::new(&mut fields);
         let parsed = head.parse(read);
-        let interim = head
-            .code
-            .is_some_and(|code| (100..200).contains(&code) && code != 101);
+        let interim = head.code.is_some_and(is_interim);
         match parsed {
             Ok(httparse::Status::Complete(length)) if interim => read.advance(length),
             Ok(httparse::Status::Partial) if interim || head.code.is_none() => {
@@ -594,15 +596,6 @@ fn header_name(raw: &[u8], names: &mut RememberedNames) -> Result<HeaderName, Er
     Ok(name)
 }
 
-/// Whether a list field (`Connection`, `Transfer-Encoding`) names `token`.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
 /// How the response's body is delimited (RFC 9112 §6.3).
 #[derive(Debug)]
 enum Framing {
@@ -655,23 +648,11 @@ fn response_framing(
         // Chunked is the one coding read here. Any other (`gzip, chunked`) would reach
         // the client decoded of its chunks only, and unlabelled, since the field is
         // the connection's: refused rather than passed on altered.
-        let codings = head
-            .headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-            .map(str::trim)
-            .filter(|coding| !coding.is_empty());
-        let mut chunked = 0;
-        for coding in codings {
-            if coding.eq_ignore_ascii_case("chunked") {
-                chunked += 1;
-            } else if !coding.eq_ignore_ascii_case("identity") {
-                // `identity`, no coding at all, is what older servers still send.
-                return Err(Error::UnsupportedCoding(coding.to_owned()));
-            }
+        let codings = headers::transfer_codings(&head.headers);
+        if let Some(coding) = codings.other {
+            return Err(Error::UnsupportedCoding(coding));
         }
-        return match chunked {
+        return match codings.chunked {
             0 => Ok(Framing::UntilClose),
             1 => Ok(Framing::Chunked(ChunkedDecoder::default())),
             _ => Err(Error::Malformed("chunked more than once")),

@@ -40,7 +40,7 @@ use tracing::warn;
 
 use crate::{
     function::{Admission, Function, Refusal, Ticket},
-    headers::{self, CodingProblem, NoHost},
+    headers,
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
@@ -185,22 +185,10 @@ where
         }
         let host = match headers::request_host(request.uri(), request.headers()) {
             Ok(host) => host,
-            Err(NoHost::Missing) => {
+            Err(no_host) => {
                 return Either::Left(ready_now(answer(
                     StatusCode::BAD_REQUEST,
-                    "the request names no host (no Host field or authority)",
-                )));
-            }
-            Err(NoHost::Repeated) => {
-                return Either::Left(ready_now(answer(
-                    StatusCode::BAD_REQUEST,
-                    "the request has more than one Host field",
-                )));
-            }
-            Err(NoHost::Userinfo) => {
-                return Either::Left(ready_now(answer(
-                    StatusCode::BAD_REQUEST,
-                    "the request target's authority carries userinfo (user@host)",
+                    no_host.to_string(),
                 )));
             }
         };
@@ -236,15 +224,20 @@ fn unservable<B: Body>(request: &Request<B>) -> Option<ProxyResponse> {
     {
         return None;
     }
-    Some(match headers::transfer_coding_problem(request.headers())? {
-        CodingProblem::Unsupported(coding) => answer(
+    // hyper's server has refused a body whose last coding is not chunked and takes
+    // one layer of chunks off; the body goes to the replica framed anew.
+    let codings = headers::transfer_codings(request.headers());
+    if let Some(coding) = codings.other {
+        return Some(answer(
             StatusCode::NOT_IMPLEMENTED,
             format!("transfer coding {coding:?} is not supported; only chunked is"),
-        ),
-        CodingProblem::ChunkedTwice => answer(
+        ));
+    }
+    (codings.chunked > 1).then(|| {
+        answer(
             StatusCode::BAD_REQUEST,
             "the body is chunked twice (Transfer-Encoding names chunked more than once)",
-        ),
+        )
     })
 }
 
