@@ -57,6 +57,11 @@ pub struct Config {
     #[arg(long, env = "BLINK_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub wait_timeout: Duration,
 
+    /// How long a replica has, once it has the whole request, to begin its answer (a
+    /// function's `responseTimeout` overrides it): then 504.
+    #[arg(long, env = "BLINK_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub response_timeout: Duration,
+
     /// Requests held per function (a function's `queueLimit` overrides it): then 503.
     #[arg(long, env = "BLINK_QUEUE_LIMIT", default_value_t = 10_000)]
     pub queue_limit: usize,

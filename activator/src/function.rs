@@ -40,6 +40,8 @@ pub struct Settings {
     /// This activator's share of `containerConcurrency` per replica.
     pub replica_limit: Option<usize>,
     pub wait_timeout: Duration,
+    /// How long a replica has, once it has the whole request, to begin its answer.
+    pub response_timeout: Duration,
     pub bounds: QueueBounds,
     pub pool: PoolConfigEq,
 }
@@ -121,6 +123,9 @@ pub enum Refusal {
 pub struct Ticket {
     replica: Arc<Replica>,
     function: Arc<Function>,
+    /// The function's `responseTimeout` when the slot was taken: read here, under the
+    /// lock already held, rather than under the lock once more on the way out.
+    response_timeout: Duration,
 }
 
 impl Ticket {
@@ -130,6 +135,10 @@ impl Ticket {
 
     pub fn function(&self) -> &Arc<Function> {
         &self.function
+    }
+
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
     }
 }
 
@@ -378,6 +387,7 @@ impl Function {
         Some(Ticket {
             replica,
             function: self.clone(),
+            response_timeout: state.settings.response_timeout,
         })
     }
 
@@ -548,6 +558,7 @@ mod tests {
             protocol: Protocol::Http1,
             replica_limit: limit,
             wait_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
             bounds: QueueBounds {
                 max_requests,
                 max_body_bytes: 1 << 20,

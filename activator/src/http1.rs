@@ -17,6 +17,7 @@ use std::{
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -31,6 +32,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     sync::OwnedSemaphorePermit,
+    time::{Instant, Sleep},
 };
 
 use crate::headers;
@@ -70,6 +72,8 @@ pub enum Error {
     HeadTooLarge,
     #[error("reading the request body from the client: {0}")]
     ClientBody(BoxError),
+    #[error("the replica did not begin its answer within {0:?} of having the whole request")]
+    NoAnswerInTime(Duration),
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -121,6 +125,10 @@ pub struct Http1Connection {
     /// The request head being written: one allocation for the connection's life
     /// instead of one per request.
     head: Vec<u8>,
+    /// Bounds the wait for each answer. One timer for the connection's life: moving a
+    /// deadline later is one atomic operation in tokio's timer, where a new timer per
+    /// request would take the timer wheel's lock to add it and again to remove it.
+    answer_timer: Option<Pin<Box<Sleep>>>,
     place: Place,
 }
 
@@ -148,6 +156,7 @@ impl Http1Connection {
             reused: false,
             names: RememberedNames::new(),
             head: Vec::new(),
+            answer_timer: None,
             place: Place {
                 _permit: permit,
                 open,
@@ -170,8 +179,14 @@ impl Http1Connection {
     }
 
     /// Sends `request` (its head already in the form the replica gets) and reads the
-    /// response's head.
-    pub async fn send<B>(mut self, mut request: Request<B>) -> Result<Answer, SendError<B>>
+    /// response's head, which must begin within `response_timeout` of the whole
+    /// request having gone out (like Go's `ResponseHeaderTimeout`): a long upload does
+    /// not count against it.
+    pub async fn send<B>(
+        mut self,
+        mut request: Request<B>,
+        response_timeout: Duration,
+    ) -> Result<Answer, SendError<B>>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -211,25 +226,22 @@ impl Http1Connection {
                 }
             }
         }
-        let mut head = loop {
-            match self.read_head().await {
-                Ok(head) if is_interim(head.status.as_u16()) => continue,
-                Ok(head) => break head,
-                // A reused connection the replica closed as the request went out,
-                // mostly one it had timed out as idle. It may have read the request
-                // before closing, so only one without a body and of an idempotent
-                // method goes again (RFC 9110 §9.2.2), whose repeat is harmless.
-                Err(Error::ClosedBeforeResponse)
-                    if self.reused && body_empty && request.method().is_idempotent() =>
-                {
-                    return Err(self.give_back(request, Error::ClosedBeforeResponse));
-                }
-                Err(error) => {
-                    return Err(SendError {
-                        unsent: None,
-                        error,
-                    });
-                }
+        let mut head = match self.read_final_head_within(response_timeout).await {
+            Ok(head) => head,
+            // A reused connection the replica closed as the request went out,
+            // mostly one it had timed out as idle. It may have read the request
+            // before closing, so only one without a body and of an idempotent
+            // method goes again (RFC 9110 §9.2.2), whose repeat is harmless.
+            Err(Error::ClosedBeforeResponse)
+                if self.reused && body_empty && request.method().is_idempotent() =>
+            {
+                return Err(self.give_back(request, Error::ClosedBeforeResponse));
+            }
+            Err(error) => {
+                return Err(SendError {
+                    unsent: None,
+                    error,
+                });
             }
         };
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -345,6 +357,38 @@ impl Http1Connection {
                         return Ok(BodySent::Whole);
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads until a final (not interim) response head is parsed, for at most
+    /// `timeout`.
+    async fn read_final_head_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<response::Parts, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut timer = match self.answer_timer.take() {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let head = tokio::select! {
+            biased;
+            head = self.read_final_head() => head,
+            () = &mut timer => Err(Error::NoAnswerInTime(timeout)),
+        };
+        self.answer_timer = Some(timer);
+        head
+    }
+
+    async fn read_final_head(&mut self) -> Result<response::Parts, Error> {
+        loop {
+            let head = self.read_head().await?;
+            if !is_interim(head.status.as_u16()) {
+                return Ok(head);
             }
         }
     }
@@ -1275,6 +1319,9 @@ mod tests {
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use tokio::net::TcpListener;
 
+    /// The replica's time to begin an answer, where the test is not about it.
+    const ANSWER_DUE: std::time::Duration = std::time::Duration::from_secs(5);
+
     /// When the scripted replica answers: once it has a request's head, or its whole
     /// chunked body too.
     #[derive(Clone, Copy)]
@@ -1383,12 +1430,22 @@ mod tests {
             (After::Head, b"HTTP/1.1 204 No Content\r\n\r\n"),
         ])
         .await;
-        let (_, body) = response(connection.send(get("/a")).await.expect("answer"));
+        let (_, body) = response(
+            connection
+                .send(get("/a"), ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         let (data, trailers, reusable) = read_body(body).await;
         assert_eq!(data, b"hello world");
         assert_eq!(trailers["digest"], "d");
         let connection = reusable.expect("kept for reuse").reused();
-        let (parts, mut body) = response(connection.send(get("/b")).await.expect("second answer"));
+        let (parts, mut body) = response(
+            connection
+                .send(get("/b"), ANSWER_DUE)
+                .await
+                .expect("second answer"),
+        );
         assert_eq!(parts.status, StatusCode::NO_CONTENT);
         assert_eq!(body.take_whole().expect("no body"), Bytes::new());
         drop(body);
@@ -1406,7 +1463,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         )])
         .await;
-        let (parts, body) = response(connection.send(get("/")).await.expect("answer"));
+        let (parts, body) = response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
         assert!(
             !parts.headers.contains_key(CONTENT_LENGTH),
             "the replica's length is not the body's"
@@ -1424,7 +1481,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, Close\r\n\r\nok",
         )])
         .await;
-        let (_, mut body) = response(connection.send(get("/")).await.expect("answer"));
+        let (_, mut body) = response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
         assert_eq!(body.take_whole().expect("whole"), Bytes::from_static(b"ok"));
         assert!(body.into_reusable().is_none());
         drop(served);
@@ -1440,14 +1497,15 @@ mod tests {
             (After::Head, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
         ])
         .await;
-        let (parts, mut body) = response(connection.send(get("/")).await.expect("answer"));
+        let (parts, mut body) =
+            response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(body.take_whole().expect("whole"), Bytes::from_static(b"ok"));
         let connection = body.into_reusable().expect("kept").reused();
         let head = Request::head("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let (parts, mut body) = response(connection.send(head).await.expect("answer"));
+        let (parts, mut body) = response(connection.send(head, ANSWER_DUE).await.expect("answer"));
         assert_eq!(parts.headers[CONTENT_LENGTH], "5");
         assert_eq!(body.take_whole().expect("none"), Bytes::new());
         assert!(body.into_reusable().is_some(), "nothing was left to read");
@@ -1468,7 +1526,7 @@ mod tests {
             // Dropped: the close ends the body.
         });
         let connection = connect(addr).await;
-        let (_, body) = response(connection.send(get("/")).await.expect("answer"));
+        let (_, body) = response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
         let (data, _, reusable) = read_body(body).await;
         assert_eq!(data, b"all of it");
         assert!(reusable.is_none());
@@ -1491,7 +1549,7 @@ mod tests {
         ];
         let body = StreamBody::new(futures::stream::iter(frames));
         let request = Request::post("/up").body(body).expect("request");
-        let (parts, body) = response(connection.send(request).await.expect("answer"));
+        let (parts, body) = response(connection.send(request, ANSWER_DUE).await.expect("answer"));
         assert_eq!(parts.status, StatusCode::OK);
         assert!(body.into_reusable().is_some(), "the whole body went out");
         let seen = served.await.expect("replica");
@@ -1513,10 +1571,12 @@ mod tests {
             Result<Frame<Bytes>, std::convert::Infallible>,
         >());
         let request = Request::post("/up").body(body).expect("request");
-        let answer =
-            tokio::time::timeout(std::time::Duration::from_secs(5), connection.send(request))
-                .await
-                .expect("the early answer ends the send");
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            connection.send(request, ANSWER_DUE),
+        )
+        .await
+        .expect("the early answer ends the send");
         let (parts, mut body) = response(answer.expect("answer"));
         assert_eq!(parts.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
@@ -1569,10 +1629,12 @@ mod tests {
             .header("expect", "100-continue")
             .body(body)
             .expect("request");
-        let answer =
-            tokio::time::timeout(std::time::Duration::from_secs(5), connection.send(request))
-                .await
-                .expect("answered once the whole body is sent");
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            connection.send(request, ANSWER_DUE),
+        )
+        .await
+        .expect("answered once the whole body is sent");
         let (parts, body) = response(answer.expect("answer"));
         assert_eq!(parts.status, StatusCode::OK);
         let (data, _, reusable) = read_body(body).await;
@@ -1583,6 +1645,106 @@ mod tests {
             served.await.expect("replica"),
             "POST /up HTTP/1.1\r\nexpect: 100-continue\r\ntransfer-encoding: chunked\r\n\r\n4\r\npart\r\n4\r\npart\r\n0\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_does_not_begin_its_answer_in_time_is_given_up() {
+        // The replica reads the request and never answers.
+        let (connection, served) = replica(vec![(After::Head, b"")]).await;
+        let due = Duration::from_millis(200);
+        let failed = tokio::time::timeout(Duration::from_secs(5), connection.send(get("/"), due))
+            .await
+            .expect("the wait for the answer is bounded")
+            .expect_err("no answer");
+        assert!(
+            matches!(failed.error, Error::NoAnswerInTime(t) if t == due),
+            "{:?}",
+            failed.error
+        );
+        assert!(
+            failed.unsent.is_none(),
+            "the replica has the request, so it must not go again"
+        );
+        let seen = served.await.expect("replica");
+        assert!(seen.starts_with("GET / HTTP/1.1"), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn the_time_to_answer_runs_from_the_end_of_the_body() {
+        // The body takes longer to arrive than the replica has to answer; the replica
+        // answers as soon as the whole body is in.
+        let (connection, served) = replica(vec![(
+            After::Body,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        )])
+        .await;
+        let (send_frame, frames) = futures::channel::mpsc::unbounded();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let frame = Frame::data(Bytes::from_static(b"part"));
+                let _ = send_frame.unbounded_send(Ok::<_, std::convert::Infallible>(frame));
+            }
+        });
+        let request = Request::post("/up")
+            .body(StreamBody::new(frames))
+            .expect("request");
+        let answer = connection
+            .send(request, Duration::from_millis(500))
+            .await
+            .expect("answered once the body was in");
+        let (parts, mut body) = response(answer);
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(body.take_whole(), Some(Bytes::from_static(b"ok")));
+        drop(body);
+        let seen = served.await.expect("replica");
+        assert!(seen.ends_with("4\r\npart\r\n0\r\n\r\n"), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn each_answer_on_a_kept_connection_has_its_own_deadline() {
+        // The replica answers the first request at once, the second after 300 ms and
+        // the third after 100 ms.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let (mut seen, mut buffer) = (String::new(), [0u8; 4096]);
+            for pause in [0, 300, 100] {
+                while !seen.contains("\r\n\r\n") {
+                    let n = stream.read(&mut buffer).await.expect("read");
+                    assert!(n > 0, "closed early");
+                    seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+                }
+                seen.clear();
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                stream.write_all(reply).await.expect("write");
+            }
+        });
+        let due = Duration::from_millis(400);
+        let (_, mut body) = response(
+            connect(addr)
+                .await
+                .send(get("/first"), due)
+                .await
+                .expect("first answer"),
+        );
+        assert!(body.take_whole().is_some());
+        let connection = body.into_reusable().expect("kept");
+        // Sent 200 ms after the first, the second is answered after the first's
+        // deadline has passed and before its own.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = connection.send(get("/second"), due).await;
+        let (parts, mut body) = response(answer.expect("second answer, within its own time"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert!(body.take_whole().is_some());
+        // Idle until the second's deadline has fired: the third's time starts afresh.
+        let connection = body.into_reusable().expect("kept");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let answer = connection.send(get("/third"), due).await;
+        let (parts, _) = response(answer.expect("third answer, within its own time"));
+        assert_eq!(parts.status, StatusCode::OK);
     }
 
     #[test]
@@ -1638,7 +1800,11 @@ mod tests {
     async fn given_back(request: Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
         let (connection, served) = replica(vec![]).await;
         let _ = served.await;
-        let failed = connection.reused().send(request).await.expect_err("closed");
+        let failed = connection
+            .reused()
+            .send(request, ANSWER_DUE)
+            .await
+            .expect_err("closed");
         failed.unsent.expect("given back")
     }
 
@@ -1646,7 +1812,7 @@ mod tests {
     async fn sent_again(unsent: Request<Empty<Bytes>>) -> String {
         let (connection, served) =
             replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
-        let (parts, body) = response(connection.send(unsent).await.expect("answer"));
+        let (parts, body) = response(connection.send(unsent, ANSWER_DUE).await.expect("answer"));
         assert_eq!(parts.status, StatusCode::NO_CONTENT);
         drop(body);
         served.await.expect("replica")
@@ -1664,7 +1830,7 @@ mod tests {
         accepted.set_zero_linger().expect("linger");
         drop(accepted);
         io.readable().await.expect("the reset arrives");
-        let failed = over(io).send(unsent).await.expect_err("reset");
+        let failed = over(io).send(unsent, ANSWER_DUE).await.expect_err("reset");
         assert!(matches!(failed.error, Error::Io(_)), "{:?}", failed.error);
         let unsent = failed.unsent.expect("given back again");
         assert_eq!(
@@ -1691,7 +1857,11 @@ mod tests {
         let post = Request::post("/once")
             .body(Full::new(Bytes::from_static(b"x")))
             .expect("request");
-        let failed = connection.reused().send(post).await.expect_err("closed");
+        let failed = connection
+            .reused()
+            .send(post, ANSWER_DUE)
+            .await
+            .expect_err("closed");
         assert!(
             failed.unsent.is_none(),
             "a request with a body may have been read"
@@ -1699,7 +1869,10 @@ mod tests {
 
         let (connection, served) = replica(vec![]).await;
         let _ = served.await;
-        let failed = connection.send(get("/fresh")).await.expect_err("closed");
+        let failed = connection
+            .send(get("/fresh"), ANSWER_DUE)
+            .await
+            .expect_err("closed");
         assert!(
             failed.unsent.is_none(),
             "a new connection closed without an answer is the replica's failure"

@@ -121,6 +121,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     let registry = Arc::new(registry::Registry::new(
         registry::Defaults {
             wait_timeout: config.wait_timeout,
+            response_timeout: config.response_timeout,
             bounds: hold::QueueBounds {
                 max_requests: config.queue_limit,
                 max_body_bytes: config.queue_bytes,

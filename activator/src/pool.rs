@@ -13,21 +13,81 @@
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     net::TcpStream,
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot},
 };
 
 pub use crate::http1::Http1Connection;
 
-/// The body of a request as the activator forwards it: the client's, streamed.
-pub type UpstreamBody = Incoming;
+/// The body of a request as the activator forwards it over h2c: the client's,
+/// streamed, telling when the connection has taken all of it. The replica's time to
+/// begin its answer runs from then, as it does over HTTP/1.1 (see
+/// [`Http1Connection::send`]).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    /// Dropped once the body's last frame has been taken (or the body is dropped).
+    all_taken: Option<oneshot::Sender<()>>,
+}
+
+impl UpstreamBody {
+    /// `body`, and what resolves once all of it has been taken; `None` for a body
+    /// that is empty from the start.
+    pub fn watched(body: Incoming) -> (Self, Option<oneshot::Receiver<()>>) {
+        if body.is_end_stream() {
+            let body = Self {
+                inner: body,
+                all_taken: None,
+            };
+            return (body, None);
+        }
+        let (all_taken, taken) = oneshot::channel();
+        let body = Self {
+            inner: body,
+            all_taken: Some(all_taken),
+        };
+        (body, Some(taken))
+    }
+
+    pub fn into_inner(self) -> Incoming {
+        self.inner
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.all_taken = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// How the activator speaks to a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

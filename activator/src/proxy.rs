@@ -27,7 +27,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -608,7 +608,7 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
     // back unsent, and one more connection is tried.
     for attempt in 0..2 {
         let (unsent, error) = match connection {
-            Connection::Http1(c) => match c.send(request).await {
+            Connection::Http1(c) => match c.send(request, ticket.response_timeout()).await {
                 Ok(answer) => {
                     return Ok(respond_http1(
                         answer,
@@ -618,6 +618,10 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
                         &metrics,
                     ));
                 }
+                Err(http1::SendError {
+                    error: http1::Error::NoAnswerInTime(timeout),
+                    ..
+                }) => return Ok(no_answer_in_time(&ticket, timeout, &metrics)),
                 Err(http1::SendError {
                     error: http1::Error::ClientBody(e),
                     ..
@@ -632,18 +636,23 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
             },
             // Boxed: inline, the h2c exchange's state would make every request's
             // future larger (and each move of it longer), HTTP/1.1 ones included.
-            Connection::H2(sender) => match Box::pin(send_h2(sender, request)).await {
-                Ok(response) => {
-                    return Ok(respond_h2(
-                        response,
-                        ticket,
-                        client_upgrade,
-                        upgrade,
-                        &metrics,
-                    ));
+            Connection::H2(sender) => {
+                match Box::pin(send_h2(sender, request, ticket.response_timeout())).await {
+                    Ok(response) => {
+                        return Ok(respond_h2(
+                            response,
+                            ticket,
+                            client_upgrade,
+                            upgrade,
+                            &metrics,
+                        ));
+                    }
+                    Err(H2Failure::NoAnswerInTime(timeout)) => {
+                        return Ok(no_answer_in_time(&ticket, timeout, &metrics));
+                    }
+                    Err(H2Failure::Failed(unsent, error)) => (unsent, error),
                 }
-                Err(failed) => failed,
-            },
+            }
         };
         let key = ticket.function().key().clone();
         let addr = ticket.replica().addr();
@@ -680,19 +689,60 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
     ))
 }
 
-/// Sends `request` over an h2c connection; on failure, the request when it was not
-/// sent, and why.
+/// 504: the replica had the whole request and did not begin its answer in time. The
+/// request is not sent again: the replica may be acting on it.
+fn no_answer_in_time(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> ProxyResponse {
+    let key = ticket.function().key();
+    let addr = ticket.replica().addr();
+    metrics.proxy_error("response_timeout");
+    warn!(function = %key, replica = %addr, ?timeout, "a replica did not begin its answer in time");
+    answer(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "replica {addr} of {key} did not begin its answer within {}s of having the whole request",
+            timeout.as_secs_f64()
+        ),
+    )
+}
+
+/// Why an h2c exchange failed. Returned once, on a rare path: its size costs nothing
+/// where it matters, and boxing the request would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum H2Failure {
+    /// The request when it was not sent, and why.
+    Failed(Option<Request<Incoming>>, String),
+    /// The replica took the whole request and did not begin its answer within this.
+    NoAnswerInTime(Duration),
+}
+
+/// Sends `request` over an h2c connection; the replica has `response_timeout` from
+/// when the connection has taken the whole request to begin its answer.
 async fn send_h2(
     mut sender: hyper::client::conn::http2::SendRequest<UpstreamBody>,
-    request: Request<UpstreamBody>,
-) -> Result<Response<Incoming>, (Option<Request<UpstreamBody>>, String)> {
+    request: Request<Incoming>,
+    response_timeout: Duration,
+) -> Result<Response<Incoming>, H2Failure> {
     if let Err(e) = sender.ready().await {
-        return Err((Some(request), e.to_string()));
+        return Err(H2Failure::Failed(Some(request), e.to_string()));
     }
-    sender
-        .try_send_request(request)
-        .await
-        .map_err(|mut e| (e.take_message(), e.into_error().to_string()))
+    let (parts, body) = request.into_parts();
+    let (body, taken) = UpstreamBody::watched(body);
+    let response = sender.try_send_request(Request::from_parts(parts, body));
+    let answer_due = async {
+        if let Some(taken) = taken {
+            // Sent or dropped, the body is over either way.
+            let _ = taken.await;
+        }
+        tokio::time::sleep(response_timeout).await;
+    };
+    tokio::select! {
+        biased;
+        response = response => response.map_err(|mut e| {
+            let unsent = e.take_message().map(|r| r.map(UpstreamBody::into_inner));
+            H2Failure::Failed(unsent, e.into_error().to_string())
+        }),
+        () = answer_due => Err(H2Failure::NoAnswerInTime(response_timeout)),
+    }
 }
 
 /// A replica's answer over HTTP/1.1. A body that came whole with the head frees the

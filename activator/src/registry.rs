@@ -35,6 +35,7 @@ use crate::{
 #[derive(Debug, Clone, Copy)]
 pub struct Defaults {
     pub wait_timeout: Duration,
+    pub response_timeout: Duration,
     pub bounds: QueueBounds,
     pub pool: PoolConfigEq,
 }
@@ -278,6 +279,9 @@ impl Registry {
             protocol,
             replica_limit: balance::share_of_limit(route.container_concurrency, activators),
             wait_timeout: route.wait_timeout.unwrap_or(self.defaults.wait_timeout),
+            response_timeout: route
+                .response_timeout
+                .unwrap_or(self.defaults.response_timeout),
             bounds: QueueBounds {
                 max_requests: route
                     .queue_limit

@@ -234,6 +234,7 @@ mod tests {
             container_concurrency: None,
             wait_timeout: None,
             queue_limit: None,
+            response_timeout: None,
         }
     }
 

@@ -36,6 +36,9 @@ pub mod keys {
     pub const WAIT_TIMEOUT: &str = "waitTimeout";
     /// Requests held for the function at once, at most.
     pub const QUEUE_LIMIT: &str = "queueLimit";
+    /// Seconds a replica has, once it has the whole request, to begin its answer
+    /// before a 504.
+    pub const RESPONSE_TIMEOUT: &str = "responseTimeout";
 }
 
 /// One function's `http` routing, read from its ScaledObject.
@@ -52,6 +55,7 @@ pub struct HttpRoute {
     pub container_concurrency: Option<u32>,
     pub wait_timeout: Option<std::time::Duration>,
     pub queue_limit: Option<usize>,
+    pub response_timeout: Option<std::time::Duration>,
 }
 
 /// Why an `http` trigger cannot be routed.
@@ -126,15 +130,17 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
             .map(|n| n.min(u64::from(u32::MAX)) as u32),
         Err(e) => return Some(Err(e)),
     };
-    let wait_timeout = match number(keys::WAIT_TIMEOUT) {
-        Ok(Some(0)) => {
-            return Some(Err(error(
-                keys::WAIT_TIMEOUT,
-                "0",
-                "must be at least 1 second",
-            )));
-        }
-        Ok(n) => n.map(std::time::Duration::from_secs),
+    let seconds = |name: &'static str| match number(name) {
+        Ok(Some(0)) => Err(error(name, "0", "must be at least 1 second")),
+        Ok(n) => Ok(n.map(std::time::Duration::from_secs)),
+        Err(e) => Err(e),
+    };
+    let wait_timeout = match seconds(keys::WAIT_TIMEOUT) {
+        Ok(timeout) => timeout,
+        Err(e) => return Some(Err(e)),
+    };
+    let response_timeout = match seconds(keys::RESPONSE_TIMEOUT) {
+        Ok(timeout) => timeout,
         Err(e) => return Some(Err(e)),
     };
     let queue_limit = match number(keys::QUEUE_LIMIT) {
@@ -158,6 +164,7 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
         container_concurrency,
         wait_timeout,
         queue_limit,
+        response_timeout,
     }))
 }
 
@@ -313,6 +320,7 @@ mod tests {
                 ("containerConcurrency", "4"),
                 ("waitTimeout", "30"),
                 ("queueLimit", "500"),
+                ("responseTimeout", "120"),
             ],
         ));
         assert_eq!(r.hosts, ["hello.example.com", "api.example.com"]);
@@ -322,6 +330,10 @@ mod tests {
         assert_eq!(r.container_concurrency, Some(4));
         assert_eq!(r.wait_timeout, Some(std::time::Duration::from_secs(30)));
         assert_eq!(r.queue_limit, Some(500));
+        assert_eq!(
+            r.response_timeout,
+            Some(std::time::Duration::from_secs(120))
+        );
         assert_eq!(r.claims().len(), 5);
     }
 
@@ -335,6 +347,8 @@ mod tests {
                 "is not a non-negative integer",
             ),
             ("waitTimeout", "0", "must be at least 1 second"),
+            ("responseTimeout", "0", "must be at least 1 second"),
+            ("responseTimeout", "1m", "is not a non-negative integer"),
             ("queueLimit", "many", "is not a non-negative integer"),
             ("hosts", "a/b", "is not a host name"),
         ] {

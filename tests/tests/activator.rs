@@ -692,7 +692,7 @@ metadata: {{name: {name}}}
 spec:
   scaleTargetRef: {{name: {name}}}
   minReplicaCount: 1
-  triggers: [{{type: http, metadata: {{hosts: '{hosts}'}}}}]
+  triggers: [{{type: http, metadata: {{hosts: '{hosts}', responseTimeout: '1'}}}}]
 "
                 ),
             )
@@ -755,6 +755,27 @@ spec:
             ensure!(
                 status == 200 && version == upstream,
                 "{host} (client h2c {client_h2}): {status}, replica saw {version}"
+            );
+        }
+        // Each replica has 1 s to begin its answer once it has the whole request: one
+        // that takes longer is answered 504, and the next request is served. A body
+        // that takes longer than that to arrive does not count against it.
+        for host in ["shared.example", "h2.example"] {
+            let (status, _, body) =
+                request(&format!("{url}/slow/3000"), host, Duration::from_secs(10)).await?;
+            ensure!(
+                status == 504 && body.contains("did not begin its answer within 1s"),
+                "{host}, an answer 3 s late: {status} {body}"
+            );
+            let (status, _, body) = request(&url, host, Duration::from_secs(10)).await?;
+            ensure!(
+                status == 200,
+                "{host}, after a late answer: {status} {body}"
+            );
+            let answer = slow_upload(&addr, host, 3, Duration::from_millis(800)).await?;
+            ensure!(
+                answer.trim() == slow_upload_answer(3),
+                "{host}, a body arriving over 2.4 s: {answer:?}"
             );
         }
         // 1 GiB streamed through; the replica's hash matches; the activator's memory
@@ -849,6 +870,57 @@ async fn h2c_get(addr: &str, host: &str) -> anyhow::Result<(u16, String)> {
         .unwrap_or_default()
         .to_owned();
     Ok((response.status().as_u16(), version))
+}
+
+/// The bytes [`slow_upload`] sends: `parts` of 1 KiB.
+fn slow_upload_body(parts: usize) -> Vec<u8> {
+    (0..parts * 1024).map(|i| (i % 251) as u8).collect()
+}
+
+/// The test replica's answer to [`slow_upload`]: the length and hash of what it got.
+fn slow_upload_answer(parts: usize) -> String {
+    let body = slow_upload_body(parts);
+    let hash = blink_tests::fnv1a(blink_tests::FNV_START, &body);
+    format!("{} {hash:016x}", body.len())
+}
+
+/// POSTs [`slow_upload_body`] to `/upload` over HTTP/1.1, one 1 KiB part after each
+/// `pause`; the replica's answer.
+async fn slow_upload(
+    addr: &str,
+    host: &str,
+    parts: usize,
+    pause: Duration,
+) -> anyhow::Result<String> {
+    let body = slow_upload_body(parts);
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("slow upload: connecting to {addr}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("slow upload: handshake")?;
+    tokio::spawn(connection);
+    let chunks: Vec<bytes::Bytes> = body
+        .chunks(1024)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let frames = futures::StreamExt::then(futures::stream::iter(chunks), move |chunk| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk))
+    });
+    let request = http::Request::post("/upload")
+        .header("host", host)
+        .header("content-length", body.len())
+        .body(http_body_util::StreamBody::new(frames))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("slow upload: sending")?;
+    let answer = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .context("slow upload: the answer")?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 /// POSTs `size` bytes to `/upload` (streamed, 64 KiB at a time); the hash sent and the
