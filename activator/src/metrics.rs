@@ -119,7 +119,7 @@ impl Metrics {
         );
         registry.register(
             "proxy_errors",
-            "Failures on the way to a replica, by kind (connect, stale_connection, upstream, upgrade)",
+            "Failures on the way to a replica, by kind (connect, stale_connection, upstream, response_timeout, client_body, upgrade)",
             metrics.proxy_errors.clone(),
         );
         registry.register(

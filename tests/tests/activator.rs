@@ -778,6 +778,13 @@ spec:
                 "{host}, a body arriving over 2.4 s: {answer:?}"
             );
         }
+        let late = activators
+            .metric(
+                0,
+                "blink_activator_proxy_errors_total{kind=\"response_timeout\"",
+            )
+            .await?;
+        ensure!(late == 2.0, "answers begun late, counted: {late}");
         // 1 GiB streamed through; the replica's hash matches; the activator's memory
         // barely moves.
         let pid = activators
