@@ -11,7 +11,8 @@
 //! and 304; `Transfer-Encoding` ending in `chunked` over `Content-Length` (and the
 //! connection is not reused when both came); a body without either runs until the
 //! replica closes. Interim 1xx answers are skipped. A connection is reused only when
-//! its exchange ended cleanly with nothing extra read.
+//! its exchange ended cleanly with nothing extra read. The wait for the final head is
+//! bounded, from the end of the request's body.
 
 use std::{
     io,

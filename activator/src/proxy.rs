@@ -16,7 +16,9 @@
 //!    queue, for as long as it may wait (the function's `waitTimeout`), then 502.
 //!    Nothing of the request has been sent yet, so its body is never needed twice.
 //! 5. [`Forward`] — sends the request with proxy headers, streams both bodies, keeps
-//!    the connection for reuse once the response is read, and tunnels upgrades.
+//!    the connection for reuse once the response is read, and tunnels upgrades. A
+//!    replica that has the whole request and does not begin its answer within the
+//!    function's `responseTimeout` is given up: 504, and the request is not resent.
 //!
 //! Every layer answers errors itself (the services are infallible) and is always
 //! ready: there is no backpressure through `poll_ready`, since admission is [`Hold`]'s.
