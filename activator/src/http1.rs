@@ -30,7 +30,7 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::TcpStream,
     sync::OwnedSemaphorePermit,
     time::{Instant, Sleep},
@@ -126,9 +126,9 @@ pub struct Http1Connection {
     /// The request head being written: one allocation for the connection's life
     /// instead of one per request.
     head: Vec<u8>,
-    /// Bounds the wait for each answer. One timer for the connection's life: moving a
-    /// deadline later is one atomic operation in tokio's timer, where a new timer per
-    /// request would take the timer wheel's lock to add it and again to remove it.
+    /// Bounds the wait for each answer. One timer for the connection's life, where a
+    /// new timer per request would take the timer wheel's lock to add it and again to
+    /// remove it.
     answer_timer: Option<Pin<Box<Sleep>>>,
     place: Place,
 }
@@ -368,53 +368,70 @@ impl Http1Connection {
         &mut self,
         timeout: Duration,
     ) -> Result<response::Parts, Error> {
-        let deadline = Instant::now() + timeout;
+        let due = Instant::now() + timeout;
+        // The timer is left at an earlier exchange's deadline unless that is later than
+        // this one's: firing early, it is moved to `due` then (once per `timeout` under
+        // steady traffic), where moving it for every exchange would cost a clock
+        // conversion and an atomic operation each time.
         let mut timer = match self.answer_timer.take() {
             Some(mut timer) => {
-                timer.as_mut().reset(deadline);
+                if timer.deadline() > due {
+                    timer.as_mut().reset(due);
+                }
                 timer
             }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
+            None => Box::pin(tokio::time::sleep_until(due)),
         };
-        let head = tokio::select! {
-            biased;
-            head = self.read_final_head() => head,
-            () = &mut timer => Err(Error::NoAnswerInTime(timeout)),
-        };
+        // Polled by hand, the head first: an async read inside a `select!` adds a
+        // state machine of its own to every exchange's future.
+        let head = std::future::poll_fn(|cx| {
+            if let Poll::Ready(head) = self.poll_final_head(cx) {
+                return Poll::Ready(head);
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= due {
+                    return Poll::Ready(Err(Error::NoAnswerInTime(timeout)));
+                }
+                timer.as_mut().reset(due);
+            }
+            Poll::Pending
+        })
+        .await;
         self.answer_timer = Some(timer);
         head
     }
 
-    async fn read_final_head(&mut self) -> Result<response::Parts, Error> {
-        loop {
-            let head = self.read_head().await?;
-            if !is_interim(head.status.as_u16()) {
-                return Ok(head);
-            }
-        }
-    }
-
-    /// Reads until a whole response head is parsed.
-    async fn read_head(&mut self) -> Result<response::Parts, Error> {
+    /// Reads until a final (not interim) response head is parsed.
+    fn poll_final_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<response::Parts, Error>> {
         loop {
             if !self.read.is_empty()
                 && let Some(head) = parse_response_head(&mut self.read, &mut self.names)?
             {
-                return Ok(head);
+                if is_interim(head.status.as_u16()) {
+                    continue;
+                }
+                return Poll::Ready(Ok(head));
             }
             if self.read.len() >= MAX_HEAD_BYTES {
-                return Err(Error::HeadTooLarge);
+                return Poll::Ready(Err(Error::HeadTooLarge));
             }
             make_room(&mut self.read);
-            match self.io.read_buf(&mut self.read).await {
-                Ok(0) if self.read.is_empty() => return Err(Error::ClosedBeforeResponse),
-                Ok(0) => return Err(Error::Truncated),
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.read
+            ));
+            match read {
+                Ok(0) if self.read.is_empty() => {
+                    return Poll::Ready(Err(Error::ClosedBeforeResponse));
+                }
+                Ok(0) => return Poll::Ready(Err(Error::Truncated)),
                 Ok(_) => {}
                 // A reset that comes before any byte of an answer is a close, too.
                 Err(e) if self.read.is_empty() && is_reset(&e) => {
-                    return Err(Error::ClosedBeforeResponse);
+                    return Poll::Ready(Err(Error::ClosedBeforeResponse));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
     }
@@ -1318,7 +1335,7 @@ mod tests {
     // ---- Conversations with a scripted replica on loopback ----
 
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncReadExt, net::TcpListener};
 
     /// The replica's time to begin an answer, where the test is not about it.
     const ANSWER_DUE: std::time::Duration = std::time::Duration::from_secs(5);
