@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use blink_crds::duration::parse_duration;
+use blink_crds::{duration::parse_duration, routing};
 use clap::Parser;
 
 /// Blink's activator: holds HTTP requests for functions at zero, wakes the scaler at
@@ -49,17 +49,17 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
 
     /// How often demand snapshots go to the scaler (pokes go at once).
-    #[arg(long, env = "BLINK_STATS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "BLINK_STATS_INTERVAL", default_value = "1s", value_parser = parse_limit)]
     pub stats_interval: Duration,
 
     /// How long a request may wait for a replica (a function's `waitTimeout`
     /// overrides it): then 504.
-    #[arg(long, env = "BLINK_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "BLINK_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_limit)]
     pub wait_timeout: Duration,
 
     /// How long a replica has, once it has the whole request, to begin its answer (a
     /// function's `responseTimeout` overrides it): then 504.
-    #[arg(long, env = "BLINK_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    #[arg(long, env = "BLINK_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_limit)]
     pub response_timeout: Duration,
 
     /// Requests held per function (a function's `queueLimit` overrides it): then 503.
@@ -81,7 +81,7 @@ pub struct Config {
     /// A client must send a request head within this time; an HTTP/1.1 connection
     /// with no exchange open and none begun or ended for this long is closed (checked
     /// once per this period, so it goes after between one and two of them).
-    #[arg(long, env = "BLINK_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "BLINK_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_limit)]
     pub header_timeout: Duration,
 
     /// Largest request head accepted: then 431.
@@ -89,7 +89,7 @@ pub struct Config {
     pub max_header_bytes: usize,
 
     /// A replica must accept a connection within this time.
-    #[arg(long, env = "BLINK_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "BLINK_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_limit)]
     pub connect_timeout: Duration,
 
     /// Listen backlog (capped by the kernel's somaxconn).
@@ -109,6 +109,22 @@ pub struct Config {
     /// CPU the process may use.
     #[arg(long, env = "BLINK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+}
+
+/// A time limit or period: more than zero (zero would fail every request, or spin),
+/// and at most a year (further, a deadline computed from it could overflow).
+fn parse_limit(text: &str) -> Result<Duration, String> {
+    let limit = parse_duration(text)?;
+    if limit.is_zero() {
+        return Err(format!("{text:?} must be more than zero"));
+    }
+    if limit > Duration::from_secs(routing::MAX_TIMEOUT_SECONDS) {
+        return Err(format!(
+            "{text:?} must be at most {}s (a year)",
+            routing::MAX_TIMEOUT_SECONDS
+        ));
+    }
+    Ok(limit)
 }
 
 /// The read buffer of a client connection: hyper's smallest. A held request can have
@@ -161,5 +177,26 @@ mod tests {
         };
         assert_eq!(parse("1").expect("one").worker_threads, Some(1));
         assert!(parse("0").is_err());
+    }
+
+    #[test]
+    fn limits_are_more_than_zero_and_at_most_a_year() {
+        for flag in [
+            "--stats-interval",
+            "--wait-timeout",
+            "--response-timeout",
+            "--header-timeout",
+            "--connect-timeout",
+        ] {
+            let parse = |value: &str| {
+                Config::try_parse_from(["blink-activator", "--pod-name", "a-0", flag, value])
+            };
+            assert!(parse("250ms").is_ok(), "{flag}");
+            assert!(parse("8760h").is_ok(), "{flag} a year");
+            for bad in ["0", "0s", "8761h", "10000000000000000000"] {
+                let error = parse(bad).expect_err(bad).to_string();
+                assert!(error.contains(flag), "{flag} {bad}: {error}");
+            }
+        }
     }
 }

@@ -128,7 +128,9 @@ pub struct Http1Connection {
     head: Vec<u8>,
     /// Bounds the wait for each answer. One timer for the connection's life, where a
     /// new timer per request would take the timer wheel's lock to add it and again to
-    /// remove it.
+    /// remove it. Idle, it still holds the waker of the last exchange's task until it
+    /// fires (one spurious wake per timeout at most), which keeps that task's memory
+    /// allocated meanwhile: bounded by the connections per replica.
     answer_timer: Option<Pin<Box<Sleep>>>,
     place: Place,
 }

@@ -31,9 +31,11 @@ use tokio::{
 pub use crate::http1::Http1Connection;
 
 /// The body of a request as the activator forwards it over h2c: the client's,
-/// streamed, telling when the connection has taken all of it. The replica's time to
-/// begin its answer runs from then, as it does over HTTP/1.1 (see
-/// [`Http1Connection::send`]).
+/// streamed, telling when the h2 client has taken all of it. The replica's time to
+/// begin its answer runs from then, as it does over HTTP/1.1 from the last write (see
+/// [`Http1Connection::send`]). Taken is not yet sent: the last frame may wait for the
+/// replica's flow-control window, as HTTP/1.1's last bytes may wait in the socket's
+/// send buffer.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,

@@ -19,6 +19,10 @@ use kube::ResourceExt;
 
 use crate::{ScaledObject, demand::FunctionKey};
 
+/// The longest `waitTimeout` or `responseTimeout`: a year. Longer, a deadline computed
+/// from it could overflow.
+pub const MAX_TIMEOUT_SECONDS: u64 = 365 * 24 * 3600;
+
 /// The `http` trigger's metadata keys read by the activator.
 pub mod keys {
     /// Comma-separated host names.
@@ -132,6 +136,11 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
     };
     let seconds = |name: &'static str| match number(name) {
         Ok(Some(0)) => Err(error(name, "0", "must be at least 1 second")),
+        Ok(Some(n)) if n > MAX_TIMEOUT_SECONDS => Err(error(
+            name,
+            &n.to_string(),
+            "must be at most 31536000 seconds (a year)",
+        )),
         Ok(n) => Ok(n.map(std::time::Duration::from_secs)),
         Err(e) => Err(e),
     };
@@ -349,6 +358,16 @@ mod tests {
             ("waitTimeout", "0", "must be at least 1 second"),
             ("responseTimeout", "0", "must be at least 1 second"),
             ("responseTimeout", "1m", "is not a non-negative integer"),
+            (
+                "responseTimeout",
+                "31536001",
+                "must be at most 31536000 seconds (a year)",
+            ),
+            (
+                "waitTimeout",
+                "18446744073709551615",
+                "must be at most 31536000 seconds (a year)",
+            ),
             ("queueLimit", "many", "is not a non-negative integer"),
             ("hosts", "a/b", "is not a host name"),
         ] {
@@ -358,6 +377,7 @@ mod tests {
             assert_eq!((e.key, e.problem), (key, problem), "{key}={value}");
             assert!(e.to_string().contains(key), "{e}");
         }
+        assert_eq!(MAX_TIMEOUT_SECONDS, 31_536_000, "the message's bound");
     }
 
     #[test]

@@ -767,6 +767,20 @@ spec:
                 status == 504 && body.contains("did not begin its answer within 1s"),
                 "{host}, an answer 3 s late: {status} {body}"
             );
+            // With a body, too: over h2c the clock starts once the body has been taken.
+            let late = reqwest::Client::new()
+                .post(format!("{url}/slow/3000"))
+                .header(reqwest::header::HOST, host)
+                .body("a body the replica never reads")
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await?;
+            let status = late.status().as_u16();
+            let body = late.text().await?;
+            ensure!(
+                status == 504 && body.contains("did not begin its answer within 1s"),
+                "{host}, a POST answered 3 s late: {status} {body}"
+            );
             let (status, _, body) = request(&url, host, Duration::from_secs(10)).await?;
             ensure!(
                 status == 200,
@@ -784,7 +798,7 @@ spec:
                 "blink_activator_proxy_errors_total{kind=\"response_timeout\"",
             )
             .await?;
-        ensure!(late == 2.0, "answers begun late, counted: {late}");
+        ensure!(late == 4.0, "answers begun late, counted: {late}");
         // 1 GiB streamed through; the replica's hash matches; the activator's memory
         // barely moves.
         let pid = activators
