@@ -670,7 +670,7 @@ spec:
 fn invalid_input_is_reported_and_held_while_others_keep_scaling() {
     blink_tests::run("scaler-invalid", |ctx| async move {
         create_deployment(&ctx, "good", 0, json!({})).await?;
-        for held in ["held-a", "held-b", "held-c"] {
+        for held in ["held-a", "held-b", "held-c", "held-d"] {
             create_deployment(&ctx, held, 2, json!({})).await?;
         }
         let scaler = start_scaler(&ctx, "scaler-invalid").await?;
@@ -710,6 +710,13 @@ fn invalid_input_is_reported_and_held_while_others_keep_scaling() {
                 "aws-sqs-queue",
                 "{queueURL: q}".to_owned(),
                 "UnsupportedTrigger",
+            ),
+            (
+                "no-time-to-answer",
+                "{name: held-d}",
+                "http",
+                "{responseTimeout: '0'}".to_owned(),
+                "InvalidTriggerMetadata",
             ),
         ];
         for (name, target, kind, metadata, _) in &cases {
@@ -754,9 +761,15 @@ spec:
                 !message.contains("guest:guest"),
                 "a credential leaked: {message}"
             );
+            if *reason == "InvalidTriggerMetadata" {
+                ensure!(
+                    message.contains("responseTimeout") && message.contains("at least 1 second"),
+                    "{name}: {message}"
+                );
+            }
         }
         // Counts held: the Deployments that broken objects point at keep their 2.
-        for held in ["held-a", "held-b", "held-c"] {
+        for held in ["held-a", "held-b", "held-c", "held-d"] {
             ensure!(desired(&ctx, held).await? == 2, "{held} moved");
         }
         // A good object in the same namespace keeps scaling.

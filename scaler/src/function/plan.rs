@@ -288,6 +288,11 @@ spec:
                 "pathPrefixes",
             ),
             (
+                BASE.replace("targetConcurrency: '10'", "responseTimeout: '0'"),
+                "InvalidTriggerMetadata",
+                "responseTimeout",
+            ),
+            (
                 BASE.replace(
                     "name: hello, namespace: ns",
                     "name: hello, namespace: ns, annotations: {blink.sh/paused-replicas: 'x'}",
