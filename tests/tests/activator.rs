@@ -893,6 +893,28 @@ async fn h2c_get(addr: &str, host: &str) -> anyhow::Result<(u16, String)> {
     Ok((response.status().as_u16(), version))
 }
 
+/// An HTTP/1.1 connection to `addr` for `what`, its task running.
+async fn http1_client<B>(
+    addr: &str,
+    what: &str,
+) -> anyhow::Result<(
+    hyper::client::conn::http1::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("{what}: connecting to {addr}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("{what}: handshake"))?;
+    Ok((sender, tokio::spawn(connection)))
+}
+
 /// The bytes [`slow_upload`] sends: `parts` of 1 KiB.
 fn slow_upload_body(parts: usize) -> Vec<u8> {
     (0..parts * 1024).map(|i| (i % 251) as u8).collect()
@@ -914,13 +936,7 @@ async fn slow_upload(
     pause: Duration,
 ) -> anyhow::Result<String> {
     let body = slow_upload_body(parts);
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("slow upload: connecting to {addr}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("slow upload: handshake")?;
-    tokio::spawn(connection);
+    let (mut sender, _) = http1_client(addr, "slow upload").await?;
     let chunks: Vec<bytes::Bytes> = body
         .chunks(1024)
         .map(bytes::Bytes::copy_from_slice)
@@ -959,13 +975,7 @@ async fn upload(addr: &str, host: &str, size: u64) -> anyhow::Result<(u64, Strin
         }
     })
     .await?;
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("upload: connecting to {addr}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("upload: handshake")?;
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = http1_client(addr, "upload").await?;
     let body = http_body_util::StreamBody::new(futures::stream::iter(
         (0..chunks).map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
     ));
