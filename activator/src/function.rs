@@ -431,6 +431,12 @@ impl Function {
 
     /// The ready endpoints changed: keep the replicas still listed (their connections
     /// and counts), add the new, forget the gone; then serve waiting requests.
+    /// The replicas requests may go to now.
+    #[cfg(test)]
+    pub fn replica_addrs(&self) -> Vec<SocketAddr> {
+        self.state().replicas.iter().map(|r| r.addr()).collect()
+    }
+
     pub fn set_replicas(self: &Arc<Self>, addrs: &[SocketAddr]) {
         {
             let mut state = self.state();

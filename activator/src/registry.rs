@@ -9,7 +9,7 @@
 //! first list and then per change.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -56,7 +56,10 @@ struct ObjectInfo {
     cannot_wake: Option<String>,
 }
 
-type ServiceId = (String, String);
+/// A Service: (namespace, name).
+pub type ServiceId = (String, String);
+/// An EndpointSlice: (namespace, its Service's name, its own name).
+pub type SliceId = (String, String, String);
 
 #[derive(Debug, Default)]
 struct Known {
@@ -126,6 +129,12 @@ impl Registry {
         self.known().objects.remove(key);
     }
 
+    /// A list of every ScaledObject ended: those it left out were deleted meanwhile.
+    /// Routes change at the next [`Registry::rebuild`].
+    pub fn retain_objects(&self, listed: &HashSet<FunctionKey>) {
+        self.known().objects.retain(|key, _| listed.contains(key));
+    }
+
     pub fn apply_service(&self, namespace: &str, name: &str, info: ServiceInfo) {
         self.known()
             .services
@@ -138,33 +147,62 @@ impl Registry {
             .remove(&(namespace.to_owned(), name.to_owned()));
     }
 
-    /// An EndpointSlice of `service` changed (`None`: deleted): the function behind
-    /// the Service gets its new replicas at once.
-    pub fn apply_slice(
-        &self,
-        namespace: &str,
-        service: &str,
-        slice: &str,
-        info: Option<SliceInfo>,
-    ) {
-        let id = (namespace.to_owned(), service.to_owned());
+    /// A list of every Service ended: those it left out were deleted meanwhile.
+    /// Routes change at the next [`Registry::rebuild`].
+    pub fn retain_services(&self, listed: &HashSet<ServiceId>) {
+        self.known().services.retain(|id, _| listed.contains(id));
+    }
+
+    /// An EndpointSlice changed (`None`: deleted): the function behind its Service
+    /// gets its new replicas at once.
+    pub fn apply_slice(&self, (namespace, service, slice): &SliceId, info: Option<SliceInfo>) {
+        let id = (namespace.clone(), service.clone());
         let mut known = self.known();
         let slices = known.slices.entry(id.clone()).or_default();
         match info {
             Some(info) => {
-                slices.insert(slice.to_owned(), info);
+                slices.insert(slice.clone(), info);
             }
             None => {
                 slices.remove(slice);
+                if slices.is_empty() {
+                    known.slices.remove(&id);
+                }
             }
         }
-        let Some(key) = known.by_service.get(&id).cloned() else {
-            return;
-        };
-        let addrs = replica_addrs(&known, &key);
-        let function = known.functions.get(&key).cloned();
+        Self::update_replicas(known, &[id]);
+    }
+
+    /// A list of every function slice ended: those it left out were deleted meanwhile,
+    /// and their functions lose those replicas at once.
+    pub fn retain_slices(&self, listed: &HashSet<SliceId>) {
+        let mut known = self.known();
+        let mut changed = Vec::new();
+        known.slices.retain(|(namespace, service), slices| {
+            let before = slices.len();
+            slices.retain(|slice, _| {
+                listed.contains(&(namespace.clone(), service.clone(), slice.clone()))
+            });
+            if slices.len() != before {
+                changed.push((namespace.clone(), service.clone()));
+            }
+            !slices.is_empty()
+        });
+        Self::update_replicas(known, &changed);
+    }
+
+    /// Gives the functions behind `services` their ready replicas now.
+    fn update_replicas(known: MutexGuard<'_, Known>, services: &[ServiceId]) {
+        let updates: Vec<(Arc<Function>, Vec<SocketAddr>)> = services
+            .iter()
+            .filter_map(|id| {
+                let key = known.by_service.get(id)?;
+                let function = known.functions.get(key)?.clone();
+                Some((function, replica_addrs(&known, key)))
+            })
+            .collect();
         drop(known);
-        if let Some(function) = function {
+        for (function, addrs) in updates {
             function.set_replicas(&addrs);
         }
     }
@@ -332,20 +370,30 @@ fn replica_addrs(known: &Known, key: &FunctionKey) -> Vec<SocketAddr> {
 }
 
 /// Why a function cannot wake now, from what the scaler wrote: `ScaleUpStalled` or
-/// `Conflict` in `Ready`, or a pause annotation that holds it at zero.
+/// `Conflict` in `Ready`, or a pause annotation that holds it at zero. The annotations
+/// are read in the scaler's order: a pinned count (`blink.sh/paused-replicas`) wins
+/// over a frozen one (`blink.sh/paused`), and a pinned count that is no count holds
+/// the object (the scaler refuses it).
 pub fn cannot_wake(object: &ScaledObject) -> Option<String> {
     let annotations = object.annotations();
-    if annotations
+    if let Some(text) = annotations.get("blink.sh/paused-replicas") {
+        match text.trim().parse::<i32>() {
+            Ok(0) => {
+                return Some("it is paused at zero (blink.sh/paused-replicas: 0)".to_owned());
+            }
+            // Pinned above zero: the scaler brings that many.
+            Ok(n) if n > 0 => {}
+            _ => {
+                return Some(format!(
+                    "its annotation blink.sh/paused-replicas: {text:?} is not a replica count"
+                ));
+            }
+        }
+    } else if annotations
         .get("blink.sh/paused")
         .is_some_and(|v| v == "true")
     {
         return Some("it is paused (blink.sh/paused)".to_owned());
-    }
-    if annotations
-        .get("blink.sh/paused-replicas")
-        .is_some_and(|v| v.trim() == "0")
-    {
-        return Some("it is paused at zero (blink.sh/paused-replicas: 0)".to_owned());
     }
     let ready = object.status.as_ref()?.condition("Ready")?;
     let reason = ready.reason.as_deref().unwrap_or_default();

@@ -2,9 +2,14 @@
 //! (the function Services' own slices, never Blink's, and the activator Service's,
 //! whose ready endpoints count the activators).
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+    net::IpAddr,
+    sync::Arc,
+};
 
-use blink_crds::ScaledObject;
+use blink_crds::{FunctionKey, ScaledObject};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -15,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    registry::{Registry, SliceInfo},
+    registry::{Registry, ServiceId, SliceId, SliceInfo},
     routes::{ServiceInfo, ServicePort},
 };
 
@@ -46,6 +51,9 @@ where
     }
 }
 
+/// How many watches [`run`] runs.
+const WATCHES: usize = 4;
+
 /// Runs every watch until the process ends; `ready` turns true once each has listed.
 pub async fn run(
     client: Client,
@@ -53,10 +61,16 @@ pub async fn run(
     registry: Arc<Registry>,
     ready: watch::Sender<bool>,
 ) {
-    let (listed_tx, mut listed_rx) = tokio::sync::mpsc::channel::<()>(3);
+    // Each watch says so at the end of each list; a full channel (lists after the
+    // first, once nobody reads) loses nothing that matters.
+    let (listed_tx, mut listed_rx) = tokio::sync::mpsc::channel::<&'static str>(WATCHES);
     let waiter = async move {
-        for _ in 0..3 {
-            listed_rx.recv().await;
+        let mut listed = HashSet::new();
+        while listed.len() < WATCHES {
+            match listed_rx.recv().await {
+                Some(what) => listed.insert(what),
+                None => return,
+            };
         }
         info!("every watch has listed: ready");
         let _ = ready.send(true);
@@ -75,46 +89,129 @@ pub async fn run(
             registry.clone(),
             listed_tx.clone()
         ),
-        watch_slices(client, scope, registry, listed_tx),
+        watch_slices(
+            client.clone(),
+            scope.clone(),
+            registry.clone(),
+            listed_tx.clone()
+        ),
+        watch_activators(client, scope, registry, listed_tx),
         waiter
     );
 }
 
-type Listed = tokio::sync::mpsc::Sender<()>;
+type Listed = tokio::sync::mpsc::Sender<&'static str>;
+
+/// What a watch has listed since its latest list began. A watch lists again after it
+/// lost its place (a restart of the API server, a `410 Gone`), and what was deleted
+/// while it was away sends no event: whatever the new list leaves out is gone.
+#[derive(Debug)]
+struct Listing<K> {
+    /// `None` between lists.
+    seen: Option<HashSet<K>>,
+}
+
+impl<K: Hash + Eq> Listing<K> {
+    /// A watch starts by listing.
+    fn new() -> Self {
+        Self {
+            seen: Some(HashSet::new()),
+        }
+    }
+
+    fn begin(&mut self) {
+        self.seen = Some(HashSet::new());
+    }
+
+    fn saw(&mut self, key: K) {
+        if let Some(seen) = &mut self.seen {
+            seen.insert(key);
+        }
+    }
+
+    fn is_listing(&self) -> bool {
+        self.seen.is_some()
+    }
+
+    /// What the list held.
+    fn end(&mut self) -> HashSet<K> {
+        self.seen.take().unwrap_or_default()
+    }
+}
+
+/// Runs one watch until the process ends, each event handed to `on_event`, which says
+/// when a list is done.
+async fn follow<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    listed: Listed,
+    mut on_event: F,
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    F: FnMut(Event<K>) -> bool,
+{
+    let mut events = watcher(api, config).default_backoff().boxed();
+    loop {
+        match events.try_next().await {
+            Ok(Some(event)) => {
+                if on_event(event) {
+                    let _ = listed.try_send(what);
+                }
+            }
+            Ok(None) => return,
+            Err(e) => warn!(error = %e, "{what} watch failed; retrying"),
+        }
+    }
+}
 
 async fn watch_objects(client: Client, scope: Scope, registry: Arc<Registry>, listed: Listed) {
     let api: Api<ScaledObject> = scoped(client, &scope.namespace);
-    let mut listing = true;
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    loop {
-        match events.try_next().await {
-            Ok(Some(event)) => match event {
-                Event::Init => listing = true,
-                Event::InitApply(o) => registry.apply_object(&o),
-                Event::InitDone => {
-                    listing = false;
+    let mut listing = Listing::new();
+    follow(
+        api,
+        watcher::Config::default(),
+        "ScaledObject",
+        listed,
+        |event| on_object(&registry, &mut listing, event),
+    )
+    .await;
+}
+
+/// One ScaledObject event; true when a list is done. Routes are rebuilt per change,
+/// and once for a whole list.
+fn on_object(
+    registry: &Registry,
+    listing: &mut Listing<FunctionKey>,
+    event: Event<ScaledObject>,
+) -> bool {
+    match event {
+        Event::Init => listing.begin(),
+        Event::InitApply(o) => {
+            if let Ok(key) = o.function_key() {
+                listing.saw(key);
+            }
+            registry.apply_object(&o);
+        }
+        Event::InitDone => {
+            registry.retain_objects(&listing.end());
+            registry.rebuild();
+            return true;
+        }
+        Event::Apply(o) => {
+            registry.apply_object(&o);
+            registry.rebuild();
+        }
+        Event::Delete(o) => {
+            if let Ok(key) = o.function_key() {
+                registry.delete_object(&key);
+                if !listing.is_listing() {
                     registry.rebuild();
-                    let _ = listed.try_send(());
                 }
-                Event::Apply(o) => {
-                    registry.apply_object(&o);
-                    registry.rebuild();
-                }
-                Event::Delete(o) => {
-                    if let Ok(key) = o.function_key() {
-                        registry.delete_object(&key);
-                        if !listing {
-                            registry.rebuild();
-                        }
-                    }
-                }
-            },
-            Ok(None) => return,
-            Err(e) => warn!(error = %e, "ScaledObject watch failed; retrying"),
+            }
         }
     }
+    false
 }
 
 fn service_info(service: &Service) -> ServiceInfo {
@@ -143,45 +240,50 @@ fn service_info(service: &Service) -> ServiceInfo {
 
 async fn watch_services(client: Client, scope: Scope, registry: Arc<Registry>, listed: Listed) {
     let api: Api<Service> = scoped(client, &scope.namespace);
-    let mut listing = true;
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    loop {
-        match events.try_next().await {
-            Ok(Some(event)) => match event {
-                Event::Init => listing = true,
-                Event::InitApply(s) => {
-                    registry.apply_service(
-                        &s.namespace().unwrap_or_default(),
-                        &s.name_any(),
-                        service_info(&s),
-                    );
-                }
-                Event::InitDone => {
-                    listing = false;
-                    registry.rebuild();
-                    let _ = listed.try_send(());
-                }
-                Event::Apply(s) => {
-                    registry.apply_service(
-                        &s.namespace().unwrap_or_default(),
-                        &s.name_any(),
-                        service_info(&s),
-                    );
-                    registry.rebuild();
-                }
-                Event::Delete(s) => {
-                    registry.delete_service(&s.namespace().unwrap_or_default(), &s.name_any());
-                    if !listing {
-                        registry.rebuild();
-                    }
-                }
-            },
-            Ok(None) => return,
-            Err(e) => warn!(error = %e, "Service watch failed; retrying"),
+    let mut listing = Listing::new();
+    follow(
+        api,
+        watcher::Config::default(),
+        "Service",
+        listed,
+        |event| on_service(&registry, &mut listing, event),
+    )
+    .await;
+}
+
+/// One Service event; true when a list is done.
+fn on_service(
+    registry: &Registry,
+    listing: &mut Listing<ServiceId>,
+    event: Event<Service>,
+) -> bool {
+    let id = |s: &Service| (s.namespace().unwrap_or_default(), s.name_any());
+    match event {
+        Event::Init => listing.begin(),
+        Event::InitApply(s) => {
+            let id = id(&s);
+            registry.apply_service(&id.0, &id.1, service_info(&s));
+            listing.saw(id);
+        }
+        Event::InitDone => {
+            registry.retain_services(&listing.end());
+            registry.rebuild();
+            return true;
+        }
+        Event::Apply(s) => {
+            let id = id(&s);
+            registry.apply_service(&id.0, &id.1, service_info(&s));
+            registry.rebuild();
+        }
+        Event::Delete(s) => {
+            let id = id(&s);
+            registry.delete_service(&id.0, &id.1);
+            if !listing.is_listing() {
+                registry.rebuild();
+            }
         }
     }
+    false
 }
 
 /// Ready addresses and port names of a slice. An endpoint is ready unless its
@@ -209,63 +311,351 @@ fn slice_info(slice: &EndpointSlice) -> SliceInfo {
     }
 }
 
+/// The function Services' slices. Blink's own point at the activators: never replicas.
 async fn watch_slices(client: Client, scope: Scope, registry: Arc<Registry>, listed: Listed) {
-    let api: Api<EndpointSlice> = scoped(client.clone(), &scope.namespace);
-    // Blink's own slices point at the activators: never replicas.
+    let api: Api<EndpointSlice> = scoped(client, &scope.namespace);
     let config = watcher::Config::default().labels(&format!(
         "{LABEL_SERVICE_NAME},{LABEL_MANAGED_BY}!={BLINK_MANAGER}"
     ));
-    let mut events = watcher(api, config).default_backoff().boxed();
-    let activators = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-        String,
-        usize,
-    >::new()));
-    let count_activators = |slice: &EndpointSlice, deleted: bool| {
-        let namespace = slice.namespace().unwrap_or_default();
-        let service = slice.labels().get(LABEL_SERVICE_NAME).cloned();
-        if (namespace, service.unwrap_or_default()) != scope.activator_service {
-            return;
-        }
-        let mut counts = activators.lock().unwrap_or_else(|e| e.into_inner());
-        if deleted {
-            counts.remove(&slice.name_any());
-        } else {
-            counts.insert(slice.name_any(), slice_info(slice).ready.len());
-        }
-        registry.set_activators(counts.values().sum());
+    let mut listing = Listing::new();
+    follow(api, config, "EndpointSlice", listed, |event| {
+        on_slice(&registry, &mut listing, event)
+    })
+    .await;
+}
+
+/// One function slice event; true when a list is done. Replicas change at once.
+fn on_slice(
+    registry: &Registry,
+    listing: &mut Listing<SliceId>,
+    event: Event<EndpointSlice>,
+) -> bool {
+    let id = |s: &EndpointSlice| -> Option<SliceId> {
+        let service = s.labels().get(LABEL_SERVICE_NAME)?.clone();
+        Some((s.namespace().unwrap_or_default(), service, s.name_any()))
     };
-    loop {
-        match events.try_next().await {
-            Ok(Some(event)) => match event {
-                Event::Init => {}
-                Event::InitApply(s) | Event::Apply(s) => {
-                    count_activators(&s, false);
-                    if let Some(service) = s.labels().get(LABEL_SERVICE_NAME) {
-                        registry.apply_slice(
-                            &s.namespace().unwrap_or_default(),
-                            service,
-                            &s.name_any(),
-                            Some(slice_info(&s)),
-                        );
-                    }
-                }
-                Event::InitDone => {
-                    let _ = listed.try_send(());
-                }
-                Event::Delete(s) => {
-                    count_activators(&s, true);
-                    if let Some(service) = s.labels().get(LABEL_SERVICE_NAME) {
-                        registry.apply_slice(
-                            &s.namespace().unwrap_or_default(),
-                            service,
-                            &s.name_any(),
-                            None,
-                        );
-                    }
-                }
+    match event {
+        Event::Init => listing.begin(),
+        Event::InitApply(s) | Event::Apply(s) => {
+            if let Some(id) = id(&s) {
+                registry.apply_slice(&id, Some(slice_info(&s)));
+                listing.saw(id);
+            }
+        }
+        Event::InitDone => {
+            registry.retain_slices(&listing.end());
+            return true;
+        }
+        Event::Delete(s) => {
+            if let Some(id) = id(&s) {
+                registry.apply_slice(&id, None);
+            }
+        }
+    }
+    false
+}
+
+/// The activator Service's slices, in Blink's namespace (which `--watch-namespace`
+/// may leave out): their ready endpoints count the activators.
+async fn watch_activators(client: Client, scope: Scope, registry: Arc<Registry>, listed: Listed) {
+    let (namespace, service) = &scope.activator_service;
+    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+    let config = watcher::Config::default().labels(&format!("{LABEL_SERVICE_NAME}={service}"));
+    let mut counts = ActivatorSlices::default();
+    follow(api, config, "activator EndpointSlice", listed, |event| {
+        let (count, done) = counts.on_event(event);
+        if let Some(count) = count {
+            registry.set_activators(count);
+        }
+        done
+    })
+    .await;
+}
+
+/// Ready activators per slice of the activator Service.
+#[derive(Debug)]
+struct ActivatorSlices {
+    ready: HashMap<String, usize>,
+    listing: Listing<String>,
+}
+
+impl Default for ActivatorSlices {
+    fn default() -> Self {
+        Self {
+            ready: HashMap::new(),
+            listing: Listing::new(),
+        }
+    }
+}
+
+impl ActivatorSlices {
+    /// The activator count when it may have changed, and whether a list is done.
+    fn on_event(&mut self, event: Event<EndpointSlice>) -> (Option<usize>, bool) {
+        let mut done = false;
+        match event {
+            Event::Init => {
+                self.listing.begin();
+                return (None, false);
+            }
+            Event::InitApply(s) | Event::Apply(s) => {
+                self.listing.saw(s.name_any());
+                self.ready.insert(s.name_any(), slice_info(&s).ready.len());
+            }
+            Event::InitDone => {
+                let seen = self.listing.end();
+                self.ready.retain(|name, _| seen.contains(name));
+                done = true;
+            }
+            Event::Delete(s) => {
+                self.ready.remove(&s.name_any());
+            }
+        }
+        (Some(self.ready.values().sum()), done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{function::PoolConfigEq, hold::QueueBounds, metrics::Metrics};
+
+    fn registry() -> Registry {
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        Registry::new(
+            crate::registry::Defaults {
+                wait_timeout: Duration::from_secs(60),
+                response_timeout: Duration::from_secs(300),
+                bounds: QueueBounds {
+                    max_requests: 100,
+                    max_body_bytes: 1 << 20,
+                },
+                pool: PoolConfigEq {
+                    max_connections: 10,
+                    connect_timeout: Duration::from_secs(1),
+                },
             },
-            Ok(None) => return,
-            Err(e) => warn!(error = %e, "EndpointSlice watch failed; retrying"),
+            Arc::new(Metrics::register(&mut prometheus)),
+        )
+    }
+
+    fn object(name: &str, annotations: serde_json::Value) -> ScaledObject {
+        serde_json::from_value(json!({
+            "apiVersion": "blink.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": name, "namespace": "apps", "annotations": annotations,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"scaleTargetRef": {"name": name},
+                     "triggers": [{"type": "http", "metadata": {"hosts": format!("{name}.example")}}]}
+        }))
+        .expect("valid object")
+    }
+
+    fn service(name: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        }))
+        .expect("valid Service")
+    }
+
+    fn slice(name: &str, service: &str, ip: &str) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "apps",
+                         "labels": {LABEL_SERVICE_NAME: service}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]
+        }))
+        .expect("valid EndpointSlice")
+    }
+
+    fn key(name: &str) -> FunctionKey {
+        format!("apps/{name}").parse().expect("valid key")
+    }
+
+    fn replicas(registry: &Registry, name: &str) -> Vec<String> {
+        let function = registry.function(&key(name)).expect("routed");
+        function
+            .replica_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// Lists `items` whole, as a watch does when it starts or has lost its place.
+    fn list<K, F>(items: Vec<K>, mut on_event: F) -> bool
+    where
+        F: FnMut(Event<K>) -> bool,
+    {
+        on_event(Event::Init);
+        for item in items {
+            assert!(
+                !on_event(Event::InitApply(item)),
+                "a list ends only at its end"
+            );
+        }
+        on_event(Event::InitDone)
+    }
+
+    #[test]
+    fn what_a_new_list_leaves_out_is_gone() {
+        let registry = registry();
+        let mut objects = Listing::new();
+        let mut services = Listing::new();
+        let mut slices = Listing::new();
+        let on_o = |l: &mut Listing<FunctionKey>, e| on_object(&registry, l, e);
+        assert!(list(
+            vec![object("f", json!({})), object("g", json!({}))],
+            |e| on_o(&mut objects, e)
+        ));
+        assert!(list(vec![service("f"), service("g")], |e| on_service(
+            &registry,
+            &mut services,
+            e
+        )));
+        assert!(list(
+            vec![
+                slice("f-1", "f", "10.244.0.5"),
+                slice("f-2", "f", "10.244.0.6"),
+                slice("g-1", "g", "10.244.0.7"),
+            ],
+            |e| on_slice(&registry, &mut slices, e)
+        ));
+        assert_eq!(
+            replicas(&registry, "f"),
+            ["10.244.0.5:8080", "10.244.0.6:8080"]
+        );
+        assert!(registry.table().lookup("g.example", "/").is_ok());
+
+        // The watches lost their place; meanwhile f's second slice and g (object and
+        // Service) were deleted, with no event for either.
+        list(
+            vec![
+                slice("f-1", "f", "10.244.0.5"),
+                slice("g-1", "g", "10.244.0.7"),
+            ],
+            |e| on_slice(&registry, &mut slices, e),
+        );
+        assert_eq!(
+            replicas(&registry, "f"),
+            ["10.244.0.5:8080"],
+            "the deleted slice's replica is gone at once"
+        );
+        list(vec![service("f")], |e| {
+            on_service(&registry, &mut services, e)
+        });
+        list(vec![object("f", json!({}))], |e| on_o(&mut objects, e));
+        assert!(
+            registry.function(&key("g")).is_none(),
+            "the deleted object is no longer a function"
+        );
+        assert!(
+            registry.table().lookup("g.example", "/").is_err(),
+            "nor routed"
+        );
+        assert!(registry.table().lookup("f.example", "/").is_ok());
+
+        // Between lists, events apply one by one.
+        on_slice(
+            &registry,
+            &mut slices,
+            Event::Apply(slice("f-3", "f", "10.244.0.8")),
+        );
+        assert_eq!(
+            replicas(&registry, "f"),
+            ["10.244.0.5:8080", "10.244.0.8:8080"]
+        );
+        on_slice(
+            &registry,
+            &mut slices,
+            Event::Delete(slice("f-1", "f", "10.244.0.5")),
+        );
+        assert_eq!(replicas(&registry, "f"), ["10.244.0.8:8080"]);
+    }
+
+    #[test]
+    fn the_activators_are_counted_over_the_latest_list() {
+        let mut counts = ActivatorSlices::default();
+        assert_eq!(counts.on_event(Event::Init), (None, false));
+        assert_eq!(
+            counts.on_event(Event::InitApply(slice(
+                "a-1",
+                "blink-activator",
+                "10.244.1.1"
+            ))),
+            (Some(1), false)
+        );
+        assert_eq!(
+            counts.on_event(Event::InitApply(slice(
+                "a-2",
+                "blink-activator",
+                "10.244.1.2"
+            ))),
+            (Some(2), false)
+        );
+        assert_eq!(counts.on_event(Event::InitDone), (Some(2), true));
+        // A new list without a-2 (deleted while the watch was away).
+        counts.on_event(Event::Init);
+        assert_eq!(
+            counts.on_event(Event::InitApply(slice(
+                "a-1",
+                "blink-activator",
+                "10.244.1.1"
+            ))),
+            (Some(2), false)
+        );
+        assert_eq!(counts.on_event(Event::InitDone), (Some(1), true));
+        assert_eq!(
+            counts.on_event(Event::Apply(slice("a-3", "blink-activator", "10.244.1.3"))),
+            (Some(2), false)
+        );
+        assert_eq!(
+            counts.on_event(Event::Delete(slice("a-1", "blink-activator", "10.244.1.1"))),
+            (Some(1), false)
+        );
+    }
+
+    #[test]
+    fn pause_annotations_are_read_in_the_scalers_order() {
+        let cases = [
+            (json!({}), None),
+            (
+                json!({"blink.sh/paused": "true"}),
+                Some("it is paused (blink.sh/paused)"),
+            ),
+            (json!({"blink.sh/paused": "false"}), None),
+            (
+                json!({"blink.sh/paused-replicas": "0"}),
+                Some("it is paused at zero (blink.sh/paused-replicas: 0)"),
+            ),
+            (
+                json!({"blink.sh/paused-replicas": " 00 "}),
+                Some("it is paused at zero (blink.sh/paused-replicas: 0)"),
+            ),
+            // A pinned count above zero wins over a freeze: the scaler brings 2.
+            (
+                json!({"blink.sh/paused-replicas": "2", "blink.sh/paused": "true"}),
+                None,
+            ),
+            (
+                json!({"blink.sh/paused-replicas": "0", "blink.sh/paused": "true"}),
+                Some("it is paused at zero (blink.sh/paused-replicas: 0)"),
+            ),
+            (
+                json!({"blink.sh/paused-replicas": "two"}),
+                Some("its annotation blink.sh/paused-replicas: \"two\" is not a replica count"),
+            ),
+            (
+                json!({"blink.sh/paused-replicas": "-1"}),
+                Some("its annotation blink.sh/paused-replicas: \"-1\" is not a replica count"),
+            ),
+        ];
+        for (annotations, expected) in cases {
+            let reason = crate::registry::cannot_wake(&object("f", annotations.clone()));
+            assert_eq!(reason.as_deref(), expected, "{annotations}");
         }
     }
 }
