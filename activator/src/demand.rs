@@ -40,14 +40,16 @@ use crate::{metrics::Metrics, proxy, registry::Registry};
 const POKE_REPEAT_AFTER: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a token read from its file is used before the file is read again.
+const TOKEN_REREAD_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct ReporterConfig {
     /// This activator's pod name (the `activator` of every report).
     pub activator: String,
     pub interval: Duration,
-    /// The projected ServiceAccount token (audience `blink-scaler`); re-read on every
-    /// connection, since the kubelet rotates it.
+    /// The projected ServiceAccount token (audience `blink-scaler`); read again as
+    /// [`Token`] says, since the kubelet renews it.
     pub token_file: Option<PathBuf>,
     /// The scaler's Lease: namespace and name.
     pub lease: (String, String),
@@ -108,6 +110,7 @@ pub fn start(
 ) -> Poker {
     let (sender, pokes) = mpsc::unbounded_channel();
     let reporter = Reporter {
+        token: Token::new(config.token_file.clone()),
         session: session_id(),
         seq: 0,
         config,
@@ -127,6 +130,7 @@ fn session_id() -> String {
 }
 
 struct Reporter {
+    token: Token,
     session: String,
     seq: u64,
     config: ReporterConfig,
@@ -214,26 +218,10 @@ impl Reporter {
         Ok(sender)
     }
 
-    fn token(&self) -> Option<String> {
-        let path = self.config.token_file.as_ref()?;
-        match std::fs::read_to_string(path) {
-            Ok(token) => Some(token.trim().to_owned()),
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read the ServiceAccount token");
-                None
-            }
-        }
-    }
-
     /// Sends a full snapshot at once, then pokes as they come and a snapshot every
     /// interval, until the connection breaks or the leader changes.
     async fn report(&mut self, sender: http2::SendRequest<Full<Bytes>>, addr: SocketAddr) -> Leave {
-        let token = self.token();
-        let client = ScalerClient {
-            sender,
-            addr,
-            token,
-        };
+        let client = ScalerClient { sender, addr };
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -258,11 +246,14 @@ impl Reporter {
                         session: self.session.clone(),
                         key,
                     };
-                    // Pokes do not wait for each other's answers.
+                    // Pokes do not wait for each other's answers. One refused for
+                    // its token is recovered by the next snapshot, which reads the
+                    // renewed token.
                     let client = client.clone();
+                    let token = self.token.current();
                     let metrics = self.metrics.clone();
                     tokio::spawn(async move {
-                        match client.post(POKE_PATH, &poke).await {
+                        match client.post(POKE_PATH, &poke, token.as_deref()).await {
                             Ok((status, _)) if status.is_success() => {
                                 metrics.pokes_sent.inc();
                                 metrics.poke_latency.observe(asked_at.elapsed().as_secs_f64());
@@ -306,7 +297,16 @@ impl Reporter {
             seq: self.seq,
             functions,
         };
-        match client.post(SNAPSHOT_PATH, &snapshot).await {
+        let mut answer = client
+            .post(SNAPSHOT_PATH, &snapshot, self.token.current().as_deref())
+            .await;
+        if matches!(answer, Ok((StatusCode::UNAUTHORIZED, _))) && self.token.read_again() {
+            // Renewed since it was read: the same snapshot, with the new token.
+            answer = client
+                .post(SNAPSHOT_PATH, &snapshot, self.token.current().as_deref())
+                .await;
+        }
+        match answer {
             Ok((status, _)) if status.is_success() => {
                 self.metrics.snapshots.get_or_create(&kind("sent")).inc();
                 Ok(())
@@ -337,26 +337,86 @@ fn kind(kind: &'static str) -> crate::metrics::KindLabels {
     crate::metrics::KindLabels { kind }
 }
 
+/// The projected ServiceAccount token. The kubelet writes a new one into the file
+/// before the old one expires (at 80 % of its life), and the scaler refuses an expired
+/// one (`401`): the file is read again once a minute, as client-go does, and at once
+/// after a `401`.
+#[derive(Debug)]
+struct Token {
+    path: Option<PathBuf>,
+    value: Option<Arc<str>>,
+    read_at: Option<Instant>,
+}
+
+impl Token {
+    fn new(path: Option<PathBuf>) -> Self {
+        Self {
+            path,
+            value: None,
+            read_at: None,
+        }
+    }
+
+    /// The token to send now: the file's, read again when the last read is a minute
+    /// old.
+    fn current(&mut self) -> Option<Arc<str>> {
+        let fresh = self
+            .read_at
+            .is_some_and(|at| at.elapsed() < TOKEN_REREAD_AFTER);
+        if !fresh {
+            self.read_again();
+        }
+        self.value.clone()
+    }
+
+    /// Reads the file now; true when the token changed. A token that cannot be read
+    /// leaves the last one in use (the scaler will say whether it still holds).
+    fn read_again(&mut self) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
+        self.read_at = Some(Instant::now());
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let token = text.trim();
+                if self.value.as_deref() == Some(token) {
+                    return false;
+                }
+                if self.value.is_some() {
+                    info!(path = %path.display(), "the ServiceAccount token was renewed");
+                }
+                self.value = Some(token.into());
+                true
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read the ServiceAccount token");
+                false
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 struct ScalerClient {
     sender: http2::SendRequest<Full<Bytes>>,
     addr: SocketAddr,
-    token: Option<String>,
 }
 
 impl ScalerClient {
-    /// POSTs JSON; the status and, on a `421`, the leader it names.
+    /// POSTs JSON with `token` as its bearer; the status and, on a `421`, the leader
+    /// it names.
     async fn post<T: serde::Serialize>(
         &self,
         path: &str,
         body: &T,
+        token: Option<&str>,
     ) -> anyhow::Result<(StatusCode, Option<SocketAddr>)> {
         let body = serde_json::to_vec(body)?;
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(format!("http://{}{path}", self.addr))
             .header(header::CONTENT_TYPE, "application/json");
-        if let Some(token) = &self.token {
+        if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let request = request.body(Full::new(Bytes::from(body)))?;
@@ -376,5 +436,48 @@ impl ScalerClient {
         // Read the (small) body so the stream closes cleanly.
         let _ = response.into_body().collect().await;
         Ok((status, leader))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_read_again_when_renewed() {
+        let dir = std::env::temp_dir().join(format!("blink-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let path = dir.join("token");
+        std::fs::write(&path, "first\n").expect("token written");
+        let mut token = Token::new(Some(path.clone()));
+        assert_eq!(token.current().as_deref(), Some("first"));
+
+        // Renewed by the kubelet: used once the minute is up, or at once after a 401.
+        std::fs::write(&path, "second").expect("token written");
+        assert_eq!(
+            token.current().as_deref(),
+            Some("first"),
+            "read once a minute"
+        );
+        assert!(token.read_again(), "a new token");
+        assert_eq!(token.current().as_deref(), Some("second"));
+        assert!(!token.read_again(), "the same token: nothing to resend");
+        token.read_at = Some(Instant::now() - TOKEN_REREAD_AFTER);
+        std::fs::write(&path, "third").expect("token written");
+        assert_eq!(
+            token.current().as_deref(),
+            Some("third"),
+            "a minute on, read again"
+        );
+
+        // A file that cannot be read leaves the last token in use.
+        std::fs::remove_file(&path).expect("token removed");
+        assert!(!token.read_again());
+        assert_eq!(token.current().as_deref(), Some("third"));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let mut none = Token::new(None);
+        assert_eq!(none.current(), None);
+        assert!(!none.read_again());
     }
 }

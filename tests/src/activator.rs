@@ -59,10 +59,22 @@ impl Activators {
         replicas: i32,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        anyhow::ensure!(!binaries.is_empty(), "no activator binary given");
-        create_deployment(ctx, "blink-activator", replicas, json!({})).await?;
         let token =
             service_account_token(ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        Self::start_with_token(ctx, binaries, replicas, extra, &token).await
+    }
+
+    /// The same, with `token` in the token file instead of one the scaler accepts
+    /// ([`Activators::token_file`] can be written later, as the kubelet renews it).
+    pub async fn start_with_token(
+        ctx: &TestContext,
+        binaries: &[&Path],
+        replicas: i32,
+        extra: &[&str],
+        token: &str,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!binaries.is_empty(), "no activator binary given");
+        create_deployment(ctx, "blink-activator", replicas, json!({})).await?;
         let log_dir = std::env::temp_dir()
             .join("blink-tests")
             .join(format!("{}-activators", ctx.namespace()));
@@ -175,6 +187,11 @@ impl Activators {
     }
 
     /// The last lines of activator `index`'s log.
+    /// The file every activator reads its ServiceAccount token from.
+    pub fn token_file(&self) -> PathBuf {
+        self.log_dir.join("token")
+    }
+
     pub fn log_tail(&self, index: usize) -> String {
         let path = self.log_dir.join(format!("{}.log", self.pods[index].name));
         crate::log_tail(&path, 40)

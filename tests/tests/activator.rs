@@ -11,8 +11,9 @@ use anyhow::{Context as _, bail, ensure};
 use blink_tests::{
     TestContext,
     activator::{Activators, get},
+    demand::service_account_token,
     pods::{PodProcesses, replica_command},
-    scaler::{ScalerProcess, release_finalizers},
+    scaler::{ACTIVATOR_SERVICE_ACCOUNT, ScalerProcess, release_finalizers},
     wait,
     workloads::{
         condition, condition_state, create_deployment, create_hpa, create_scaled_object, desired,
@@ -134,6 +135,80 @@ spec:
             .metric(0, "blink_activator_queue_wait_seconds_count{")
             .await?;
         ensure!(queue_waits == 1.0, "a warm request does not wait");
+        replicas.shutdown().await;
+        activators.processes.shutdown().await;
+        finish(&ctx, scaler).await
+    });
+}
+
+/// The kubelet writes a new token into the file before the old one expires, and the
+/// scaler refuses an expired one (`401`). Here the activator starts with a token the
+/// scaler refuses (the API server's default audience), and the file then gets a good
+/// one: the next refusal makes the activator read it again, and a request at zero
+/// wakes the function through its reports.
+#[test]
+fn a_renewed_token_is_read_again_and_demand_flows() {
+    blink_tests::run("activator-token", |ctx| async move {
+        create_deployment(&ctx, "hello", 0, json!({})).await?;
+        let replicas = replicas_of(&ctx, "hello");
+        let scaler = start_scaler(&ctx, "scaler-token").await?;
+        let refused = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, None).await?;
+        let activators =
+            Activators::start_with_token(&ctx, &[Path::new(ACTIVATOR)], 1, &[], &refused).await?;
+        create_scaled_object(
+            &ctx,
+            "
+metadata: {name: hello}
+spec:
+  scaleTargetRef: {name: hello}
+  cooldownPeriod: 300
+  triggers: [{type: http, metadata: {}}]
+",
+        )
+        .await?;
+        wait::until(
+            LONG,
+            "the scaler refuses the activator's snapshots",
+            || async {
+                let refusals = activators
+                    .metric(0, "blink_activator_snapshots_total{kind=\"refused\"}")
+                    .await?;
+                Ok((refusals >= 2.0).then_some(()))
+            },
+        )
+        .await?;
+        let accepted_before = activators
+            .metric(0, "blink_activator_snapshots_total{kind=\"sent\"}")
+            .await?;
+        ensure!(
+            accepted_before == 0.0,
+            "accepted with a refused token: {accepted_before}"
+        );
+
+        let token =
+            service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
+        std::fs::write(activators.token_file(), token)?;
+        let host = format!("hello.{}", ctx.namespace());
+        let (status, body) = get(&activators.url(0), &host, Duration::from_secs(30)).await?;
+        ensure!(
+            status == 200 && body.starts_with("hello-"),
+            "answered {status} {body:?}; activator log:\n{}",
+            activators.log_tail(0)
+        );
+        let accepted = activators
+            .metric(0, "blink_activator_snapshots_total{kind=\"sent\"}")
+            .await?;
+        ensure!(
+            accepted >= 1.0,
+            "snapshots accepted after the renewal: {accepted}"
+        );
+        ensure!(
+            activators
+                .log_tail(0)
+                .contains("the ServiceAccount token was renewed"),
+            "the renewal is logged; activator log:\n{}",
+            activators.log_tail(0)
+        );
         replicas.shutdown().await;
         activators.processes.shutdown().await;
         finish(&ctx, scaler).await
