@@ -5,12 +5,16 @@
 //!   `Retry-After`, then closed: a client learns why at once instead of waiting in the
 //!   kernel's backlog.
 //! - A client must send a request's head within `header_timeout` (slowloris), and a
-//!   head larger than `max_header_bytes` is answered `431`. Over HTTP/1.1 this is
-//!   [`Activity`]'s watch, one timer per connection: a connection with no exchange
-//!   open and none begun or ended in a whole `header_timeout` is closed, so an idle or
-//!   slow client goes after between one and two `header_timeout`s. (hyper's own
-//!   header timeout arms and disarms a timer for every request, a cost on the warm
-//!   path.)
+//!   head larger than `max_header_bytes` is answered `431`. This is [`Activity`]'s
+//!   watch, one timer per connection: a connection with no exchange open and none
+//!   begun or ended in a whole `header_timeout` is closed, so an idle or slow client
+//!   goes after between one and two `header_timeout`s. (hyper's own header timeout
+//!   arms and disarms a timer for every request, a cost on the warm path.) An HTTP/1.1
+//!   connection is closed then; an HTTP/2 one gets a GOAWAY first, so a request the
+//!   client sends meanwhile is refused as unprocessed (safe to retry) rather than lost
+//!   in a reset, and is closed at most one more `header_timeout` later. HTTP/2's pings
+//!   (every 20 s) find a peer that is gone; the watch frees the place of one that
+//!   stays and sends nothing.
 //! - Drain: stop accepting, let HTTP/1.1 connections finish their current exchange and
 //!   HTTP/2 ones get a GOAWAY, answer everything still held when the grace ends.
 
@@ -167,12 +171,8 @@ pub async fn serve<S>(
             let result = match speaks_h2c(&stream, header_timeout).await {
                 None => Ok(()),
                 Some(true) => {
-                    // HTTP/2 limits its own streams and pings: no idle watch to feed.
-                    let handler = service_fn(move |request: Request<Incoming>| {
-                        service
-                            .clone()
-                            .call(Exchange::new(request, address.clone()))
-                    });
+                    let activity = Arc::new(Activity::default());
+                    let handler = watched(service, address, activity.clone());
                     // Boxed: an HTTP/2 connection's state is several times an HTTP/1.1
                     // one's, and inline every connection's task would carry it.
                     let mut connection = Box::pin(
@@ -180,30 +180,25 @@ pub async fn serve<S>(
                             .http2
                             .serve_connection(TokioIo::new(stream), handler),
                     );
-                    until_done_or_stopped(connection.as_mut(), &closing, None, |c| {
+                    let quiet = activity.quiet_for(header_timeout);
+                    match until_done_or_stopped(connection.as_mut(), &closing, Some(quiet), |c| {
                         c.graceful_shutdown();
                     })
                     .await
-                    .unwrap_or(Ok(()))
+                    {
+                        Some(result) => result,
+                        None => {
+                            debug!(%client, "an idle HTTP/2 connection gets a GOAWAY");
+                            connection.as_mut().graceful_shutdown();
+                            tokio::time::timeout(header_timeout, connection)
+                                .await
+                                .unwrap_or(Ok(()))
+                        }
+                    }
                 }
                 Some(false) => {
                     let activity = Arc::new(Activity::default());
-                    let handler = {
-                        let activity = activity.clone();
-                        service_fn(move |request: Request<Incoming>| {
-                            let exchange = OpenExchange::begin(&activity);
-                            let response = service
-                                .clone()
-                                .call(Exchange::new(request, address.clone()));
-                            async move {
-                                let response = response.await?;
-                                Ok::<_, Infallible>(response.map(|body| Watched {
-                                    body,
-                                    _exchange: exchange,
-                                }))
-                            }
-                        })
-                    };
+                    let handler = watched(service, address, activity.clone());
                     let mut connection = std::pin::pin!(
                         protocols
                             .http1
@@ -281,9 +276,43 @@ async fn until_done_or_stopped<C: Future>(
     }
 }
 
-/// What happens on one HTTP/1.1 connection, for its idle watch: exchanges begun or
-/// ended, and those open. Only the connection's own task touches it; an atomic makes
-/// it `Sync` for hyper's service, at the price of an uncontended add per event.
+/// The service of one client connection: each request an [`Exchange`], open for the
+/// connection's idle watch until its response's body is done with.
+fn watched<S>(
+    service: S,
+    address: Arc<ClientAddress>,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = http::Response<Watched>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<Watched>, Infallible>> + Send + 'static,
+>
+where
+    S: Service<Exchange, Response = proxy::ProxyResponse, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    service_fn(move |request: Request<Incoming>| {
+        let exchange = OpenExchange::begin(&activity);
+        let response = service
+            .clone()
+            .call(Exchange::new(request, address.clone()));
+        async move {
+            let response = response.await?;
+            Ok(response.map(|body| Watched {
+                body,
+                _exchange: exchange,
+            }))
+        }
+    })
+}
+
+/// What happens on one client connection, for its idle watch: exchanges begun or
+/// ended, and those open. Over HTTP/1.1 only the connection's own task touches it (an
+/// uncontended add per event); over HTTP/2 each stream's task does too.
 #[derive(Debug, Default)]
 struct Activity {
     /// Exchanges open in the low 32 bits, exchanges begun plus ended (wrapping) in the
@@ -463,6 +492,82 @@ mod tests {
         assert_eq!(activity.state.load(Ordering::Relaxed) as u32, 0);
         // Ended between checks: the next check sees the event, the one after it quiet.
         assert!(timeout(PERIOD * 3, watch.as_mut()).await.is_ok());
+    }
+
+    /// An h2c connection with prior knowledge to `addr`, and its task.
+    async fn h2c(
+        addr: SocketAddr,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ) {
+        let stream = TcpStream::connect(addr).await.expect("connected");
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2c handshake");
+        (sender, tokio::spawn(connection))
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_gets_a_goaway_and_a_busy_one_stays() {
+        let listener = bind("127.0.0.1:0".parse().expect("address"), 16).expect("bound");
+        let addr = listener.local_addr().expect("address");
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut prometheus));
+        let service = tower::service_fn(|_: Exchange| async {
+            Ok::<_, Infallible>(proxy::answer(http::StatusCode::OK, "ok"))
+        });
+        let period = Duration::from_millis(200);
+        let config = ServerConfig {
+            max_connections: 10,
+            header_timeout: period,
+            max_header_bytes: 16 * 1024,
+            drain_grace: Duration::from_secs(1),
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            service,
+            config,
+            metrics,
+            shutdown.clone(),
+            || {},
+        ));
+
+        let (mut idle, idle_connection) = h2c(addr).await;
+        let (mut busy, busy_connection) = h2c(addr).await;
+        // Six periods with a request every half period on one, nothing on the other.
+        for _ in 0..12 {
+            let request = Request::get("http://f.example/")
+                .body(http_body_util::Empty::new())
+                .expect("request");
+            let response = busy.send_request(request).await.expect("answered");
+            assert_eq!(response.status(), http::StatusCode::OK);
+            sleep(period / 2).await;
+        }
+        assert!(
+            !busy_connection.is_finished(),
+            "a connection in use was closed"
+        );
+        let ended = timeout(Duration::from_secs(5), idle_connection)
+            .await
+            .expect("the idle connection was closed")
+            .expect("its task ran");
+        assert!(ended.is_ok(), "closed cleanly, after a GOAWAY: {ended:?}");
+        let request = Request::get("http://f.example/")
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        assert!(
+            idle.send_request(request).await.is_err(),
+            "the idle connection takes no more requests"
+        );
+        shutdown.cancel();
+        drop(busy);
+        timeout(Duration::from_secs(5), server)
+            .await
+            .expect("drained")
+            .expect("the server ran");
     }
 
     #[tokio::test(start_paused = true)]
