@@ -4,12 +4,11 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    hash::Hash,
     net::IpAddr,
     sync::Arc,
 };
 
-use blink_crds::{FunctionKey, ScaledObject};
+use blink_crds::{FunctionKey, ScaledObject, listing::Listing};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -102,43 +101,6 @@ pub async fn run(
 
 type Listed = tokio::sync::mpsc::Sender<&'static str>;
 
-/// What a watch has listed since its latest list began. A watch lists again after it
-/// lost its place (a restart of the API server, a `410 Gone`), and what was deleted
-/// while it was away sends no event: whatever the new list leaves out is gone.
-#[derive(Debug)]
-struct Listing<K> {
-    /// `None` between lists.
-    seen: Option<HashSet<K>>,
-}
-
-impl<K: Hash + Eq> Listing<K> {
-    /// A watch starts by listing.
-    fn new() -> Self {
-        Self {
-            seen: Some(HashSet::new()),
-        }
-    }
-
-    fn begin(&mut self) {
-        self.seen = Some(HashSet::new());
-    }
-
-    fn saw(&mut self, key: K) {
-        if let Some(seen) = &mut self.seen {
-            seen.insert(key);
-        }
-    }
-
-    fn is_listing(&self) -> bool {
-        self.seen.is_some()
-    }
-
-    /// What the list held.
-    fn end(&mut self) -> HashSet<K> {
-        self.seen.take().unwrap_or_default()
-    }
-}
-
 /// Runs one watch until the process ends, each event handed to `on_event`, which says
 /// when a list is done.
 async fn follow<K, F>(
@@ -167,7 +129,7 @@ async fn follow<K, F>(
 
 async fn watch_objects(client: Client, scope: Scope, registry: Arc<Registry>, listed: Listed) {
     let api: Api<ScaledObject> = scoped(client, &scope.namespace);
-    let mut listing = Listing::new();
+    let mut listing = Listing::default();
     follow(
         api,
         watcher::Config::default(),
@@ -240,7 +202,7 @@ fn service_info(service: &Service) -> ServiceInfo {
 
 async fn watch_services(client: Client, scope: Scope, registry: Arc<Registry>, listed: Listed) {
     let api: Api<Service> = scoped(client, &scope.namespace);
-    let mut listing = Listing::new();
+    let mut listing = Listing::default();
     follow(
         api,
         watcher::Config::default(),
@@ -317,7 +279,7 @@ async fn watch_slices(client: Client, scope: Scope, registry: Arc<Registry>, lis
     let config = watcher::Config::default().labels(&format!(
         "{LABEL_SERVICE_NAME},{LABEL_MANAGED_BY}!={BLINK_MANAGER}"
     ));
-    let mut listing = Listing::new();
+    let mut listing = Listing::default();
     follow(api, config, "EndpointSlice", listed, |event| {
         on_slice(&registry, &mut listing, event)
     })
@@ -373,19 +335,10 @@ async fn watch_activators(client: Client, scope: Scope, registry: Arc<Registry>,
 }
 
 /// Ready activators per slice of the activator Service.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct ActivatorSlices {
     ready: HashMap<String, usize>,
     listing: Listing<String>,
-}
-
-impl Default for ActivatorSlices {
-    fn default() -> Self {
-        Self {
-            ready: HashMap::new(),
-            listing: Listing::new(),
-        }
-    }
 }
 
 impl ActivatorSlices {
@@ -503,9 +456,9 @@ mod tests {
     #[test]
     fn what_a_new_list_leaves_out_is_gone() {
         let registry = registry();
-        let mut objects = Listing::new();
-        let mut services = Listing::new();
-        let mut slices = Listing::new();
+        let mut objects = Listing::default();
+        let mut services = Listing::default();
+        let mut slices = Listing::default();
         let on_o = |l: &mut Listing<FunctionKey>, e| on_object(&registry, l, e);
         assert!(list(
             vec![object("f", json!({})), object("g", json!({}))],

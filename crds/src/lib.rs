@@ -10,6 +10,7 @@
 //! - [`demand`]: the activator → scaler messages (snapshots, pokes, function keys).
 //! - [`routing`]: what an `http` trigger claims on the activator, and who keeps a claim
 //!   two objects want.
+//! - [`listing`]: what a watch's latest list held, so what it left out can go.
 //! - [`all_crds`] / [`crds_yaml`]: the CustomResourceDefinitions as installed; the
 //!   `crdgen` binary prints them and a test keeps the committed YAML equal to them.
 //!   Install these, not the derive's `ScaledObject::crd()`, which still marks optional
@@ -24,6 +25,7 @@ pub mod auth;
 mod crdgen;
 pub mod demand;
 pub mod duration;
+pub mod listing;
 pub mod routing;
 pub mod scaled_object;
 pub mod status;

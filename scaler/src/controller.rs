@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use blink_crds::{FunctionKey, ScaledObject};
+use blink_crds::{FunctionKey, ScaledObject, listing::Listing};
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
@@ -127,6 +127,13 @@ struct Controller {
     route_conflicts: HashMap<FunctionKey, String>,
     /// An object with an `http` trigger changed since routes were last settled.
     routes_dirty: bool,
+    /// Each watch's latest list: what a new list leaves out was deleted while the
+    /// watch was away, and goes as if its deletion had been seen.
+    listed_objects: Listing<FunctionKey>,
+    /// HPAs by (namespace, name).
+    listed_autoscalers: Listing<(String, String)>,
+    /// Workloads of each kind by (namespace, name).
+    listed_workloads: HashMap<&'static str, Listing<(String, String)>>,
 }
 
 enum Change {
@@ -212,6 +219,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) -> anyhow::Resu
         generated_retries: Retries::new(GENERATED_RETRY_FIRST, GENERATED_RETRY_MAX),
         route_conflicts: HashMap::new(),
         routes_dirty: false,
+        listed_objects: Listing::default(),
+        listed_autoscalers: Listing::default(),
+        listed_workloads: HashMap::new(),
     };
     // Routes are settled over every object (linear), so at most once a second.
     let mut settle_routes = tokio::time::interval(Duration::from_secs(1));
@@ -268,6 +278,65 @@ fn has_http(object: &ScaledObject) -> bool {
         .triggers
         .iter()
         .any(|t| t.trigger_type == "http")
+}
+
+/// The HPAs by the target they scale, as `event` changes them; the targets whose
+/// HPAs changed. An HPA is known by its namespace and name; a new list drops those it
+/// leaves out.
+fn autoscalers_after(
+    autoscalers: &mut HashMap<TargetId, BTreeSet<String>>,
+    listing: &mut Listing<(String, String)>,
+    event: Event<HorizontalPodAutoscaler>,
+) -> Vec<TargetId> {
+    let namespace_of =
+        |hpa: &HorizontalPodAutoscaler| hpa.metadata.namespace.clone().unwrap_or_default();
+    let target_of = |hpa: &HorizontalPodAutoscaler| -> Option<TargetId> {
+        let target = &hpa.spec.as_ref()?.scale_target_ref;
+        Some((namespace_of(hpa), target.kind.clone(), target.name.clone()))
+    };
+    let mut touched = Vec::new();
+    match event {
+        Event::Apply(hpa) | Event::InitApply(hpa) => {
+            let namespace = namespace_of(&hpa);
+            let name = hpa.metadata.name.clone().unwrap_or_default();
+            // Its target may have changed: drop its old claim (in its own namespace:
+            // another namespace's HPA of that name is another HPA) first.
+            for (id, names) in autoscalers.iter_mut() {
+                if id.0 == namespace && names.remove(&name) {
+                    touched.push(id.clone());
+                }
+            }
+            if let Some(id) = target_of(&hpa) {
+                autoscalers
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(name.clone());
+                touched.push(id);
+            }
+            listing.saw((namespace, name));
+        }
+        Event::Delete(hpa) => {
+            if let Some(id) = target_of(&hpa) {
+                if let Some(names) = autoscalers.get_mut(&id) {
+                    names.remove(&hpa.metadata.name.clone().unwrap_or_default());
+                }
+                touched.push(id);
+            }
+        }
+        Event::Init => listing.begin(),
+        Event::InitDone => {
+            let listed = listing.end();
+            for (id, names) in autoscalers.iter_mut() {
+                let before = names.len();
+                names.retain(|name| listed.contains(&(id.0.clone(), name.clone())));
+                if names.len() != before {
+                    touched.push(id.clone());
+                }
+            }
+        }
+    }
+    autoscalers.retain(|_, names| !names.is_empty());
+    touched
 }
 
 /// What the controller keeps of a workload: its identity, its generation and Blink's
@@ -353,13 +422,25 @@ fn metadata_of<K>(event: Event<PartialObjectMeta<K>>) -> Event<ObjectMeta> {
 impl Controller {
     async fn on_object(&mut self, event: Event<ScaledObject>) {
         match event {
-            Event::Apply(object) | Event::InitApply(object) => self.apply(object).await,
+            Event::Apply(object) => self.apply(object).await,
+            Event::InitApply(object) => {
+                if let Ok(key) = object.function_key() {
+                    self.listed_objects.saw(key);
+                }
+                self.apply(object).await;
+            }
             Event::Delete(object) => {
                 if let Ok(key) = object.function_key() {
                     self.remove(&key).await;
                 }
             }
-            Event::Init | Event::InitDone => {}
+            Event::Init => self.listed_objects.begin(),
+            Event::InitDone => {
+                for key in self.listed_objects.end_and_find_gone(self.functions.keys()) {
+                    info!(function = %key, "deleted while the watch was away");
+                    self.remove(&key).await;
+                }
+            }
         }
     }
 
@@ -469,44 +550,7 @@ impl Controller {
 
     /// An HPA on a target Blink scales makes two owners: both are left alone.
     fn on_autoscaler(&mut self, event: Event<HorizontalPodAutoscaler>) {
-        let id_of = |hpa: &HorizontalPodAutoscaler| -> Option<(TargetId, String)> {
-            let spec = hpa.spec.as_ref()?;
-            let target = &spec.scale_target_ref;
-            Some((
-                (
-                    hpa.metadata.namespace.clone().unwrap_or_default(),
-                    target.kind.clone(),
-                    target.name.clone(),
-                ),
-                hpa.metadata.name.clone().unwrap_or_default(),
-            ))
-        };
-        let mut touched = Vec::new();
-        match event {
-            Event::Apply(hpa) | Event::InitApply(hpa) => {
-                let name = hpa.metadata.name.clone().unwrap_or_default();
-                // Its target may have changed: drop the old claim first.
-                for (id, names) in self.autoscalers.iter_mut() {
-                    if names.remove(&name) {
-                        touched.push(id.clone());
-                    }
-                }
-                if let Some((id, name)) = id_of(&hpa) {
-                    self.autoscalers.entry(id.clone()).or_default().insert(name);
-                    touched.push(id);
-                }
-            }
-            Event::Delete(hpa) => {
-                if let Some((id, name)) = id_of(&hpa) {
-                    if let Some(names) = self.autoscalers.get_mut(&id) {
-                        names.remove(&name);
-                    }
-                    touched.push(id);
-                }
-            }
-            Event::Init | Event::InitDone => {}
-        }
-        self.autoscalers.retain(|_, names| !names.is_empty());
+        let touched = autoscalers_after(&mut self.autoscalers, &mut self.listed_autoscalers, event);
         for id in touched {
             self.publish_claims(&id);
         }
@@ -605,6 +649,9 @@ impl Controller {
                     kind.to_owned(),
                     meta.name.clone().unwrap_or_default(),
                 );
+                if let Some(listing) = self.listed_workloads.get_mut(kind) {
+                    listing.saw((id.0.clone(), id.2.clone()));
+                }
                 // Managed fields matter only now (who set the replicas); not kept.
                 let manager = replicas_manager(&meta);
                 let generation = meta.generation;
@@ -635,13 +682,34 @@ impl Controller {
                     kind.to_owned(),
                     meta.name.clone().unwrap_or_default(),
                 );
-                self.workloads.remove(&id);
-                // The generated object goes with its owner (garbage collection).
-                self.generated.remove(&id);
-                self.generated_retries.succeeded(&id);
+                self.forget_workload(&id);
             }
-            Event::Init | Event::InitDone => {}
+            Event::Init => self.listed_workloads.entry(kind).or_default().begin(),
+            Event::InitDone => {
+                let known = self
+                    .workloads
+                    .keys()
+                    .filter(|(_, k, _)| k == kind)
+                    .map(|(namespace, _, name)| (namespace.clone(), name.clone()))
+                    .collect::<Vec<_>>();
+                let gone = self
+                    .listed_workloads
+                    .entry(kind)
+                    .or_default()
+                    .end_and_find_gone(&known);
+                for (namespace, name) in gone {
+                    self.forget_workload(&(namespace, kind.to_owned(), name));
+                }
+            }
         }
+    }
+
+    /// A workload is gone.
+    fn forget_workload(&mut self, id: &TargetId) {
+        self.workloads.remove(id);
+        // The generated object goes with its owner (garbage collection).
+        self.generated.remove(id);
+        self.generated_retries.succeeded(id);
     }
 
     /// Tries again the generated objects whose last write or removal failed and whose
@@ -868,6 +936,76 @@ mod tests {
             fields_v1: Some(FieldsV1(fields)),
             ..Default::default()
         }
+    }
+
+    fn hpa(namespace: &str, name: &str, target: &str) -> HorizontalPodAutoscaler {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"maxReplicas": 5,
+                     "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target}}
+        }))
+        .expect("valid HPA")
+    }
+
+    fn target(namespace: &str, name: &str) -> TargetId {
+        (
+            namespace.to_owned(),
+            "Deployment".to_owned(),
+            name.to_owned(),
+        )
+    }
+
+    #[test]
+    fn hpas_are_known_by_namespace_and_name_and_a_new_list_drops_the_deleted() {
+        let mut autoscalers = HashMap::new();
+        let mut listing = Listing::default();
+        let mut event = |e| autoscalers_after(&mut autoscalers, &mut listing, e);
+        event(Event::Init);
+        event(Event::InitApply(hpa("a", "web", "x")));
+        event(Event::InitApply(hpa("b", "web", "y")));
+        event(Event::InitApply(hpa("a", "api", "z")));
+        assert_eq!(event(Event::InitDone), Vec::<TargetId>::new());
+        let owned = |m: &HashMap<TargetId, BTreeSet<String>>| {
+            let mut ids: Vec<TargetId> = m.keys().cloned().collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            owned(&autoscalers),
+            [target("a", "x"), target("a", "z"), target("b", "y")]
+        );
+
+        // b's "web" changes: a's "web" still owns a/x.
+        let mut event = |e| autoscalers_after(&mut autoscalers, &mut listing, e);
+        event(Event::Apply(hpa("b", "web", "y")));
+        // a's "api" moves to another target.
+        assert_eq!(
+            event(Event::Apply(hpa("a", "api", "w"))),
+            [target("a", "z"), target("a", "w")]
+        );
+        assert_eq!(
+            owned(&autoscalers),
+            [target("a", "w"), target("a", "x"), target("b", "y")]
+        );
+
+        // The watch lost its place; meanwhile a's "web" was deleted with no event.
+        let mut event = |e| autoscalers_after(&mut autoscalers, &mut listing, e);
+        event(Event::Init);
+        event(Event::InitApply(hpa("b", "web", "y")));
+        event(Event::InitApply(hpa("a", "api", "w")));
+        assert_eq!(
+            event(Event::InitDone),
+            [target("a", "x")],
+            "its target hears of it"
+        );
+        assert_eq!(owned(&autoscalers), [target("a", "w"), target("b", "y")]);
+
+        let mut event = |e| autoscalers_after(&mut autoscalers, &mut listing, e);
+        assert_eq!(
+            event(Event::Delete(hpa("b", "web", "y"))),
+            [target("b", "y")]
+        );
+        assert_eq!(owned(&autoscalers), [target("a", "w")]);
     }
 
     #[test]
