@@ -108,6 +108,9 @@ pub fn start(
     metrics: Arc<Metrics>,
     leader: watch::Receiver<Option<SocketAddr>>,
 ) -> Poker {
+    if config.token_file.is_none() {
+        warn!("no --token-file: demand reports carry no token, and the scaler refuses them (401)");
+    }
     let (sender, pokes) = mpsc::unbounded_channel();
     let reporter = Reporter {
         token: Token::new(config.token_file.clone()),
