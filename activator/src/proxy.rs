@@ -200,6 +200,11 @@ where
                 exchange.function = Some(function.clone());
                 Either::Right(self.inner.call(exchange))
             }
+            // Routes nothing until a person settles the conflict.
+            Err(Miss::Conflicted(reason)) => Either::Left(ready_now(unavailable(
+                format!("host {host:?} is not routed: {reason}"),
+                10,
+            ))),
             Err(miss) => Either::Left(ready_now(answer(
                 StatusCode::NOT_FOUND,
                 describe_miss(host, miss),
@@ -250,6 +255,7 @@ fn ready_now(response: ProxyResponse) -> Ready<Result<ProxyResponse, Infallible>
 fn describe_miss(host: &str, miss: Miss) -> String {
     match miss {
         Miss::UnknownHost => format!("no function is routed for host {host:?}"),
+        Miss::Conflicted(reason) => format!("host {host:?} is not routed: {reason}"),
         Miss::NoPrefix => format!("host {host:?} is routed, but no path prefix of it matches"),
         Miss::Ambiguous(a) => {
             let namespaces: Vec<String> = a.namespaces.into_iter().collect();

@@ -272,6 +272,12 @@ impl Registry {
                 .get(&(route.key.namespace().to_owned(), route.service.clone()));
             let function = known.functions[&route.key].clone();
             (route, service, function)
+        }))
+        .with_conflicted(resolution.conflicts.iter().filter_map(|(key, reason)| {
+            match &known.objects.get(key)?.route {
+                Some(Ok(route)) => Some((route, reason.as_str())),
+                _ => None,
+            }
         }));
         let replicas: Vec<Vec<SocketAddr>> = updates
             .iter()

@@ -9,10 +9,14 @@
 //!   name two namespaces share is ambiguous, and answered as such);
 //! - its Service's ClusterIP and port (`10.96.0.7:80`, and the bare IP for port 80),
 //!   which is how requests arrive in transparent mode when clients use the IP.
+//!
+//! An object in `Conflict` (another, older one holds one of its claims) routes nothing;
+//! its hosts and Service names that nobody else holds are answered `503` with why.
 
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use blink_crds::routing::HttpRoute;
@@ -79,6 +83,9 @@ pub enum Miss {
     /// The host is known, but no path prefix of it matches.
     NoPrefix,
     Ambiguous(Ambiguous),
+    /// The host is one a `ScaledObject` in `Conflict` names, and no other object
+    /// holds: why that object routes nothing.
+    Conflicted(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -96,6 +103,9 @@ pub struct RouteTable<T> {
     /// Service names and ClusterIP forms.
     names: HostMap<T>,
     short: HostMap<Short<T>>,
+    /// Hosts and Service names of objects in `Conflict` that no routed object holds:
+    /// why they route nothing.
+    conflicted: HostMap<Arc<str>>,
 }
 
 /// Every request looks up its host once or twice: a fast hash (seeded per process)
@@ -108,6 +118,7 @@ impl<T> Default for RouteTable<T> {
             hosts: HostMap::default(),
             names: HostMap::default(),
             short: HostMap::default(),
+            conflicted: HostMap::default(),
         }
     }
 }
@@ -172,6 +183,30 @@ impl<T: Clone> RouteTable<T> {
         table
     }
 
+    /// The hosts and Service names of `conflicted` routes (objects in `Conflict`, each
+    /// with why) that no routed object holds: a request for one is answered with the
+    /// reason, not as for a host nobody names.
+    pub fn with_conflicted<'a>(
+        mut self,
+        conflicted: impl IntoIterator<Item = (&'a HttpRoute, &'a str)>,
+    ) -> Self {
+        for (route, reason) in conflicted {
+            let reason: Arc<str> = format!("{} is in Conflict: {reason}", route.key).into();
+            let (svc, ns) = (&route.service, route.key.namespace());
+            let names = [
+                format!("{svc}.{ns}"),
+                format!("{svc}.{ns}.svc"),
+                format!("{svc}.{ns}.svc.cluster.local"),
+            ];
+            for host in route.hosts.iter().cloned().chain(names) {
+                if !self.hosts.contains_key(&host) && !self.names.contains_key(&host) {
+                    self.conflicted.insert(host, reason.clone());
+                }
+            }
+        }
+        self
+    }
+
     /// Where a request for `host` (as sent: any case, maybe with a port) and `path`
     /// goes.
     pub fn lookup(&self, host: &str, path: &str) -> Result<&T, Miss> {
@@ -200,7 +235,10 @@ impl<T: Clone> RouteTable<T> {
         match self.short.get(bare) {
             Some(Short::One(target)) => Ok(target),
             Some(Short::Ambiguous(a)) => Err(Miss::Ambiguous(a.clone())),
-            None => Err(Miss::UnknownHost),
+            None => Err(self
+                .conflicted
+                .get(bare)
+                .map_or(Miss::UnknownHost, |reason| Miss::Conflicted(reason.clone()))),
         }
     }
 }
@@ -255,6 +293,35 @@ mod tests {
                 .iter()
                 .map(|(r, s)| (r, s.as_ref(), r.key.to_string())),
         )
+    }
+
+    #[test]
+    fn a_conflicted_objects_own_names_say_why_they_route_nothing() {
+        let held = route("a", "old", &["shared.example"], &[], "old");
+        let late = route("a", "late", &["shared.example", "own.example"], &[], "late");
+        let t = table(&[(held, None)]).with_conflicted([(
+            &late,
+            "host shared.example path / is already routed to a/old, which is older",
+        )]);
+        assert_eq!(
+            t.lookup("shared.example", "/"),
+            Ok(&"a/old".to_owned()),
+            "the holder keeps it"
+        );
+        let why = "a/late is in Conflict: host shared.example path / is already routed to a/old, which is older";
+        for host in [
+            "own.example",
+            "Own.Example:8080",
+            "late.a",
+            "late.a.svc.cluster.local",
+        ] {
+            assert_eq!(
+                t.lookup(host, "/"),
+                Err(Miss::Conflicted(why.into())),
+                "{host}"
+            );
+        }
+        assert_eq!(t.lookup("nobody.example", "/"), Err(Miss::UnknownHost));
     }
 
     #[test]

@@ -814,6 +814,14 @@ spec:
                 headers["x-forwarded"]
             );
         }
+        // The newer object's own name, which nobody else holds: 503 with why.
+        let own = format!("late.{}", ctx.namespace());
+        let (status, headers, body) = request(&url, &own, Duration::from_secs(10)).await?;
+        ensure!(
+            status == 503 && body.contains("is in Conflict") && body.contains("shared.example"),
+            "{own}: {status} {body}"
+        );
+        ensure!(headers.contains_key("retry-after"), "{own}: no Retry-After");
         // h2c with prior knowledge from the client; upstream as the Service port says.
         let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
         for (host, client_h2, upstream) in [
