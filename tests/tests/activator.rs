@@ -34,6 +34,15 @@ const ACTIVATOR: &str = env!("CARGO_BIN_EXE_activator");
 const REPLICA: &str = env!("CARGO_BIN_EXE_test-replica");
 const LONG: Duration = Duration::from_secs(60);
 
+/// `hello` behind the `http` trigger with its defaults, slow to go back to zero.
+const HELLO: &str = "
+metadata: {name: hello}
+spec:
+  scaleTargetRef: {name: hello}
+  cooldownPeriod: 300
+  triggers: [{type: http, metadata: {}}]
+";
+
 async fn start_scaler(ctx: &TestContext, user: &str) -> anyhow::Result<ScalerProcess> {
     ScalerProcess::start(ctx, Path::new(SCALER), user, &[]).await
 }
@@ -70,17 +79,7 @@ fn a_request_at_zero_wakes_the_function_through_the_poke_and_is_answered() {
             &["--stats-interval", "60s", "--worker-threads", "1"],
         )
         .await?;
-        create_scaled_object(
-            &ctx,
-            "
-metadata: {name: hello}
-spec:
-  scaleTargetRef: {name: hello}
-  cooldownPeriod: 300
-  triggers: [{type: http, metadata: {}}]
-",
-        )
-        .await?;
+        create_scaled_object(&ctx, HELLO).await?;
         let host = format!("hello.{}", ctx.namespace());
         // The route appears once the activator's watch has seen the object.
         wait::until(LONG, "the activator routes the host", || async {
@@ -155,17 +154,7 @@ fn a_renewed_token_is_read_again_and_demand_flows() {
         let refused = service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, None).await?;
         let activators =
             Activators::start_with_token(&ctx, &[Path::new(ACTIVATOR)], 1, &[], &refused).await?;
-        create_scaled_object(
-            &ctx,
-            "
-metadata: {name: hello}
-spec:
-  scaleTargetRef: {name: hello}
-  cooldownPeriod: 300
-  triggers: [{type: http, metadata: {}}]
-",
-        )
-        .await?;
+        create_scaled_object(&ctx, HELLO).await?;
         wait::until(
             LONG,
             "the scaler refuses the activator's snapshots",
