@@ -465,7 +465,8 @@ mod tests {
         assert!(token.read_again(), "a new token");
         assert_eq!(token.current().as_deref(), Some("second"));
         assert!(!token.read_again(), "the same token: nothing to resend");
-        token.read_at = Some(Instant::now() - TOKEN_REREAD_AFTER);
+        // A minute on (or never read, on a machine up for less than a minute).
+        token.read_at = Instant::now().checked_sub(TOKEN_REREAD_AFTER);
         std::fs::write(&path, "third").expect("token written");
         assert_eq!(
             token.current().as_deref(),

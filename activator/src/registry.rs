@@ -67,11 +67,25 @@ struct Known {
     services: HashMap<ServiceId, ServiceInfo>,
     /// (namespace, service) → slice name → slice.
     slices: HashMap<ServiceId, HashMap<String, SliceInfo>>,
+    /// (namespace, slice name) → the Service it is filed under, so that a slice
+    /// relabelled to another Service leaves the first.
+    slice_services: HashMap<(String, String), String>,
     activators: usize,
     // Derived by `rebuild`:
     functions: HashMap<FunctionKey, Arc<Function>>,
     routes: HashMap<FunctionKey, HttpRoute>,
     by_service: HashMap<ServiceId, FunctionKey>,
+}
+
+impl Known {
+    fn remove_slice(&mut self, service: &ServiceId, slice: &str) {
+        if let Some(slices) = self.slices.get_mut(service) {
+            slices.remove(slice);
+            if slices.is_empty() {
+                self.slices.remove(service);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -156,21 +170,37 @@ impl Registry {
     /// An EndpointSlice changed (`None`: deleted): the function behind its Service
     /// gets its new replicas at once.
     pub fn apply_slice(&self, (namespace, service, slice): &SliceId, info: Option<SliceInfo>) {
-        let id = (namespace.clone(), service.clone());
         let mut known = self.known();
-        let slices = known.slices.entry(id.clone()).or_default();
+        let filed = (namespace.clone(), slice.clone());
+        let mut changed = Vec::with_capacity(2);
         match info {
             Some(info) => {
-                slices.insert(slice.clone(), info);
+                let id = (namespace.clone(), service.clone());
+                if let Some(before) = known.slice_services.insert(filed, service.clone())
+                    && before != *service
+                {
+                    let before = (namespace.clone(), before);
+                    known.remove_slice(&before, slice);
+                    changed.push(before);
+                }
+                known
+                    .slices
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(slice.clone(), info);
+                changed.push(id);
             }
             None => {
-                slices.remove(slice);
-                if slices.is_empty() {
-                    known.slices.remove(&id);
-                }
+                let filed_under = known.slice_services.remove(&filed);
+                let id = (
+                    namespace.clone(),
+                    filed_under.unwrap_or_else(|| service.clone()),
+                );
+                known.remove_slice(&id, slice);
+                changed.push(id);
             }
         }
-        Self::update_replicas(known, &[id]);
+        Self::update_replicas(known, &changed);
     }
 
     /// A list of every function slice ended: those it left out were deleted meanwhile,
@@ -178,6 +208,9 @@ impl Registry {
     pub fn retain_slices(&self, listed: &HashSet<SliceId>) {
         let mut known = self.known();
         let mut changed = Vec::new();
+        known.slice_services.retain(|(namespace, slice), service| {
+            listed.contains(&(namespace.clone(), service.clone(), slice.clone()))
+        });
         known.slices.retain(|(namespace, service), slices| {
             let before = slices.len();
             slices.retain(|slice, _| {

@@ -511,6 +511,17 @@ mod tests {
         );
         assert!(registry.table().lookup("f.example", "/").is_ok());
 
+        // A slice relabelled to another Service leaves the first.
+        let mut event = |e| on_slice(&registry, &mut slices, e);
+        event(Event::Apply(slice("g-1", "f", "10.244.0.7")));
+        assert_eq!(
+            replicas(&registry, "f"),
+            ["10.244.0.5:8080", "10.244.0.7:8080"]
+        );
+        event(Event::Apply(slice("g-1", "other", "10.244.0.7")));
+        assert_eq!(replicas(&registry, "f"), ["10.244.0.5:8080"]);
+        event(Event::Delete(slice("g-1", "other", "10.244.0.7")));
+
         // Between lists, events apply one by one.
         on_slice(
             &registry,

@@ -186,12 +186,12 @@ impl Activators {
         .await
     }
 
-    /// The last lines of activator `index`'s log.
     /// The file every activator reads its ServiceAccount token from.
     pub fn token_file(&self) -> PathBuf {
         self.log_dir.join("token")
     }
 
+    /// The last lines of activator `index`'s log.
     pub fn log_tail(&self, index: usize) -> String {
         let path = self.log_dir.join(format!("{}.log", self.pods[index].name));
         crate::log_tail(&path, 40)

@@ -176,7 +176,10 @@ fn a_renewed_token_is_read_again_and_demand_flows() {
 
         let token =
             service_account_token(&ctx, ACTIVATOR_SERVICE_ACCOUNT, Some("blink-scaler")).await?;
-        std::fs::write(activators.token_file(), token)?;
+        // Swapped in whole, as the kubelet does (a new file renamed over the old).
+        let renewed = activators.token_file().with_extension("new");
+        std::fs::write(&renewed, token)?;
+        std::fs::rename(&renewed, activators.token_file())?;
         let host = format!("hello.{}", ctx.namespace());
         let (status, body) = get(&activators.url(0), &host, Duration::from_secs(30)).await?;
         ensure!(
@@ -190,13 +193,6 @@ fn a_renewed_token_is_read_again_and_demand_flows() {
         ensure!(
             accepted >= 1.0,
             "snapshots accepted after the renewal: {accepted}"
-        );
-        ensure!(
-            activators
-                .log_tail(0)
-                .contains("the ServiceAccount token was renewed"),
-            "the renewal is logged; activator log:\n{}",
-            activators.log_tail(0)
         );
         replicas.shutdown().await;
         activators.processes.shutdown().await;
