@@ -85,7 +85,7 @@ impl Replica {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// The in-flight count, or `None` while it sits out.
@@ -144,11 +144,14 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Sequentially consistent with `enqueue`: either this sees the new waiter, or
+        // the waiter's own dispatch sees this slot free (on x86 the same instructions
+        // as weaker orderings).
+        self.replica.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.function.metrics.in_flight.dec();
         self.function.meter().in_flight.decrement(Instant::now());
         // A freed slot matters only where a limit made someone wait.
-        if self.function.waiting.load(Ordering::Acquire) > 0 {
+        if self.function.waiting.load(Ordering::SeqCst) > 0 {
             self.function.dispatch();
         }
     }
@@ -207,6 +210,10 @@ type Waiter = oneshot::Sender<Result<Ticket, Refusal>>;
 struct State {
     settings: Arc<Settings>,
     replicas: Vec<Arc<Replica>>,
+    /// Replicas no longer listed that still have requests in flight: one that comes
+    /// back (a readiness blip, an endpoint moving between slices) keeps its count and
+    /// connections, so its limit still holds.
+    departed: Vec<Arc<Replica>>,
     queue: VecDeque<Waiter>,
     held: Held,
     cannot_wake: Option<String>,
@@ -234,6 +241,7 @@ impl Function {
             state: Mutex::new(State {
                 settings: Arc::new(settings),
                 replicas: Vec::new(),
+                departed: Vec::new(),
                 queue: VecDeque::new(),
                 held: Held::default(),
                 cannot_wake: None,
@@ -283,10 +291,12 @@ impl Function {
         arrived: Instant,
     ) -> Result<Admission, Refusal> {
         let state = self.state();
-        // The warm path: a replica with room, the arrival counted with the slot taken
-        // (one look at the meter, and the clock read at arrival).
+        // The warm path: nobody waiting and a replica with room, the arrival counted
+        // with the slot taken (one look at the meter, and the clock read at arrival).
+        // Places given up leave closed senders in the queue until a dispatch or a sweep
+        // takes them out: the count of places held says whether anyone waits.
         if !state.draining
-            && state.queue.is_empty()
+            && state.held.requests == 0
             && let Some(ticket) = self.take_slot(&state, arrived, Arrival::CountNow)
         {
             return Ok(Admission::Ready(ticket));
@@ -345,18 +355,22 @@ impl Function {
         }
         state.held.requests += 1;
         state.held.body_bytes += body_bytes;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         drop(state);
-        self.waiting.fetch_add(1, Ordering::AcqRel);
         self.metrics.queued.inc();
         self.meter().queued.increment(Instant::now());
-        Waiting {
+        let waiting = Waiting {
             receiver,
             place: HeldPlace {
                 function: self.clone(),
                 body_bytes,
             },
             at_zero,
-        }
+        };
+        // A slot freed after this request found none, by a ticket that saw no waiter
+        // yet (see `Ticket::drop`), is taken here.
+        self.dispatch();
+        waiting
     }
 
     /// Picks a replica with room (power of two choices, sitting-out ones excluded) and
@@ -429,21 +443,27 @@ impl Function {
         drop(undelivered);
     }
 
-    /// The ready endpoints changed: keep the replicas still listed (their connections
-    /// and counts), add the new, forget the gone; then serve waiting requests.
     /// The replicas requests may go to now.
     #[cfg(test)]
     pub fn replica_addrs(&self) -> Vec<SocketAddr> {
         self.state().replicas.iter().map(|r| r.addr()).collect()
     }
 
+    /// The ready endpoints changed: keep the replicas still listed (their connections
+    /// and counts), take back departed ones listed again, add the new, and keep the
+    /// gone while requests are in flight on them; then serve waiting requests.
     pub fn set_replicas(self: &Arc<Self>, addrs: &[SocketAddr]) {
         {
             let mut state = self.state();
             let settings = state.settings.clone();
             let mut next = Vec::with_capacity(addrs.len());
             for addr in addrs {
-                match state.replicas.iter().find(|r| r.addr() == *addr) {
+                let known = state
+                    .replicas
+                    .iter()
+                    .chain(&state.departed)
+                    .find(|r| r.addr() == *addr);
+                match known {
                     Some(existing) => next.push(existing.clone()),
                     None => next.push(Arc::new(Replica::new(Upstream::new(
                         *addr,
@@ -456,10 +476,15 @@ impl Function {
             // Measured only for a wake: requests were waiting for the first replica.
             if next.is_empty() {
                 state.ready_since = None;
-            } else if state.replicas.is_empty() && !state.queue.is_empty() {
+            } else if state.replicas.is_empty() && state.held.requests > 0 {
                 state.ready_since = Some(Instant::now());
             }
-            state.replicas = next;
+            let previous = std::mem::replace(&mut state.replicas, next);
+            let mut departed = std::mem::take(&mut state.departed);
+            departed.extend(previous);
+            departed
+                .retain(|r| r.in_flight() > 0 && !state.replicas.iter().any(|n| Arc::ptr_eq(n, r)));
+            state.departed = departed;
         }
         self.dispatch();
     }
@@ -480,7 +505,10 @@ impl Function {
                 return;
             }
             let addrs = state.replicas.iter().map(|r| r.addr()).collect();
+            // New connections for the new protocol: nothing is taken back. Requests in
+            // flight on the old ones no longer count against the limit.
             state.replicas.clear();
+            state.departed.clear();
             addrs
         };
         self.set_replicas(&addrs);
@@ -631,6 +659,78 @@ mod tests {
         let w = waiting(f.admit(0, Instant::now()));
         f.set_replicas(&[addr(1)]);
         assert!(w.ticket().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_place_given_up_does_not_hold_back_the_next_request() {
+        let f = function(Some(1), 10);
+        f.set_replicas(&[addr(1)]);
+        let busy = ready(f.admit(0, Instant::now()));
+        // At the limit: this one waits, then its client leaves (or its wait ends).
+        drop(waiting(f.admit(0, Instant::now())));
+        drop(busy);
+        // The replica is free and nobody waits: straight through, not behind the
+        // place given up.
+        let next = ready(f.admit(0, Instant::now()));
+        assert_eq!(next.replica().addr(), addr(1));
+        assert_eq!(f.held(), Held::default());
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_while_a_request_joins_the_queue_is_not_lost() {
+        let f = function(Some(1), 10);
+        f.set_replicas(&[addr(1)]);
+        // `admit` found the replica at its limit; before the request is in the queue,
+        // the request in flight ends and its ticket sees nobody waiting.
+        let busy = ready(f.admit(0, Instant::now()));
+        drop(busy);
+        let joined = f.enqueue(f.state(), 0, Place::Back, false);
+        let ticket = tokio::time::timeout(Duration::from_secs(1), joined.ticket())
+            .await
+            .expect("served by the slot that was freed")
+            .expect("a replica");
+        assert_eq!(ticket.replica().addr(), addr(1));
+    }
+
+    #[tokio::test]
+    async fn a_replica_listed_again_keeps_its_requests_in_flight() {
+        let f = function(Some(1), 10);
+        f.set_replicas(&[addr(1)]);
+        let busy = ready(f.admit(0, Instant::now()));
+        // A readiness blip: gone from the endpoints, then back.
+        f.set_replicas(&[]);
+        f.set_replicas(&[addr(1)]);
+        let second = waiting(f.admit(0, Instant::now()));
+        assert!(!second.at_zero);
+        let second = tokio::spawn(second.ticket());
+        tokio::task::yield_now().await;
+        assert!(
+            !second.is_finished(),
+            "two at once on a replica whose limit is 1"
+        );
+        drop(busy);
+        let ticket = second
+            .await
+            .expect("joined")
+            .expect("served once the first is done");
+        assert_eq!(ticket.replica().in_flight(), 1);
+        drop(ticket);
+        // With nothing in flight, a replica gone is forgotten.
+        f.set_replicas(&[]);
+        assert!(f.state().departed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_wake_is_timed_only_for_requests_still_waiting() {
+        let f = function(None, 10);
+        drop(waiting(f.admit(0, Instant::now())));
+        f.set_replicas(&[addr(1)]);
+        assert_eq!(f.take_ready_since(), None, "nobody waited for this replica");
+        f.set_replicas(&[]);
+        let held = waiting(f.admit(0, Instant::now()));
+        f.set_replicas(&[addr(1)]);
+        assert!(f.take_ready_since().is_some());
+        drop(held);
     }
 
     #[tokio::test]
