@@ -548,6 +548,29 @@ spec:
             most == 2,
             "the replica had {most} requests at once (limit 2)"
         );
+        // A client that gives up while queued never holds back a later request.
+        let slow = format!("{}/slow/1500", activators.url(0));
+        let busy: Vec<_> = (0..2)
+            .map(|_| {
+                let (slow, host) = (slow.clone(), host.clone());
+                tokio::spawn(async move { request(&slow, &host, Duration::from_secs(30)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let gave_up = request(&activators.url(0), &host, Duration::from_millis(300)).await;
+        ensure!(
+            gave_up.is_err(),
+            "not queued behind two slow ones: {gave_up:?}"
+        );
+        for answer in busy {
+            let (status, _, body) = answer.await??;
+            ensure!(status == 200, "{status} {body}");
+        }
+        let (status, _, body) = request(&activators.url(0), &host, Duration::from_secs(5)).await?;
+        ensure!(
+            status == 200,
+            "after a queued client gave up: {status} {body}"
+        );
         replicas.shutdown().await;
         activators.processes.shutdown().await;
         Ok(())
