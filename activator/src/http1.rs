@@ -75,6 +75,8 @@ pub enum Error {
     ClientBody(BoxError),
     #[error("the replica did not begin its answer within {0:?} of having the whole request")]
     NoAnswerInTime(Duration),
+    #[error("the replica took none of the request body for {0:?}")]
+    BodyNotTaken(Duration),
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -218,7 +220,7 @@ impl Http1Connection {
         if !body_empty {
             // Boxed: inline, streaming a body (two futures raced) would make every
             // exchange's future larger, and each move of it longer, bodiless ones too.
-            match Box::pin(self.send_body(request.body_mut(), chunked)).await {
+            match Box::pin(self.send_body(request.body_mut(), chunked, response_timeout)).await {
                 Ok(BodySent::Whole) => {}
                 Ok(BodySent::Interrupted) => keep_alive = false,
                 Err(error) => {
@@ -314,8 +316,16 @@ impl Http1Connection {
     }
 
     /// Streams the request body; stops early (and the connection is not reused) if
-    /// the replica answers or closes before it has all of it.
-    async fn send_body<B>(&mut self, body: &mut B, chunked: bool) -> Result<BodySent, Error>
+    /// the replica answers or closes before it has all of it. Each write must be taken
+    /// within `stall_limit`: a replica that stops reading (hung, or answering early
+    /// without draining the body) would otherwise hold the request, its slot and its
+    /// connection for as long as the client waits.
+    async fn send_body<B>(
+        &mut self,
+        body: &mut B,
+        chunked: bool,
+        stall_limit: Duration,
+    ) -> Result<BodySent, Error>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -338,7 +348,7 @@ impl Http1Connection {
             let frame = match frame {
                 None => {
                     if chunked {
-                        io.write_all(b"0\r\n\r\n").await?;
+                        taken_within(stall_limit, io.write_all(b"0\r\n\r\n")).await?;
                     }
                     return Ok(BodySent::Whole);
                 }
@@ -350,13 +360,14 @@ impl Http1Connection {
                 Ok(data) if chunked => {
                     let size = Bytes::from(format!("{:x}\r\n", data.len()));
                     let mut chunk = size.chain(data).chain(&b"\r\n"[..]);
-                    io.write_all_buf(&mut chunk).await?;
+                    taken_within(stall_limit, io.write_all_buf(&mut chunk)).await?;
                 }
-                Ok(mut data) => io.write_all_buf(&mut data).await?,
+                Ok(mut data) => taken_within(stall_limit, io.write_all_buf(&mut data)).await?,
                 Err(frame) => {
                     // Trailers end the body; they can only go in a chunked one.
                     if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
-                        io.write_all(&encode_trailers(&trailers)).await?;
+                        let trailers = encode_trailers(&trailers);
+                        taken_within(stall_limit, io.write_all(&trailers)).await?;
                         return Ok(BodySent::Whole);
                     }
                 }
@@ -459,6 +470,17 @@ fn is_reset(error: &io::Error) -> bool {
 enum BodySent {
     Whole,
     Interrupted,
+}
+
+/// A write of the request body that the replica takes within `limit`.
+async fn taken_within(
+    limit: Duration,
+    write: impl Future<Output = io::Result<()>>,
+) -> Result<(), Error> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(written) => Ok(written?),
+        Err(_) => Err(Error::BodyNotTaken(limit)),
+    }
 }
 
 /// Resolves once the replica sends something (or closes: 0) while the request body is
@@ -1605,6 +1627,51 @@ mod tests {
         );
         assert!(body.into_reusable().is_none(), "the request was cut short");
         drop(served);
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_stops_reading_the_body_is_given_up() {
+        // It reads the head, then nothing more, and keeps the connection open.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+                let n = stream.read(&mut buffer).await.expect("read");
+                seen.extend_from_slice(&buffer[..n]);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(stream);
+        });
+        let connection = connect(addr).await;
+        // More than any socket buffers hold, in frames of 64 KiB.
+        let frames = futures::stream::iter((0..4096).map(|_| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; 65536])))
+        }));
+        let request = Request::post("/up")
+            .header(CONTENT_LENGTH, 4096 * 65536)
+            .body(StreamBody::new(frames))
+            .expect("request");
+        let stall = std::time::Duration::from_millis(300);
+        let failed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.send(request, stall),
+        )
+        .await
+        .expect("given up, not held")
+        .expect_err("no answer");
+        assert!(
+            matches!(failed.error, Error::BodyNotTaken(limit) if limit == stall),
+            "{:?}",
+            failed.error
+        );
+        assert!(
+            failed.unsent.is_none(),
+            "part of the body went: never sent again"
+        );
+        served.abort();
     }
 
     #[tokio::test]

@@ -19,6 +19,8 @@
 //!    the connection for reuse once the response is read, and tunnels upgrades. A
 //!    replica that has the whole request and does not begin its answer within the
 //!    function's `responseTimeout` is given up: 504, and the request is not resent.
+//!    Over HTTP/1.1 so is one that takes none of the request body for that long (over
+//!    h2c, a replica that never opens its flow-control window is not timed).
 //!
 //! Every layer answers errors itself (the services are infallible) and is always
 //! ready: there is no backpressure through `poll_ready`, since admission is [`Hold`]'s.
@@ -631,6 +633,10 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
                     ..
                 }) => return Ok(no_answer_in_time(&ticket, timeout, &metrics)),
                 Err(http1::SendError {
+                    error: http1::Error::BodyNotTaken(timeout),
+                    ..
+                }) => return Ok(body_not_taken(&ticket, timeout, &metrics)),
+                Err(http1::SendError {
                     error: http1::Error::ClientBody(e),
                     ..
                 }) => {
@@ -708,6 +714,22 @@ fn no_answer_in_time(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> P
         StatusCode::GATEWAY_TIMEOUT,
         format!(
             "replica {addr} of {key} did not begin its answer within {}s of having the whole request",
+            timeout.as_secs_f64()
+        ),
+    )
+}
+
+/// 504: the replica stopped reading the request body. Not sent again: it has part of
+/// it, and may be acting on it.
+fn body_not_taken(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> ProxyResponse {
+    let key = ticket.function().key();
+    let addr = ticket.replica().addr();
+    metrics.proxy_error("response_timeout");
+    warn!(function = %key, replica = %addr, ?timeout, "a replica stopped taking the request body");
+    answer(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "replica {addr} of {key} took none of the request body for {}s",
             timeout.as_secs_f64()
         ),
     )
