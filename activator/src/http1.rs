@@ -1629,6 +1629,22 @@ mod tests {
         drop(served);
     }
 
+    /// Why `send` gave up (within 10 s), once the replica has the request or part of
+    /// it: never given back to be sent again.
+    async fn given_up<B: std::fmt::Debug>(
+        send: impl std::future::Future<Output = Result<Answer, SendError<B>>>,
+    ) -> Error {
+        let failed = tokio::time::timeout(std::time::Duration::from_secs(10), send)
+            .await
+            .expect("given up, not held")
+            .expect_err("no answer");
+        assert!(
+            failed.unsent.is_none(),
+            "the replica has the request, or part of it: never sent again"
+        );
+        failed.error
+    }
+
     #[tokio::test]
     async fn a_replica_that_stops_reading_the_body_is_given_up() {
         // It reads the head, then nothing more, and keeps the connection open.
@@ -1655,21 +1671,10 @@ mod tests {
             .body(StreamBody::new(frames))
             .expect("request");
         let stall = std::time::Duration::from_millis(300);
-        let failed = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            connection.send(request, stall),
-        )
-        .await
-        .expect("given up, not held")
-        .expect_err("no answer");
+        let error = given_up(connection.send(request, stall)).await;
         assert!(
-            matches!(failed.error, Error::BodyNotTaken(limit) if limit == stall),
-            "{:?}",
-            failed.error
-        );
-        assert!(
-            failed.unsent.is_none(),
-            "part of the body went: never sent again"
+            matches!(error, Error::BodyNotTaken(limit) if limit == stall),
+            "{error:?}"
         );
         served.abort();
     }
@@ -1739,18 +1744,10 @@ mod tests {
         // The replica reads the request and never answers.
         let (connection, served) = replica(vec![(After::Head, b"")]).await;
         let due = Duration::from_millis(200);
-        let failed = tokio::time::timeout(Duration::from_secs(5), connection.send(get("/"), due))
-            .await
-            .expect("the wait for the answer is bounded")
-            .expect_err("no answer");
+        let error = given_up(connection.send(get("/"), due)).await;
         assert!(
-            matches!(failed.error, Error::NoAnswerInTime(t) if t == due),
-            "{:?}",
-            failed.error
-        );
-        assert!(
-            failed.unsent.is_none(),
-            "the replica has the request, so it must not go again"
+            matches!(error, Error::NoAnswerInTime(t) if t == due),
+            "{error:?}"
         );
         let seen = served.await.expect("replica");
         assert!(seen.starts_with("GET / HTTP/1.1"), "{seen}");

@@ -703,35 +703,40 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
     ))
 }
 
-/// 504: the replica had the whole request and did not begin its answer in time. The
-/// request is not sent again: the replica may be acting on it.
+/// 504: the replica had the whole request and did not begin its answer in time.
 fn no_answer_in_time(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> ProxyResponse {
-    let key = ticket.function().key();
-    let addr = ticket.replica().addr();
-    metrics.proxy_error("response_timeout");
-    warn!(function = %key, replica = %addr, ?timeout, "a replica did not begin its answer in time");
-    answer(
-        StatusCode::GATEWAY_TIMEOUT,
+    replica_too_slow(
+        ticket,
+        metrics,
         format!(
-            "replica {addr} of {key} did not begin its answer within {}s of having the whole request",
+            "did not begin its answer within {}s of having the whole request",
             timeout.as_secs_f64()
         ),
     )
 }
 
-/// 504: the replica stopped reading the request body. Not sent again: it has part of
-/// it, and may be acting on it.
+/// 504: the replica stopped reading the request body.
 fn body_not_taken(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> ProxyResponse {
+    replica_too_slow(
+        ticket,
+        metrics,
+        format!(
+            "took none of the request body for {}s",
+            timeout.as_secs_f64()
+        ),
+    )
+}
+
+/// 504 for a replica given up within `responseTimeout`. The request is not sent
+/// again: the replica has it, or part of it, and may be acting on it.
+fn replica_too_slow(ticket: &Ticket, metrics: &Metrics, what: String) -> ProxyResponse {
     let key = ticket.function().key();
     let addr = ticket.replica().addr();
     metrics.proxy_error("response_timeout");
-    warn!(function = %key, replica = %addr, ?timeout, "a replica stopped taking the request body");
+    warn!(function = %key, replica = %addr, "a replica {what}");
     answer(
         StatusCode::GATEWAY_TIMEOUT,
-        format!(
-            "replica {addr} of {key} took none of the request body for {}s",
-            timeout.as_secs_f64()
-        ),
+        format!("replica {addr} of {key} {what}"),
     )
 }
 
