@@ -162,7 +162,7 @@ impl Reporter {
             let Some(addr) = target else {
                 // No leader known: wait for one, keeping count of what waits.
                 tokio::select! {
-                    _ = self.leader.changed() => {}
+                    () = leader_changed(&mut self.leader) => {}
                     _ = tokio::time::sleep(self.config.interval) => self.discard_window(),
                 }
                 continue;
@@ -186,7 +186,7 @@ impl Reporter {
                     self.redirect = None;
                     let pause = Duration::from_millis(100 << failures.min(4));
                     tokio::select! {
-                        _ = self.leader.changed() => {}
+                        () = leader_changed(&mut self.leader) => {}
                         _ = tokio::time::sleep(pause) => {}
                     }
                 }
@@ -230,11 +230,7 @@ impl Reporter {
         loop {
             tokio::select! {
                 biased;
-                changed = self.leader.changed() => {
-                    if changed.is_ok() {
-                        return Leave::LeaderChanged;
-                    }
-                }
+                () = leader_changed(&mut self.leader) => return Leave::LeaderChanged,
                 Some((key, asked_at)) = self.pokes.recv() => {
                     let now = Instant::now();
                     if self.last_poke.get(&key).is_some_and(|at| now - *at < POKE_REPEAT_AFTER) {
@@ -316,11 +312,7 @@ impl Reporter {
             }
             Ok((StatusCode::MISDIRECTED_REQUEST, leader)) => {
                 self.metrics.snapshots.get_or_create(&kind("refused")).inc();
-                match leader.filter(|l| *l != client.addr) {
-                    Some(leader) => Err(Leave::Redirected(leader)),
-                    // It does not know the leader either: the Lease will tell.
-                    None => Ok(()),
-                }
+                after_misdirected(leader, client.addr, self.redirect.is_some())
             }
             Ok((status, _)) => {
                 self.metrics.snapshots.get_or_create(&kind("refused")).inc();
@@ -333,6 +325,30 @@ impl Reporter {
                 Err(Leave::Broken)
             }
         }
+    }
+}
+
+/// Where to report after a scaler at `addr` answered `421` naming `leader`: the leader
+/// it names; else, when `addr` itself came from an earlier `421`, back to the Lease's
+/// (its change was already seen, and will not be signalled again); else stay, until
+/// the Lease names another.
+fn after_misdirected(
+    leader: Option<SocketAddr>,
+    addr: SocketAddr,
+    following_redirect: bool,
+) -> Result<(), Leave> {
+    match leader.filter(|l| *l != addr) {
+        Some(leader) => Err(Leave::Redirected(leader)),
+        None if following_redirect => Err(Leave::LeaderChanged),
+        None => Ok(()),
+    }
+}
+
+/// Resolves when the Lease names another leader. Should the Lease's watch end, never:
+/// the last leader known stays (a closed channel would resolve at once, forever).
+async fn leader_changed(leader: &mut watch::Receiver<Option<SocketAddr>>) {
+    if leader.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -445,6 +461,55 @@ impl ScalerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_421_sends_the_report_where_the_leader_is() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.244.0.1:9092".parse().expect("address"),
+            "10.244.0.2:9092".parse().expect("address"),
+        );
+        let cases = [
+            (Some(b), a, false, "redirected to b"),
+            (Some(b), a, true, "redirected to b"),
+            (Some(a), a, false, "stay"),
+            (None, a, false, "stay"),
+            // Reached through a 421, and it knows no leader: back to the Lease's.
+            (None, a, true, "the Lease's"),
+            (Some(a), a, true, "the Lease's"),
+        ];
+        for (leader, addr, following, expected) in cases {
+            let outcome = match after_misdirected(leader, addr, following) {
+                Err(Leave::Redirected(to)) if to == b => "redirected to b",
+                Ok(()) => "stay",
+                Err(Leave::LeaderChanged) => "the Lease's",
+                _ => "other",
+            };
+            assert_eq!(
+                outcome, expected,
+                "{leader:?} from {addr}, following {following}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_watch_that_ends_leaves_the_last_leader() {
+        let (sender, mut leader) = watch::channel(None);
+        sender.send_replace(Some("10.244.0.1:9092".parse().expect("address")));
+        tokio::time::timeout(Duration::from_millis(100), leader_changed(&mut leader))
+            .await
+            .expect("a change is told");
+        drop(sender);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), leader_changed(&mut leader))
+                .await
+                .is_err(),
+            "the end of the watch is no change of leader"
+        );
+        assert_eq!(
+            *leader.borrow(),
+            Some("10.244.0.1:9092".parse().expect("address"))
+        );
+    }
 
     #[test]
     fn the_token_is_read_again_when_renewed() {

@@ -11,7 +11,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -94,6 +97,8 @@ pub struct Registry {
     table: ArcSwap<RouteTable<Arc<Function>>>,
     defaults: Defaults,
     metrics: Arc<Metrics>,
+    /// Shutting down: functions made from now on (the watches go on) drain too.
+    draining: AtomicBool,
 }
 
 impl Registry {
@@ -106,6 +111,7 @@ impl Registry {
             table: ArcSwap::from_pointee(RouteTable::default()),
             defaults,
             metrics,
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -317,10 +323,14 @@ impl Registry {
             .map(|(f, _, _)| replica_addrs(&known, f.key()))
             .collect();
         drop(known);
+        let draining = self.draining.load(Ordering::SeqCst);
         for ((function, settings, cannot_wake), addrs) in updates.into_iter().zip(replicas) {
             function.set_settings(settings);
             function.set_cannot_wake(cannot_wake);
             function.set_replicas(&addrs);
+            if draining {
+                function.drain();
+            }
         }
         self.table.store(Arc::new(table));
         // Functions no longer routed answer what they hold.
@@ -372,6 +382,9 @@ impl Registry {
 
     /// Shutting down: every function answers what it holds and takes no more.
     pub fn drain(&self) {
+        // Before the functions are listed: one a rebuild makes meanwhile is either
+        // listed here or sees the flag.
+        self.draining.store(true, Ordering::SeqCst);
         for function in self.functions() {
             function.drain();
         }

@@ -541,6 +541,31 @@ mod tests {
     }
 
     #[test]
+    fn a_function_made_after_the_drain_began_drains_too() {
+        let registry = registry();
+        let mut objects = Listing::default();
+        list(vec![object("f", json!({}))], |e| {
+            on_object(&registry, &mut objects, e)
+        });
+        registry.drain();
+        on_object(
+            &registry,
+            &mut objects,
+            Event::Apply(object("g", json!({}))),
+        );
+        for name in ["f", "g"] {
+            let function = registry.function(&key(name)).expect("routed");
+            assert!(
+                matches!(
+                    function.admit(0, std::time::Instant::now()),
+                    Err(crate::function::Refusal::Draining)
+                ),
+                "{name} takes requests while the activator drains"
+            );
+        }
+    }
+
+    #[test]
     fn the_activators_are_counted_over_the_latest_list() {
         let mut counts = ActivatorSlices::default();
         assert_eq!(counts.on_event(Event::Init), (None, false));
