@@ -121,6 +121,7 @@ pub fn start(
         metrics,
         leader,
         redirect: None,
+        delivered: false,
         pokes,
         last_poke: HashMap::new(),
     };
@@ -142,6 +143,8 @@ struct Reporter {
     leader: watch::Receiver<Option<SocketAddr>>,
     /// A leader named by a `421`, until the Lease says otherwise.
     redirect: Option<SocketAddr>,
+    /// Whether the current connection has delivered a snapshot.
+    delivered: bool,
     /// Functions to poke, with when the request that asked arrived.
     pokes: mpsc::UnboundedReceiver<(FunctionKey, Instant)>,
     last_poke: HashMap<FunctionKey, Instant>,
@@ -167,11 +170,12 @@ impl Reporter {
                 }
                 continue;
             };
-            match self.connect(addr).await {
+            let pause = match self.connect(addr).await {
                 Ok(sender) => {
-                    failures = 0;
                     info!(scaler = %addr, "reporting demand");
-                    match self.report(sender, addr).await {
+                    self.delivered = false;
+                    let leave = self.report(sender, addr).await;
+                    match leave {
                         Leave::LeaderChanged => self.redirect = None,
                         Leave::Redirected(to) => {
                             info!(from = %addr, to = %to, "scaler named another leader");
@@ -179,16 +183,24 @@ impl Reporter {
                         }
                         Leave::Broken => {}
                     }
+                    // A session that delivered nothing is a failure too: two scalers
+                    // naming each other in their 421s, or one that takes the
+                    // connection and fails every report, must not be a busy loop.
+                    // The first such hop is taken at once (a leader change is).
+                    failures = if self.delivered { 0 } else { failures + 1 };
+                    (failures > 1).then(|| backoff(failures - 1))
                 }
                 Err(e) => {
                     failures += 1;
                     warn!(scaler = %addr, error = %e, "cannot reach the scaler; retrying");
                     self.redirect = None;
-                    let pause = Duration::from_millis(100 << failures.min(4));
-                    tokio::select! {
-                        () = leader_changed(&mut self.leader) => {}
-                        _ = tokio::time::sleep(pause) => {}
-                    }
+                    Some(backoff(failures))
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = leader_changed(&mut self.leader) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
@@ -274,21 +286,24 @@ impl Reporter {
 
     async fn snapshot(&mut self, client: &ScalerClient) -> Result<(), Leave> {
         let now = Instant::now();
-        let functions: Vec<FunctionDemand> = self
-            .registry
-            .functions()
-            .into_iter()
-            .filter_map(|function| {
-                let reading = function.take_demand(now);
-                (!reading.is_zero()).then(|| FunctionDemand {
-                    key: function.key().clone(),
-                    in_flight: reading.in_flight,
-                    queued: reading.queued,
-                    requests: reading.requests,
-                    held_messages: 0,
-                })
-            })
-            .collect();
+        let mut functions = Vec::new();
+        let mut counted = Vec::new();
+        for function in self.registry.functions() {
+            let reading = function.take_demand(now);
+            if reading.is_zero() {
+                continue;
+            }
+            functions.push(FunctionDemand {
+                key: function.key().clone(),
+                in_flight: reading.in_flight,
+                queued: reading.queued,
+                requests: reading.requests,
+                held_messages: 0,
+            });
+            if reading.requests > 0 {
+                counted.push((function, reading.requests));
+            }
+        }
         self.seq += 1;
         let snapshot = Snapshot {
             activator: self.config.activator.clone(),
@@ -305,9 +320,17 @@ impl Reporter {
                 .post(SNAPSHOT_PATH, &snapshot, self.token.current().as_deref())
                 .await;
         }
+        if !matches!(&answer, Ok((status, _)) if status.is_success()) {
+            // Not applied: its arrivals go in the next snapshot. (Its averages do not:
+            // the next window measures the levels afresh.)
+            for (function, requests) in counted {
+                function.count_again(requests);
+            }
+        }
         match answer {
             Ok((status, _)) if status.is_success() => {
                 self.metrics.snapshots.get_or_create(&kind("sent")).inc();
+                self.delivered = true;
                 Ok(())
             }
             Ok((StatusCode::MISDIRECTED_REQUEST, leader)) => {
@@ -326,6 +349,12 @@ impl Reporter {
             }
         }
     }
+}
+
+/// The pause before the next attempt after `failures` in a row (at least 1): 100 ms,
+/// doubling up to 1.6 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100 << failures.saturating_sub(1).min(4))
 }
 
 /// Where to report after a scaler at `addr` answered `421` naming `leader`: the leader
@@ -460,7 +489,159 @@ impl ScalerClient {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use hyper::{body::Incoming, service::service_fn};
+
     use super::*;
+    use crate::watch::tests::{registry, routed};
+
+    /// A stand-in scaler for one conversation: answers each report by `answer`,
+    /// counting connections and keeping the snapshots it was sent.
+    #[derive(Clone, Default)]
+    struct Scaler {
+        connections: Arc<AtomicUsize>,
+        snapshots: Arc<Mutex<Vec<Snapshot>>>,
+    }
+
+    impl Scaler {
+        async fn serve(
+            &self,
+            listener: tokio::net::TcpListener,
+            answer: impl Fn(usize) -> (StatusCode, Option<SocketAddr>) + Clone + Send + 'static,
+        ) {
+            let scaler = self.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    scaler.connections.fetch_add(1, Ordering::SeqCst);
+                    let (scaler, answer) = (scaler.clone(), answer.clone());
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let (scaler, answer) = (scaler.clone(), answer.clone());
+                        async move {
+                            let is_snapshot = request.uri().path() == SNAPSHOT_PATH;
+                            let body = request.into_body().collect().await?.to_bytes();
+                            let seen = if is_snapshot {
+                                let snapshot = serde_json::from_slice(&body).expect("a snapshot");
+                                let mut snapshots = scaler.snapshots.lock().expect("lock");
+                                snapshots.push(snapshot);
+                                snapshots.len()
+                            } else {
+                                0
+                            };
+                            let (status, leader) = answer(seen);
+                            let mut response = http::Response::builder().status(status);
+                            if let Some(leader) = leader {
+                                response =
+                                    response.header(LEADER_HEADER, format!("scaler@{leader}"));
+                            }
+                            Ok::<_, hyper::Error>(
+                                response.body(Full::new(Bytes::new())).expect("a response"),
+                            )
+                        }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service),
+                    );
+                }
+            });
+        }
+
+        fn snapshots(&self) -> Vec<Snapshot> {
+            self.snapshots.lock().expect("lock").clone()
+        }
+    }
+
+    async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        (listener, addr)
+    }
+
+    fn reporter_to(
+        leader: SocketAddr,
+        interval: Duration,
+        registry: Arc<Registry>,
+    ) -> watch::Sender<Option<SocketAddr>> {
+        let (sender, receiver) = watch::channel(Some(leader));
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let config = ReporterConfig {
+            activator: "activator-0".into(),
+            interval,
+            token_file: None,
+            lease: ("blink".into(), "blink-scaler".into()),
+        };
+        let metrics = Arc::new(Metrics::register(&mut prometheus));
+        start(config, registry, metrics, receiver);
+        sender
+    }
+
+    #[tokio::test]
+    async fn arrivals_of_a_refused_snapshot_go_in_the_next() {
+        let registry = Arc::new(registry());
+        let web = routed(&registry, "web");
+        // One arrival, held (no replica yet), then gone: the only demand there is.
+        drop(web.admit(0, Instant::now()));
+        let (listener, addr) = listener().await;
+        let scaler = Scaler::default();
+        // The first snapshot refused (an overloaded scaler), the rest applied.
+        scaler
+            .serve(listener, |seen| match seen {
+                1 => (StatusCode::SERVICE_UNAVAILABLE, None),
+                _ => (StatusCode::OK, None),
+            })
+            .await;
+        let _leader = reporter_to(addr, Duration::from_millis(50), registry.clone());
+        let arrivals =
+            |snapshot: &Snapshot| -> u64 { snapshot.functions.iter().map(|f| f.requests).sum() };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while scaler.snapshots().len() < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("three snapshots");
+        let snapshots = scaler.snapshots();
+        assert_eq!(arrivals(&snapshots[0]), 1, "the refused one counted it");
+        assert_eq!(arrivals(&snapshots[1]), 1, "and so does the next");
+        assert_eq!(
+            arrivals(&snapshots[2]),
+            0,
+            "once applied, it is not counted again"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_scalers_naming_each_other_are_not_a_busy_loop() {
+        let ((first, a), (second, b)) = (listener().await, listener().await);
+        let scaler = Scaler::default();
+        scaler
+            .serve(first, move |_| (StatusCode::MISDIRECTED_REQUEST, Some(b)))
+            .await;
+        scaler
+            .serve(second, move |_| (StatusCode::MISDIRECTED_REQUEST, Some(a)))
+            .await;
+        let _leader = reporter_to(a, Duration::from_secs(1), Arc::new(registry()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Pauses of 0, 0, 100, 200, 400, 800 ms: six connections in the second (a
+        // loop without pauses makes hundreds).
+        let connections = scaler.connections.load(Ordering::SeqCst);
+        assert!(
+            (3..=8).contains(&connections),
+            "{connections} connections in 1 s"
+        );
+    }
+
+    #[test]
+    fn the_pause_doubles_up_to_a_bound() {
+        let pauses: Vec<u64> = (1..=7).map(|n| backoff(n).as_millis() as u64).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 1600, 1600]);
+    }
 
     #[test]
     fn a_421_sends_the_report_where_the_leader_is() {

@@ -284,6 +284,13 @@ impl Function {
         self.meter().take(now)
     }
 
+    /// Arrivals taken for a snapshot the scaler never applied: counted in the next, so
+    /// the scaler sees each arrival once (late rather than never).
+    pub fn count_again(&self, requests: u64) {
+        let mut meter = self.meter();
+        meter.requests = meter.requests.saturating_add(requests);
+    }
+
     /// A request arrives, at `arrived`, with `body_bytes` it may hold (see [`hold`]).
     pub fn admit(
         self: &Arc<Self>,

@@ -368,7 +368,7 @@ impl ActivatorSlices {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use serde_json::json;
@@ -376,7 +376,7 @@ mod tests {
     use super::*;
     use crate::{function::PoolConfigEq, hold::QueueBounds, metrics::Metrics};
 
-    fn registry() -> Registry {
+    pub(crate) fn registry() -> Registry {
         let mut prometheus = prometheus_client::registry::Registry::default();
         Registry::new(
             crate::registry::Defaults {
@@ -423,6 +423,15 @@ mod tests {
             "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]
         }))
         .expect("valid EndpointSlice")
+    }
+
+    /// A function routed in `registry` as the watches make one: its object and its
+    /// Service (no replicas yet).
+    pub(crate) fn routed(registry: &Registry, name: &str) -> Arc<crate::function::Function> {
+        registry.apply_object(&object(name, json!({})));
+        registry.apply_service("apps", name, service_info(&service(name)));
+        registry.rebuild();
+        registry.function(&key(name)).expect("routed")
     }
 
     fn key(name: &str) -> FunctionKey {
