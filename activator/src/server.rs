@@ -100,26 +100,51 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether the client speaks h2c: peeks (reads nothing) until its first bytes either
 /// are the HTTP/2 preface or cannot become it. `None`: it sent nothing in time.
+///
+/// A peek leaves the bytes queued, so the socket stays readable; a client that sent
+/// part of the preface (`P`, as `POST` starts) and stalled would have this loop peek
+/// again at once, forever. Each peek is therefore made in `try_io`: one that finds no
+/// answer yet clears the readiness it was woken for, and the next waits for new bytes.
 async fn speaks_h2c(stream: &TcpStream, timeout: Duration) -> Option<bool> {
     let mut buffer = [0u8; 24];
     let peek = async {
         loop {
-            let n = stream.peek(&mut buffer).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if buffer[..n] != H2_PREFACE[..n] {
-                return Some(false);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(true);
-            }
-            // Part of the preface so far: wait for more.
             stream.readable().await.ok()?;
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+                let n = nix::sys::socket::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(stream),
+                    &mut buffer,
+                    nix::sys::socket::MsgFlags::MSG_PEEK,
+                )?;
+                #[cfg(test)]
+                tests::PEEKS.with(|peeks| peeks.set(peeks.get() + 1));
+                match preface_so_far(&buffer[..n]) {
+                    Some(answer) => Ok(answer),
+                    None => Err(std::io::ErrorKind::WouldBlock.into()),
+                }
+            });
+            match peeked {
+                Ok(answer) => return answer,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
         }
     };
     tokio::time::timeout(timeout, peek).await.ok().flatten()
+}
+
+/// What a client's first bytes say: `Some(None)` it closed without a byte,
+/// `Some(Some(h2c))` decided, `None` part of the preface so far (or nothing yet).
+fn preface_so_far(first: &[u8]) -> Option<Option<bool>> {
+    // `recv` answers 0 both for a closed connection and for an empty buffer; the
+    // buffer is 24 bytes, so 0 is a close. (No bytes yet is EAGAIN, an error.)
+    if first.is_empty() {
+        return Some(None);
+    }
+    if first != &H2_PREFACE[..first.len()] {
+        return Some(Some(false));
+    }
+    (first.len() == H2_PREFACE.len()).then_some(Some(true))
 }
 
 /// Serves `service` on `listener` until `shutdown`, then drains.
@@ -446,6 +471,60 @@ mod tests {
     use super::*;
 
     const PERIOD: Duration = Duration::from_secs(10);
+
+    thread_local! {
+        /// `speaks_h2c`'s peeks on this thread (each test has its own runtime thread).
+        pub(super) static PEEKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A client connected to a listener, and the server's side of it.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let client = TcpStream::connect(listener.local_addr().expect("its address"));
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.expect("connected"), accepted.expect("accepted").0)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_tell_h2c_from_http1() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = connected().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.expect("sent");
+        assert_eq!(speaks_h2c(&server, PERIOD).await, Some(false));
+
+        let (mut client, server) = connected().await;
+        client.write_all(H2_PREFACE).await.expect("sent");
+        assert_eq!(speaks_h2c(&server, PERIOD).await, Some(true));
+
+        let (client, server) = connected().await;
+        drop(client);
+        assert_eq!(speaks_h2c(&server, PERIOD).await, None, "closed");
+
+        let (_client, server) = connected().await;
+        let silent = speaks_h2c(&server, Duration::from_millis(50)).await;
+        assert_eq!(silent, None, "nothing sent in time");
+    }
+
+    #[tokio::test]
+    async fn a_client_stalled_inside_the_preface_is_waited_for_not_polled() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = connected().await;
+        // `P` may begin `POST` or the preface: no answer until more comes.
+        client.write_all(b"P").await.expect("sent");
+        let rest = async {
+            sleep(Duration::from_millis(300)).await;
+            client.write_all(&H2_PREFACE[1..]).await.expect("sent");
+        };
+        PEEKS.with(|peeks| peeks.set(0));
+        let (answer, ()) = tokio::join!(speaks_h2c(&server, PERIOD), rest);
+        assert_eq!(answer, Some(true));
+        // One peek for `P`, one (or two, should the rest come in parts) after it.
+        let peeks = PEEKS.with(std::cell::Cell::get);
+        assert!(
+            peeks <= 4,
+            "{peeks} peeks while the client stalled for 300 ms"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_does_nothing_is_quiet_after_one_period() {
