@@ -118,6 +118,11 @@ pub enum ConnectError {
     },
 }
 
+/// How often an h2c connection to a replica is pinged, and how long an answer may take
+/// before the connection is given up.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     pub max_connections: usize,
@@ -255,6 +260,12 @@ impl Upstream {
         let io = TokioIo::new(self.connect_tcp().await?);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // A replica whose node is gone sends no reset: without pings, requests
+            // would go to the dead connection and wait out their timeout, and bodies
+            // streaming from it would hang with their slots.
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(io)
             .await
             .map_err(|source| ConnectError::Handshake {
@@ -295,5 +306,43 @@ impl Upstream {
         // Requests and responses are small and interactive; never wait to coalesce.
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_replica_that_stops_answering_is_given_up() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accepted");
+            // The handshake, then nothing: pings go unanswered, as from a replica
+            // whose node is gone.
+            let _connection = h2::server::handshake(stream).await.expect("handshake");
+            std::future::pending::<()>().await;
+        });
+        let config = PoolConfig {
+            max_connections: 1,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let upstream = Upstream::new(addr, Protocol::H2c, config, Default::default());
+        let Ok(Connection::H2(sender)) = upstream.checkout().await else {
+            panic!("an h2c connection");
+        };
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(300), async {
+            while !sender.is_closed() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the connection is closed once a ping goes unanswered");
+        assert!(started.elapsed() <= H2_PING_INTERVAL + H2_PING_TIMEOUT + Duration::from_secs(1));
+        assert!(upstream.checkout_ready().is_none(), "not used again");
     }
 }
