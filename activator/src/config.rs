@@ -62,6 +62,12 @@ pub struct Config {
     #[arg(long, env = "BLINK_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_limit)]
     pub response_timeout: Duration,
 
+    /// How long a client may pause while sending a request body that is being
+    /// forwarded: then 408, and the replica's slot is freed (a stalled upload would
+    /// hold it for as long as the client kept its connection).
+    #[arg(long, env = "BLINK_BODY_TIMEOUT", default_value = "60s", value_parser = parse_limit)]
+    pub body_timeout: Duration,
+
     /// Requests held per function (a function's `queueLimit` overrides it): then 503.
     #[arg(long, env = "BLINK_QUEUE_LIMIT", default_value_t = 10_000)]
     pub queue_limit: usize,

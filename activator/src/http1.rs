@@ -73,6 +73,8 @@ pub enum Error {
     HeadTooLarge,
     #[error("reading the request body from the client: {0}")]
     ClientBody(BoxError),
+    #[error("the client sent no part of the request body for {0:?}")]
+    ClientBodyStalled(Duration),
     #[error("the replica did not begin its answer within {0:?} of having the whole request")]
     NoAnswerInTime(Duration),
     #[error("the replica took none of the request body for {0:?}")]
@@ -191,6 +193,7 @@ impl Http1Connection {
         mut self,
         mut request: Request<B>,
         response_timeout: Duration,
+        body_timeout: Duration,
     ) -> Result<Answer, SendError<B>>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -220,7 +223,11 @@ impl Http1Connection {
         if !body_empty {
             // Boxed: inline, streaming a body (two futures raced) would make every
             // exchange's future larger, and each move of it longer, bodiless ones too.
-            match Box::pin(self.send_body(request.body_mut(), chunked, response_timeout)).await {
+            let limits = BodyLimits {
+                client_pause: body_timeout,
+                replica_stall: response_timeout,
+            };
+            match Box::pin(self.send_body(request.body_mut(), chunked, limits)).await {
                 Ok(BodySent::Whole) => {}
                 Ok(BodySent::Interrupted) => keep_alive = false,
                 Err(error) => {
@@ -317,14 +324,15 @@ impl Http1Connection {
 
     /// Streams the request body; stops early (and the connection is not reused) if
     /// the replica answers or closes before it has all of it. Each write must be taken
-    /// within `stall_limit`: a replica that stops reading (hung, or answering early
-    /// without draining the body) would otherwise hold the request, its slot and its
-    /// connection for as long as the client waits.
+    /// within `limits.replica_stall`, and each part must come from the client within
+    /// `limits.client_pause`: a replica that stops reading (hung, or answering early
+    /// without draining the body), or a client that stops sending, would otherwise
+    /// hold the request, its slot and its connection for as long as the other waits.
     async fn send_body<B>(
         &mut self,
         body: &mut B,
         chunked: bool,
-        stall_limit: Duration,
+        limits: BodyLimits,
     ) -> Result<BodySent, Error>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -332,10 +340,17 @@ impl Http1Connection {
     {
         use http_body_util::BodyExt;
         let Self { io, read, .. } = self;
+        let stall_limit = limits.replica_stall;
+        let pause = tokio::time::sleep(limits.client_pause);
+        tokio::pin!(pause);
         loop {
             let frame = tokio::select! {
                 biased;
-                frame = body.frame() => frame,
+                frame = body.frame() => {
+                    pause.as_mut().reset(tokio::time::Instant::now() + limits.client_pause);
+                    frame
+                }
+                () = pause.as_mut() => return Err(Error::ClientBodyStalled(limits.client_pause)),
                 answered = answered_early(io, read) => {
                     // An interim answer (a `100 Continue` to the request's `Expect`)
                     // asks for the rest of the body; a final one, or a close, ends it.
@@ -470,6 +485,15 @@ fn is_reset(error: &io::Error) -> bool {
 enum BodySent {
     Whole,
     Interrupted,
+}
+
+/// How long a request body may wait on either side of the activator.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    /// For the client's next part.
+    client_pause: Duration,
+    /// For the replica to take a write.
+    replica_stall: Duration,
 }
 
 /// A write of the request body that the replica takes within `limit`.
@@ -1474,7 +1498,7 @@ mod tests {
         .await;
         let (_, body) = response(
             connection
-                .send(get("/a"), ANSWER_DUE)
+                .send(get("/a"), ANSWER_DUE, ANSWER_DUE)
                 .await
                 .expect("answer"),
         );
@@ -1484,7 +1508,7 @@ mod tests {
         let connection = reusable.expect("kept for reuse").reused();
         let (parts, mut body) = response(
             connection
-                .send(get("/b"), ANSWER_DUE)
+                .send(get("/b"), ANSWER_DUE, ANSWER_DUE)
                 .await
                 .expect("second answer"),
         );
@@ -1505,7 +1529,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         )])
         .await;
-        let (parts, body) = response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
+        let (parts, body) = response(
+            connection
+                .send(get("/"), ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         assert!(
             !parts.headers.contains_key(CONTENT_LENGTH),
             "the replica's length is not the body's"
@@ -1523,7 +1552,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, Close\r\n\r\nok",
         )])
         .await;
-        let (_, mut body) = response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
+        let (_, mut body) = response(
+            connection
+                .send(get("/"), ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         assert_eq!(body.take_whole().expect("whole"), Bytes::from_static(b"ok"));
         assert!(body.into_reusable().is_none());
         drop(served);
@@ -1539,15 +1573,24 @@ mod tests {
             (After::Head, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
         ])
         .await;
-        let (parts, mut body) =
-            response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
+        let (parts, mut body) = response(
+            connection
+                .send(get("/"), ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(body.take_whole().expect("whole"), Bytes::from_static(b"ok"));
         let connection = body.into_reusable().expect("kept").reused();
         let head = Request::head("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let (parts, mut body) = response(connection.send(head, ANSWER_DUE).await.expect("answer"));
+        let (parts, mut body) = response(
+            connection
+                .send(head, ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         assert_eq!(parts.headers[CONTENT_LENGTH], "5");
         assert_eq!(body.take_whole().expect("none"), Bytes::new());
         assert!(body.into_reusable().is_some(), "nothing was left to read");
@@ -1568,7 +1611,12 @@ mod tests {
             // Dropped: the close ends the body.
         });
         let connection = connect(addr).await;
-        let (_, body) = response(connection.send(get("/"), ANSWER_DUE).await.expect("answer"));
+        let (_, body) = response(
+            connection
+                .send(get("/"), ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         let (data, _, reusable) = read_body(body).await;
         assert_eq!(data, b"all of it");
         assert!(reusable.is_none());
@@ -1591,7 +1639,12 @@ mod tests {
         ];
         let body = StreamBody::new(futures::stream::iter(frames));
         let request = Request::post("/up").body(body).expect("request");
-        let (parts, body) = response(connection.send(request, ANSWER_DUE).await.expect("answer"));
+        let (parts, body) = response(
+            connection
+                .send(request, ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         assert_eq!(parts.status, StatusCode::OK);
         assert!(body.into_reusable().is_some(), "the whole body went out");
         let seen = served.await.expect("replica");
@@ -1615,7 +1668,7 @@ mod tests {
         let request = Request::post("/up").body(body).expect("request");
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            connection.send(request, ANSWER_DUE),
+            connection.send(request, ANSWER_DUE, ANSWER_DUE),
         )
         .await
         .expect("the early answer ends the send");
@@ -1646,6 +1699,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_stops_sending_the_body_is_given_up() {
+        // The replica reads all it is sent and waits for the rest.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buffer = [0u8; 4096];
+            while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+        });
+        let connection = connect(addr).await;
+        // One part of a 1 MB upload, then nothing, the connection kept open.
+        let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from_static(b"first part"),
+        ))]);
+        let frames = futures::StreamExt::chain(first, futures::stream::pending());
+        let request = Request::post("/up")
+            .header(CONTENT_LENGTH, 1_000_000)
+            .body(StreamBody::new(frames))
+            .expect("request");
+        let pause = std::time::Duration::from_millis(300);
+        let error = given_up(connection.send(request, ANSWER_DUE, pause)).await;
+        assert!(
+            matches!(error, Error::ClientBodyStalled(limit) if limit == pause),
+            "{error:?}"
+        );
+        served.abort();
+    }
+
+    #[tokio::test]
     async fn a_replica_that_stops_reading_the_body_is_given_up() {
         // It reads the head, then nothing more, and keeps the connection open.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1671,7 +1753,7 @@ mod tests {
             .body(StreamBody::new(frames))
             .expect("request");
         let stall = std::time::Duration::from_millis(300);
-        let error = given_up(connection.send(request, stall)).await;
+        let error = given_up(connection.send(request, stall, ANSWER_DUE)).await;
         assert!(
             matches!(error, Error::BodyNotTaken(limit) if limit == stall),
             "{error:?}"
@@ -1723,7 +1805,7 @@ mod tests {
             .expect("request");
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            connection.send(request, ANSWER_DUE),
+            connection.send(request, ANSWER_DUE, ANSWER_DUE),
         )
         .await
         .expect("answered once the whole body is sent");
@@ -1744,7 +1826,7 @@ mod tests {
         // The replica reads the request and never answers.
         let (connection, served) = replica(vec![(After::Head, b"")]).await;
         let due = Duration::from_millis(200);
-        let error = given_up(connection.send(get("/"), due)).await;
+        let error = given_up(connection.send(get("/"), due, ANSWER_DUE)).await;
         assert!(
             matches!(error, Error::NoAnswerInTime(t) if t == due),
             "{error:?}"
@@ -1774,7 +1856,7 @@ mod tests {
             .body(StreamBody::new(frames))
             .expect("request");
         let answer = connection
-            .send(request, Duration::from_millis(500))
+            .send(request, Duration::from_millis(500), ANSWER_DUE)
             .await
             .expect("answered once the body was in");
         let (parts, mut body) = response(answer);
@@ -1810,7 +1892,7 @@ mod tests {
         let (_, mut body) = response(
             connect(addr)
                 .await
-                .send(get("/first"), due)
+                .send(get("/first"), due, ANSWER_DUE)
                 .await
                 .expect("first answer"),
         );
@@ -1819,14 +1901,14 @@ mod tests {
         // Sent 200 ms after the first, the second is answered after the first's
         // deadline has passed and before its own.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let answer = connection.send(get("/second"), due).await;
+        let answer = connection.send(get("/second"), due, ANSWER_DUE).await;
         let (parts, mut body) = response(answer.expect("second answer, within its own time"));
         assert_eq!(parts.status, StatusCode::OK);
         assert!(body.take_whole().is_some());
         // Idle until the second's deadline has fired: the third's time starts afresh.
         let connection = body.into_reusable().expect("kept");
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let answer = connection.send(get("/third"), due).await;
+        let answer = connection.send(get("/third"), due, ANSWER_DUE).await;
         let (parts, _) = response(answer.expect("third answer, within its own time"));
         assert_eq!(parts.status, StatusCode::OK);
     }
@@ -1886,7 +1968,7 @@ mod tests {
         let _ = served.await;
         let failed = connection
             .reused()
-            .send(request, ANSWER_DUE)
+            .send(request, ANSWER_DUE, ANSWER_DUE)
             .await
             .expect_err("closed");
         failed.unsent.expect("given back")
@@ -1896,7 +1978,12 @@ mod tests {
     async fn sent_again(unsent: Request<Empty<Bytes>>) -> String {
         let (connection, served) =
             replica(vec![(After::Head, b"HTTP/1.1 204 No Content\r\n\r\n")]).await;
-        let (parts, body) = response(connection.send(unsent, ANSWER_DUE).await.expect("answer"));
+        let (parts, body) = response(
+            connection
+                .send(unsent, ANSWER_DUE, ANSWER_DUE)
+                .await
+                .expect("answer"),
+        );
         assert_eq!(parts.status, StatusCode::NO_CONTENT);
         drop(body);
         served.await.expect("replica")
@@ -1914,7 +2001,10 @@ mod tests {
         accepted.set_zero_linger().expect("linger");
         drop(accepted);
         io.readable().await.expect("the reset arrives");
-        let failed = over(io).send(unsent, ANSWER_DUE).await.expect_err("reset");
+        let failed = over(io)
+            .send(unsent, ANSWER_DUE, ANSWER_DUE)
+            .await
+            .expect_err("reset");
         assert!(matches!(failed.error, Error::Io(_)), "{:?}", failed.error);
         let unsent = failed.unsent.expect("given back again");
         assert_eq!(
@@ -1943,7 +2033,7 @@ mod tests {
             .expect("request");
         let failed = connection
             .reused()
-            .send(post, ANSWER_DUE)
+            .send(post, ANSWER_DUE, ANSWER_DUE)
             .await
             .expect_err("closed");
         assert!(
@@ -1954,7 +2044,7 @@ mod tests {
         let (connection, served) = replica(vec![]).await;
         let _ = served.await;
         let failed = connection
-            .send(get("/fresh"), ANSWER_DUE)
+            .send(get("/fresh"), ANSWER_DUE, ANSWER_DUE)
             .await
             .expect_err("closed");
         assert!(

@@ -181,6 +181,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         metrics.clone(),
         proxy::PathConfig {
             read_buffer: config::READ_BUFFER,
+            body_timeout: config.body_timeout,
         },
     );
     info!(listen = %config.listen, "blink-activator started");

@@ -15,7 +15,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -35,31 +35,45 @@ pub use crate::http1::Http1Connection;
 /// begin its answer runs from then, as it does over HTTP/1.1 from the last write (see
 /// [`Http1Connection::send`]). Taken is not yet sent: the last frame may wait for the
 /// replica's flow-control window, as HTTP/1.1's last bytes may wait in the socket's
-/// send buffer.
+/// send buffer. A client that pauses longer than the body timeout ends it with
+/// [`BodyStalled`].
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    /// Dropped once the body's last frame has been taken (or the body is dropped).
-    all_taken: Option<oneshot::Sender<()>>,
+    /// Dropped once the body's last frame has been taken (or the body is dropped);
+    /// sent [`BodyStalled`] when the client paused too long.
+    all_taken: Option<oneshot::Sender<BodyStalled>>,
+    /// The longest pause the client may make, and, while it is awaited, when it ends.
+    /// Boxed and made at the first pause: a body that comes in one piece needs none.
+    pause_limit: Duration,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The client paused too long while sending a request body (this long).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the client sent no part of the request body for {0:?}")]
+pub struct BodyStalled(pub Duration);
 
 impl UpstreamBody {
     /// `body`, and what resolves once all of it has been taken; `None` for a body
     /// that is empty from the start.
-    pub fn watched(body: Incoming) -> (Self, Option<oneshot::Receiver<()>>) {
-        if body.is_end_stream() {
-            let body = Self {
-                inner: body,
-                all_taken: None,
-            };
-            return (body, None);
-        }
-        let (all_taken, taken) = oneshot::channel();
+    pub fn watched(
+        body: Incoming,
+        pause_limit: Duration,
+    ) -> (Self, Option<oneshot::Receiver<BodyStalled>>) {
+        let (all_taken, taken) = if body.is_end_stream() {
+            (None, None)
+        } else {
+            let (all_taken, taken) = oneshot::channel();
+            (Some(all_taken), Some(taken))
+        };
         let body = Self {
             inner: body,
-            all_taken: Some(all_taken),
+            all_taken,
+            pause_limit,
+            pause: None,
         };
-        (body, Some(taken))
+        (body, taken)
     }
 
     pub fn into_inner(self) -> Incoming {
@@ -69,17 +83,38 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if frame.is_none() || self.inner.is_end_stream() {
-            self.all_taken = None;
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            let limit = this.pause_limit;
+            let pause = this
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            if pause.as_mut().poll(cx).is_ready() {
+                // Told before the error: the h2 client resets the stream for it, and
+                // the exchange answers the client by what it was told.
+                if let Some(all_taken) = this.all_taken.take() {
+                    let _ = all_taken.send(BodyStalled(limit));
+                }
+                return Poll::Ready(Some(Err(BodyStalled(limit).into())));
+            }
+            return Poll::Pending;
+        };
+        // A part came: the next pause is timed afresh.
+        if let Some(pause) = this.pause.as_mut() {
+            pause
+                .as_mut()
+                .reset(tokio::time::Instant::now() + this.pause_limit);
         }
-        Poll::Ready(frame)
+        if frame.is_none() || this.inner.is_end_stream() {
+            this.all_taken = None;
+        }
+        Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -90,6 +125,8 @@ impl Body for UpstreamBody {
         self.inner.size_hint()
     }
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the activator speaks to a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -48,7 +48,7 @@ use crate::{
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
-    pool::{Connection, Protocol, UpstreamBody},
+    pool::{BodyStalled, Connection, Protocol, UpstreamBody},
     registry::Registry,
     routes::Miss,
 };
@@ -98,6 +98,8 @@ pub trait Poke: Send + Sync + std::fmt::Debug + 'static {
 pub struct PathConfig {
     /// The server's read buffer: what a held request may have read past its head.
     pub read_buffer: usize,
+    /// The longest pause a client may make while sending a forwarded request body.
+    pub body_timeout: Duration,
 }
 
 /// An answer the activator makes itself.
@@ -140,7 +142,10 @@ pub fn service(
         .layer(BalanceLayer {
             metrics: metrics.clone(),
         })
-        .service(Forward { metrics })
+        .service(Forward {
+            metrics,
+            body_timeout: config.body_timeout,
+        })
 }
 
 // ---- 1. Route -------------------------------------------------------------------
@@ -555,6 +560,7 @@ where
 #[derive(Clone, Debug)]
 pub struct Forward {
     metrics: Arc<Metrics>,
+    body_timeout: Duration,
 }
 
 impl Service<Exchange> for Forward {
@@ -569,11 +575,15 @@ impl Service<Exchange> for Forward {
     fn call(&mut self, exchange: Exchange) -> BoxFuture {
         // The exchange's future itself is boxed, not one that awaits it: each level
         // would move it (a few KiB) once more.
-        Box::pin(forward(exchange, self.metrics.clone()))
+        Box::pin(forward(exchange, self.metrics.clone(), self.body_timeout))
     }
 }
 
-async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyResponse, Infallible> {
+async fn forward(
+    exchange: Exchange,
+    metrics: Arc<Metrics>,
+    body_timeout: Duration,
+) -> Result<ProxyResponse, Infallible> {
     let Exchange {
         mut request,
         client,
@@ -618,7 +628,10 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
     // back unsent, and one more connection is tried.
     for attempt in 0..2 {
         let (unsent, error) = match connection {
-            Connection::Http1(c) => match c.send(request, ticket.response_timeout()).await {
+            Connection::Http1(c) => match c
+                .send(request, ticket.response_timeout(), body_timeout)
+                .await
+            {
                 Ok(answer) => {
                     return Ok(respond_http1(
                         answer,
@@ -637,6 +650,10 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
                     ..
                 }) => return Ok(body_not_taken(&ticket, timeout, &metrics)),
                 Err(http1::SendError {
+                    error: http1::Error::ClientBodyStalled(pause),
+                    ..
+                }) => return Ok(client_body_stalled(pause, &metrics)),
+                Err(http1::SendError {
                     error: http1::Error::ClientBody(e),
                     ..
                 }) => {
@@ -651,7 +668,8 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
             // Boxed: inline, the h2c exchange's state would make every request's
             // future larger (and each move of it longer), HTTP/1.1 ones included.
             Connection::H2(sender) => {
-                match Box::pin(send_h2(sender, request, ticket.response_timeout())).await {
+                let send = send_h2(sender, request, ticket.response_timeout(), body_timeout);
+                match Box::pin(send).await {
                     Ok(response) => {
                         return Ok(respond_h2(
                             response,
@@ -663,6 +681,9 @@ async fn forward(exchange: Exchange, metrics: Arc<Metrics>) -> Result<ProxyRespo
                     }
                     Err(H2Failure::NoAnswerInTime(timeout)) => {
                         return Ok(no_answer_in_time(&ticket, timeout, &metrics));
+                    }
+                    Err(H2Failure::ClientBodyStalled(pause)) => {
+                        return Ok(client_body_stalled(pause, &metrics));
                     }
                     Err(H2Failure::Failed(unsent, error)) => (unsent, error),
                 }
@@ -715,6 +736,23 @@ fn no_answer_in_time(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> P
     )
 }
 
+/// 408: the client paused too long while sending the request body. The replica has
+/// part of it; its slot is freed as the exchange ends.
+fn client_body_stalled(pause: Duration, metrics: &Metrics) -> ProxyResponse {
+    metrics.proxy_error("client_body_timeout");
+    let mut response = answer(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "no part of the request body came for {}s",
+            pause.as_secs_f64()
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
+}
+
 /// 504: the replica stopped reading the request body.
 fn body_not_taken(ticket: &Ticket, timeout: Duration, metrics: &Metrics) -> ProxyResponse {
     replica_too_slow(
@@ -748,6 +786,8 @@ enum H2Failure {
     Failed(Option<Request<Incoming>>, String),
     /// The replica took the whole request and did not begin its answer within this.
     NoAnswerInTime(Duration),
+    /// The client paused this long while sending the request body.
+    ClientBodyStalled(Duration),
 }
 
 /// Sends `request` over an h2c connection; the replica has `response_timeout` from
@@ -756,27 +796,32 @@ async fn send_h2(
     mut sender: hyper::client::conn::http2::SendRequest<UpstreamBody>,
     request: Request<Incoming>,
     response_timeout: Duration,
+    body_timeout: Duration,
 ) -> Result<Response<Incoming>, H2Failure> {
     if let Err(e) = sender.ready().await {
         return Err(H2Failure::Failed(Some(request), e.to_string()));
     }
     let (parts, body) = request.into_parts();
-    let (body, taken) = UpstreamBody::watched(body);
+    let (body, taken) = UpstreamBody::watched(body, body_timeout);
     let response = sender.try_send_request(Request::from_parts(parts, body));
     let answer_due = async {
         if let Some(taken) = taken {
-            // Sent or dropped, the body is over either way.
-            let _ = taken.await;
+            // Sent or dropped, the body is over either way; a client that paused too
+            // long says so (the stream's reset for it fails the response too).
+            if let Ok(BodyStalled(pause)) = taken.await {
+                return H2Failure::ClientBodyStalled(pause);
+            }
         }
         tokio::time::sleep(response_timeout).await;
+        H2Failure::NoAnswerInTime(response_timeout)
     };
     tokio::select! {
         biased;
+        failure = answer_due => Err(failure),
         response = response => response.map_err(|mut e| {
             let unsent = e.take_message().map(|r| r.map(UpstreamBody::into_inner));
             H2Failure::Failed(unsent, e.into_error().to_string())
         }),
-        () = answer_due => Err(H2Failure::NoAnswerInTime(response_timeout)),
     }
 }
 

@@ -765,7 +765,8 @@ fn h2c_on_both_sides_conflicting_hosts_and_a_streamed_upload() {
             |pod| replica_command(Path::new(REPLICA), pod),
         );
         let scaler = start_scaler(&ctx, "scaler-h2c").await?;
-        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        let activators =
+            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--body-timeout", "2s"]).await?;
         for (name, hosts) in [("plain", "shared.example"), ("grpcish", "h2.example")] {
             create_scaled_object(
                 &ctx,
@@ -882,7 +883,39 @@ spec:
                 answer.trim() == slow_upload_answer(3),
                 "{host}, a body arriving over 2.4 s: {answer:?}"
             );
+            // A client that stops sending its body for longer than `--body-timeout`
+            // (2 s) is answered 408, and the replica's slot is freed.
+            let stalled = format!(
+                "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n\r\nfirst part"
+            );
+            let answer = raw(&addr, stalled.as_bytes(), Duration::from_secs(10)).await?;
+            ensure!(
+                answer.starts_with("HTTP/1.1 408")
+                    && answer.contains("no part of the request body came for 2s"),
+                "{host}, an upload stalled: {answer}"
+            );
         }
+        let name =
+            |function: &str| format!("namespace=\"{}\",name=\"{function}\"", ctx.namespace());
+        for function in ["plain", "grpcish"] {
+            let in_flight = activators
+                .metric(
+                    0,
+                    &format!("blink_activator_in_flight{{{}}}", name(function)),
+                )
+                .await?;
+            ensure!(
+                in_flight == 0.0,
+                "{function}: {in_flight} in flight after the stalled uploads"
+            );
+        }
+        let stalled = activators
+            .metric(
+                0,
+                "blink_activator_proxy_errors_total{kind=\"client_body_timeout\"",
+            )
+            .await?;
+        ensure!(stalled == 2.0, "stalled uploads, counted: {stalled}");
         let late = activators
             .metric(
                 0,
