@@ -1,18 +1,22 @@
 //! The holding policy, free of I/O: whether one more request may wait for a function,
 //! and why not.
 //!
-//! A held request keeps its connection and its head; its body stays in the socket
+//! A held request keeps its connection and its head; its body stays with the client
 //! (the activator reads a body only while forwarding it), except what the server
-//! already read past the head, at most one read buffer. So a held request costs at most
-//! `min(body length, read buffer)` bytes of body, and that is what the byte bound adds
-//! up — chunked bodies of unknown length count as a full buffer.
+//! already took in: over HTTP/1.1 what the last read brought past the head, over h2c
+//! what the stream's window let the client send, both at most
+//! [`crate::config::read_ahead`] (64 KiB by default). So a held request costs at most
+//! `min(body length, read ahead)` bytes of body, and that is what the byte bound adds
+//! up — bodies of unknown length count as the whole read ahead.
 
 /// What one held request may cost the activator's memory, at most (the 10,000-request
 /// test measures it against this):
 /// - the client connection's read buffer: [`crate::config::READ_BUFFER`] (8 KiB, the
 ///   head and what came after it). One only: a held request's head is copied out of it
 ///   ([`crate::headers::detach_from_read_buffer`]), or hyper's next read of the
-///   connection would take a second;
+///   connection would take a second. A head larger than that (up to
+///   `--max-header-bytes`) takes a buffer, and a copy, of its size: a rare head, left
+///   out here;
 /// - its write buffer: 8 KiB, which hyper allocates for every HTTP/1.1 connection up
 ///   front. Its pages become resident only once a response is written into them
 ///   (jemalloc leaves them unbacked until then), so a held first request does not pay
@@ -22,7 +26,8 @@
 ///   way through the layers, the place in the queue, and the allocator's share: about
 ///   3 KiB measured, 4 KiB allowed;
 ///
-/// and no body: a held request's body stays in the socket.
+/// and no body: what a held request took in of its body is counted by the queue's byte
+/// bound (see the module docs).
 pub const HELD_REQUEST_BYTES: usize = crate::config::READ_BUFFER + 8 * 1024 + 4 * 1024;
 
 /// A function's queue bounds.
@@ -52,10 +57,10 @@ pub enum QueueFull {
     BodyBytes { held: u64, limit: u64 },
 }
 
-/// The body bytes a held request counts for: what the server may have read past its
-/// head, at most one read buffer.
-pub fn held_body_bytes(content_length: Option<u64>, read_buffer: usize) -> u64 {
-    content_length.map_or(read_buffer as u64, |len| len.min(read_buffer as u64))
+/// The body bytes a held request counts for: what the server may have taken in past
+/// its head, at most the read ahead.
+pub fn held_body_bytes(content_length: Option<u64>, read_ahead: usize) -> u64 {
+    content_length.map_or(read_ahead as u64, |len| len.min(read_ahead as u64))
 }
 
 /// May one more request of `body_bytes` wait, with `held` already waiting?

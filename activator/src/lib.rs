@@ -180,7 +180,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         Arc::new(poker),
         metrics.clone(),
         proxy::PathConfig {
-            read_buffer: config::READ_BUFFER,
+            read_ahead: config::read_ahead(config.max_header_bytes),
             body_timeout: config.body_timeout,
         },
     );

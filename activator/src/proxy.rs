@@ -96,8 +96,8 @@ pub trait Poke: Send + Sync + std::fmt::Debug + 'static {
 /// Knobs of the request path.
 #[derive(Debug, Clone, Copy)]
 pub struct PathConfig {
-    /// The server's read buffer: what a held request may have read past its head.
-    pub read_buffer: usize,
+    /// What a held request may have taken in of its body ([`crate::config::read_ahead`]).
+    pub read_ahead: usize,
     /// The longest pause a client may make while sending a forwarded request body.
     pub body_timeout: Duration,
 }
@@ -395,7 +395,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .or_else(|| exchange.request.body().is_end_stream().then_some(0));
-        let body_bytes = held_body_bytes(content_length, self.config.read_buffer);
+        let body_bytes = held_body_bytes(content_length, self.config.read_ahead);
         exchange.held_body_bytes = body_bytes;
         let waiting = match function.admit(body_bytes, exchange.arrived) {
             Ok(Admission::Ready(ticket)) => {

@@ -86,11 +86,16 @@ fn protocols(config: &ServerConfig) -> Protocols {
         // Slow heads are cut by the connection's `Activity` watch instead.
         .header_read_timeout(None)
         // A head larger than the buffer is answered 431; bodies stream through it.
-        .max_buf_size(config.max_header_bytes.max(8192));
+        .max_buf_size(crate::config::read_ahead(config.max_header_bytes));
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        // What a held stream may have buffered of its body, as the queue's byte bound
+        // counts it (hyper's default is 1 MiB per stream).
+        .initial_stream_window_size(
+            u32::try_from(crate::config::read_ahead(config.max_header_bytes)).unwrap_or(u32::MAX),
+        )
         .keep_alive_interval(Some(Duration::from_secs(20)));
     Protocols { http1, http2 }
 }
@@ -591,6 +596,55 @@ mod tests {
                 .await
                 .expect("h2c handshake");
         (sender, tokio::spawn(connection))
+    }
+
+    #[tokio::test]
+    async fn a_held_h2c_stream_takes_in_no_more_body_than_the_read_ahead() {
+        let listener = bind("127.0.0.1:0".parse().expect("address"), 16).expect("bound");
+        let addr = listener.local_addr().expect("address");
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut prometheus));
+        // A function at zero: each request is held, its body left unread.
+        let service = tower::service_fn(|_: Exchange| async {
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(proxy::answer(http::StatusCode::OK, "never"))
+        });
+        let config = ServerConfig {
+            max_connections: 10,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            drain_grace: Duration::from_secs(1),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, service, config, metrics, shutdown, || {}));
+
+        let stream = TcpStream::connect(addr).await.expect("connected");
+        let (client, connection) = h2::client::handshake(stream).await.expect("handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = Request::post("http://f.example/up")
+            .body(())
+            .expect("request");
+        let (_response, mut body) = client.send_request(request, false).expect("sent");
+        // A 1 MiB upload: sent as fast as the windows let it, until they stay shut.
+        let mut sent = 0;
+        body.reserve_capacity(1 << 20);
+        while let Ok(Some(Ok(room))) = timeout(
+            Duration::from_millis(300),
+            std::future::poll_fn(|cx| body.poll_capacity(cx)),
+        )
+        .await
+        {
+            body.send_data(Bytes::from(vec![7u8; room]), false)
+                .expect("sent");
+            sent += room;
+            body.reserve_capacity((1 << 20) - sent);
+        }
+        let read_ahead = crate::config::read_ahead(16 * 1024);
+        assert!(
+            sent > 0 && sent <= read_ahead,
+            "{sent} bytes taken in for a held request (read ahead {read_ahead})"
+        );
     }
 
     #[tokio::test]
