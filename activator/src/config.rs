@@ -69,19 +69,19 @@ pub struct Config {
     pub body_timeout: Duration,
 
     /// Requests held per function (a function's `queueLimit` overrides it): then 503.
-    #[arg(long, env = "BLINK_QUEUE_LIMIT", default_value_t = 10_000)]
+    #[arg(long, env = "BLINK_QUEUE_LIMIT", default_value_t = 10_000, value_parser = parse_count)]
     pub queue_limit: usize,
 
     /// Body bytes held per function (see the hold module for how a request counts).
-    #[arg(long, env = "BLINK_QUEUE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "BLINK_QUEUE_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_bytes: u64,
 
     /// Client connections open at once: more are answered 503.
-    #[arg(long, env = "BLINK_MAX_CONNECTIONS", default_value_t = 50_000)]
+    #[arg(long, env = "BLINK_MAX_CONNECTIONS", default_value_t = 50_000, value_parser = parse_count)]
     pub max_connections: usize,
 
     /// Connections per replica at most (HTTP/1.1); more requests wait for one.
-    #[arg(long, env = "BLINK_MAX_UPSTREAM_CONNECTIONS", default_value_t = 1000)]
+    #[arg(long, env = "BLINK_MAX_UPSTREAM_CONNECTIONS", default_value_t = 1000, value_parser = parse_count)]
     pub max_upstream_connections: usize,
 
     /// A client must send a request head within this time; an HTTP/1.1 connection
@@ -115,6 +115,15 @@ pub struct Config {
     /// CPU the process may use.
     #[arg(long, env = "BLINK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+}
+
+/// A bound on a count: at least one (zero would refuse everything it bounds).
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err(format!("{text:?} must be at least 1")),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!("{text:?} is not a count")),
+    }
 }
 
 /// A time limit or period: more than zero (zero would fail every request, or spin),
@@ -196,6 +205,25 @@ mod tests {
     }
 
     #[test]
+    fn bounds_are_at_least_one() {
+        for flag in [
+            "--queue-limit",
+            "--queue-bytes",
+            "--max-connections",
+            "--max-upstream-connections",
+        ] {
+            let parse = |value: &str| {
+                Config::try_parse_from(["blink-activator", "--pod-name", "a-0", flag, value])
+            };
+            assert!(parse("1").is_ok(), "{flag}");
+            for bad in ["0", "many"] {
+                let error = parse(bad).expect_err(bad).to_string();
+                assert!(error.contains(flag), "{flag} {bad}: {error}");
+            }
+        }
+    }
+
+    #[test]
     fn limits_are_more_than_zero_and_at_most_a_year() {
         for flag in [
             "--stats-interval",
@@ -203,6 +231,7 @@ mod tests {
             "--response-timeout",
             "--header-timeout",
             "--connect-timeout",
+            "--body-timeout",
         ] {
             let parse = |value: &str| {
                 Config::try_parse_from(["blink-activator", "--pod-name", "a-0", flag, value])

@@ -36,9 +36,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// The highest bucket of a request's duration and wait: above the default wait (60 s)
+/// and response (300 s) timeouts, so that long cold starts and slow answers have a
+/// quantile, not only `+Inf`.
+const LATENCY_BUCKETS: u16 = 24;
+
 fn latency_histogram() -> Histogram {
-    // 100 µs … ~55 s.
-    Histogram::new(exponential_buckets(1e-4, 2.0, 20))
+    // 100 µs … ~14 min.
+    Histogram::new(exponential_buckets(1e-4, 2.0, LATENCY_BUCKETS))
 }
 
 #[derive(Debug)]
@@ -188,6 +193,15 @@ impl Metrics {
         self.in_flight.remove(&labels);
         self.queued.remove(&labels);
         self.upstream_connections.remove(&labels);
+        // The family has no way to find a function's series but by their labels: each
+        // status code hyper can send is tried (a deletion is rare; this is cheap).
+        for code in 100..1000 {
+            self.requests.remove(&CodeLabels {
+                namespace: labels.namespace.clone(),
+                name: labels.name.clone(),
+                code,
+            });
+        }
     }
 }
 
@@ -228,5 +242,45 @@ impl FunctionMetrics {
 
     pub fn waited(&self, waited: Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forgotten_function_leaves_no_series() {
+        let mut prometheus = Registry::default();
+        let metrics = Metrics::register(&mut prometheus);
+        let key: FunctionKey = "apps/gone".parse().expect("key");
+        let function = metrics.function(&key);
+        function.answered(StatusCode::OK, Duration::from_millis(3));
+        function.answered(StatusCode::GATEWAY_TIMEOUT, Duration::from_secs(90));
+        function.waited(Duration::from_secs(70));
+        let text = |prometheus: &Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, prometheus).expect("encoded");
+            text
+        };
+        let before = text(&prometheus);
+        assert!(before.contains("code=\"504\""), "{before}");
+        // A 70 s wait lands in a bucket of its own, not only in +Inf.
+        let bucket_over_a_minute = before.lines().any(|line| {
+            line.starts_with("blink_activator_queue_wait_seconds_bucket")
+                && line.contains("name=\"gone\"")
+                && !line.contains("+Inf")
+                && line.ends_with(" 1")
+                && line
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|le| le.split('"').next())
+                    .and_then(|le| le.parse::<f64>().ok())
+                    .is_some_and(|le| (70.0..200.0).contains(&le))
+        });
+        assert!(bucket_over_a_minute, "{before}");
+        metrics.forget(&key);
+        let after = text(&prometheus);
+        assert!(!after.contains("name=\"gone\""), "{after}");
     }
 }

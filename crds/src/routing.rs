@@ -153,7 +153,9 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
         Err(e) => return Some(Err(e)),
     };
     let queue_limit = match number(keys::QUEUE_LIMIT) {
-        Ok(n) => n.map(|n| n as usize),
+        // None held: a function at zero could hold no request while it wakes.
+        Ok(Some(0)) => return Some(Err(error(keys::QUEUE_LIMIT, "0", "must be at least 1"))),
+        Ok(n) => n.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         Err(e) => return Some(Err(e)),
     };
     let service = metadata
@@ -369,6 +371,7 @@ mod tests {
                 "must be at most 31536000 seconds (a year)",
             ),
             ("queueLimit", "many", "is not a non-negative integer"),
+            ("queueLimit", "0", "must be at least 1"),
             ("hosts", "a/b", "is not a host name"),
         ] {
             let e = http_route(&object("f", "2026-01-01T00:00:00Z", &[(key, value)]))
