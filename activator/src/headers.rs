@@ -135,7 +135,8 @@ pub struct ClientAddress {
 
 impl ClientAddress {
     pub fn new(addr: SocketAddr) -> Self {
-        let ip = addr.ip();
+        // An IPv4 client of a dual-stack listener is `::ffff:a.b.c.d`: told as IPv4.
+        let ip = addr.ip().to_canonical();
         let node = if ip.is_ipv6() {
             format!("\"[{ip}]\"")
         } else {
@@ -369,11 +370,17 @@ pub fn upstream_target(uri: &Uri, host: Option<&HeaderValue>, protocol: Protocol
     }
 }
 
-/// The path and query of `uri`, `/` when it has none (an authority-form target).
+/// The path and query of `uri`, `/` when it has none (an authority-form target), and
+/// `/?q` for an absolute target with a query but no path (`http://f.example?q`, which
+/// `http` keeps as `?q`).
 fn origin_form_path(uri: &Uri) -> PathAndQuery {
-    uri.path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('?') => {
+            PathAndQuery::try_from(format!("/{}", pq.as_str())).unwrap_or_else(|_| pq.clone())
+        }
+        Some(pq) => pq.clone(),
+        None => PathAndQuery::from_static("/"),
+    }
 }
 
 #[cfg(test)]
@@ -582,6 +589,15 @@ mod tests {
             None,
         );
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+        // An IPv4 client of a dual-stack listener.
+        let mut h = HeaderMap::new();
+        add_forwarded(
+            &mut h,
+            &ClientAddress::new("[::ffff:10.0.0.9]:5555".parse().expect("addr")),
+            None,
+        );
+        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
     }
 
     #[test]
@@ -609,6 +625,15 @@ mod tests {
         assert_eq!(
             target("http://other.example:8080/a", Protocol::H2c).as_deref(),
             Some("http://f.example/a")
+        );
+        // An absolute target with a query and no path.
+        assert_eq!(
+            target("http://f.example?x=1", Protocol::Http1).as_deref(),
+            Some("/?x=1")
+        );
+        assert_eq!(
+            target("http://f.example?x=1", Protocol::H2c).as_deref(),
+            Some("http://f.example/?x=1")
         );
     }
 

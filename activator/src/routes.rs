@@ -217,11 +217,9 @@ impl<T: Clone> RouteTable<T> {
         } else {
             host
         };
-        // The ClusterIP form keeps its port; names are matched without one.
-        if let Some(target) = self.names.get(host) {
-            return Ok(target);
-        }
-        let bare = blink_crds::routing::strip_port(host);
+        let bare = blink_crds::routing::bare_host(host);
+        // Explicit hosts first: which function a host reaches must not depend on
+        // whether the client wrote a port.
         if let Some(prefixes) = self.hosts.get(bare) {
             return prefixes
                 .iter()
@@ -229,8 +227,15 @@ impl<T: Clone> RouteTable<T> {
                 .map(|(_, target)| target)
                 .ok_or(Miss::NoPrefix);
         }
-        if let Some(target) = self.names.get(bare) {
+        // The ClusterIP form keeps its port (bare for port 80); names are matched
+        // without one.
+        if let Some(target) = self.names.get(host) {
             return Ok(target);
+        }
+        if bare.len() != host.len() && !is_ip_literal(bare) {
+            if let Some(target) = self.names.get(bare) {
+                return Ok(target);
+            }
         }
         match self.short.get(bare) {
             Some(Short::One(target)) => Ok(target),
@@ -241,6 +246,11 @@ impl<T: Clone> RouteTable<T> {
                 .map_or(Miss::UnknownHost, |reason| Miss::Conflicted(reason.clone()))),
         }
     }
+}
+
+/// An IP address as a host: a ClusterIP is routed with its port only.
+fn is_ip_literal(host: &str) -> bool {
+    host.starts_with('[') || host.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// `/api` matches `/api`, `/api/x` and `/api?q`, not `/apix`; `/` and `/api/` match
@@ -325,6 +335,19 @@ mod tests {
     }
 
     #[test]
+    fn a_port_in_the_host_does_not_change_where_it_goes() {
+        // b/x names `web.shop` as a host; a/web's Service is `web` in namespace `shop`.
+        let t = table(&[
+            (route("b", "x", &["web.shop"], &[], "x"), None),
+            (route("shop", "web", &[], &[], "web"), None),
+        ]);
+        for host in ["web.shop", "web.shop:80", "WEB.shop.:8080"] {
+            assert_eq!(t.lookup(host, "/"), Ok(&"b/x".to_owned()), "{host}");
+        }
+        assert_eq!(t.lookup("web.shop.svc:80", "/"), Ok(&"shop/web".to_owned()));
+    }
+
+    #[test]
     fn lookups() {
         let t = table(&[
             (
@@ -352,6 +375,12 @@ mod tests {
             ("10.96.0.7", "/", Ok("a/api")),
             ("10.96.0.8:8080", "/", Ok("a/web")),
             ("10.96.0.8", "/", Err(Miss::UnknownHost)),
+            ("10.96.0.7:9999", "/", Err(Miss::UnknownHost)),
+            // A fully qualified name's trailing dot.
+            ("example.com.", "/api", Ok("a/api")),
+            ("example.com.:8080", "/", Ok("a/web")),
+            ("api.a.svc.cluster.local.", "/", Ok("a/api")),
+            ("api.", "/", Ok("a/api")),
             ("same.b", "/", Ok("b/dup")),
             ("nobody.example", "/", Err(Miss::UnknownHost)),
         ];

@@ -102,7 +102,7 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
     };
     let mut hosts = Vec::new();
     for host in list(keys::HOSTS) {
-        let bare = strip_port(&host).to_ascii_lowercase();
+        let bare = bare_host(&host).to_ascii_lowercase();
         if bare.is_empty() || bare.contains('/') || bare.contains(' ') {
             return Some(Err(error(keys::HOSTS, &host, "is not a host name")));
         }
@@ -180,6 +180,13 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
 }
 
 /// `host` without a `:port` (IPv6 literals keep their brackets).
+/// A host as routes are keyed: without its port and without the trailing dot of a
+/// fully qualified name (`web.example.:8080` → `web.example`). Case is the caller's.
+pub fn bare_host(host: &str) -> &str {
+    let host = strip_port(host);
+    host.strip_suffix('.').unwrap_or(host)
+}
+
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host
@@ -393,6 +400,14 @@ mod tests {
             ("[::1]", "[::1]"),
         ] {
             assert_eq!(strip_port(host), bare);
+        }
+        for (host, bare) in [
+            ("a.example.com.", "a.example.com"),
+            ("a.example.com.:80", "a.example.com"),
+            ("a.example.com:80", "a.example.com"),
+            ("[::1]:80", "[::1]"),
+        ] {
+            assert_eq!(bare_host(host), bare);
         }
     }
 
