@@ -232,10 +232,11 @@ impl<T: Clone> RouteTable<T> {
         if let Some(target) = self.names.get(host) {
             return Ok(target);
         }
-        if bare.len() != host.len() && !is_ip_literal(bare) {
-            if let Some(target) = self.names.get(bare) {
-                return Ok(target);
-            }
+        if bare.len() != host.len()
+            && !is_ip_literal(bare)
+            && let Some(target) = self.names.get(bare)
+        {
+            return Ok(target);
         }
         match self.short.get(bare) {
             Some(Short::One(target)) => Ok(target),
