@@ -148,10 +148,9 @@ pub const READ_BUFFER: usize = 8192;
 /// The most of a request's body the activator may have taken in while the request is
 /// held (its body is otherwise left with the client, unread). Over HTTP/1.1, what the
 /// last read brought past the head: hyper's read buffer starts at [`READ_BUFFER`] and
-/// grows after full reads up to this limit, which must fit the largest head. Over
-/// h2c, each stream's flow-control window, set to the same limit: at least 64 KiB, as
-/// a client may send HTTP/2's initial window (65,535 bytes) before it learns a smaller
-/// one.
+/// grows after full reads up to `max_header_bytes` (the largest head it takes). Over
+/// h2c, each stream's flow-control window, set to this: at least 64 KiB, as a client
+/// may send HTTP/2's initial window (65,535 bytes) before it learns a smaller one.
 pub fn read_ahead(max_header_bytes: usize) -> usize {
     max_header_bytes.max(64 * 1024)
 }

@@ -86,7 +86,7 @@ fn protocols(config: &ServerConfig) -> Protocols {
         // Slow heads are cut by the connection's `Activity` watch instead.
         .header_read_timeout(None)
         // A head larger than the buffer is answered 431; bodies stream through it.
-        .max_buf_size(crate::config::read_ahead(config.max_header_bytes));
+        .max_buf_size(config.max_header_bytes.max(crate::config::READ_BUFFER));
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
