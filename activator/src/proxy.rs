@@ -497,61 +497,100 @@ where
         let mut inner = self.inner.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let Some(mut ticket) = exchange.ticket.take() else {
+            let Some(ticket) = exchange.ticket.take() else {
                 return Ok(answer(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "no replica chosen",
                 ));
             };
-            let deadline = exchange.arrived + ticket.function().settings().wait_timeout;
-            loop {
-                let error = match ticket.replica().upstream.checkout().await {
-                    Ok(connection) => {
-                        if exchange.held
-                            && let Some(since) = ticket.function().take_ready_since()
-                        {
-                            metrics
-                                .ready_to_forward
-                                .observe(since.elapsed().as_secs_f64());
-                        }
-                        exchange.ticket = Some(ticket);
-                        exchange.connection = Some(connection);
-                        return inner.call(exchange).await;
-                    }
-                    Err(error) => error,
-                };
-                metrics.proxy_error("connect");
-                let function = ticket.function().clone();
-                function.sit_out(ticket.replica());
-                drop(ticket);
-                // Another replica with room, or the front of the queue until one
-                // accepts, for as long as the request may wait.
-                let waiting = match function.readmit(exchange.held_body_bytes) {
-                    Ok(Admission::Ready(other)) => {
-                        ticket = other;
-                        continue;
-                    }
-                    Ok(Admission::Wait(waiting)) => waiting,
-                    Err(refusal) => return Ok(refused(&function, refusal)),
-                };
-                let left = deadline.saturating_duration_since(Instant::now());
-                ticket = match tokio::time::timeout(left, waiting.ticket()).await {
-                    Ok(Ok(other)) => other,
-                    Ok(Err(refusal)) => return Ok(refused(&function, refusal)),
-                    Err(_) => {
-                        warn!(function = %function.key(), %error, "no replica accepted a connection");
-                        return Ok(answer(
-                            StatusCode::BAD_GATEWAY,
-                            format!(
-                                "no replica of {} accepted a connection within {}s: {error}",
-                                function.key(),
-                                function.settings().wait_timeout.as_secs()
-                            ),
-                        ));
-                    }
-                };
+            let (ticket, connection) = match connect_somewhere(
+                ticket,
+                exchange.held_body_bytes,
+                exchange.arrived,
+                &metrics,
+            )
+            .await
+            {
+                Ok(connected) => connected,
+                Err(answer) => return Ok(answer),
+            };
+            if exchange.held
+                && let Some(since) = ticket.function().take_ready_since()
+            {
+                metrics
+                    .ready_to_forward
+                    .observe(since.elapsed().as_secs_f64());
             }
+            exchange.ticket = Some(ticket);
+            exchange.connection = Some(connection);
+            inner.call(exchange).await
         })
+    }
+}
+
+/// A connection to `ticket`'s replica; when that replica refuses, to another with room,
+/// or to the first one freed, for as long as the request may wait (its `waitTimeout`
+/// from `arrived`). A replica that refuses sits out until its probe connects. Nothing
+/// of the request has been sent to any of them.
+async fn connect_somewhere(
+    mut ticket: Ticket,
+    held_body_bytes: u64,
+    arrived: Instant,
+    metrics: &Metrics,
+) -> Result<(Ticket, Connection), ProxyResponse> {
+    let settings = ticket.function().settings();
+    let deadline = arrived + settings.wait_timeout;
+    loop {
+        // A replica with every one of its connections in use makes this wait for one:
+        // bounded by the request's wait, but never shorter than a connect may take.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let bound = left.max(settings.pool.connect_timeout);
+        let error = match tokio::time::timeout(bound, ticket.replica().upstream.checkout()).await {
+            Ok(Ok(connection)) => return Ok((ticket, connection)),
+            Ok(Err(error)) => error,
+            Err(_) => {
+                metrics.proxy_error("no_connection");
+                let (key, addr) = (ticket.function().key(), ticket.replica().addr());
+                warn!(function = %key, replica = %addr, "no connection to a replica came free");
+                return Err(answer(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "no connection to replica {addr} of {key} came free within {}s (each of its --max-upstream-connections was in use)",
+                        bound.as_secs()
+                    ),
+                ));
+            }
+        };
+        metrics.proxy_error("connect");
+        let function = ticket.function().clone();
+        function.sit_out(ticket.replica());
+        drop(ticket);
+        // Another replica with room, or the front of the queue until one accepts, for
+        // as long as the request may wait.
+        let waiting = match function.readmit(held_body_bytes) {
+            Ok(Admission::Ready(other)) => {
+                ticket = other;
+                continue;
+            }
+            Ok(Admission::Wait(waiting)) => waiting,
+            Err(refusal) => return Err(refused(&function, refusal)),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        ticket = match tokio::time::timeout(left, waiting.ticket()).await {
+            Ok(Ok(other)) => other,
+            Ok(Err(refusal)) => return Err(refused(&function, refusal)),
+            Err(_) => {
+                warn!(function = %function.key(), %error, "no replica accepted a connection");
+                return Err(answer(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "no replica of {} accepted a connection within {}s: {error}",
+                        function.key(),
+                        function.settings().wait_timeout.as_secs()
+                    ),
+                ));
+            }
+        };
     }
 }
 
@@ -589,9 +628,11 @@ async fn forward(
         client,
         ticket,
         connection,
+        arrived,
+        held_body_bytes,
         ..
     } = exchange;
-    let (Some(ticket), Some(mut connection)) = (ticket, connection) else {
+    let (Some(mut ticket), Some(mut connection)) = (ticket, connection) else {
         return Ok(answer(
             StatusCode::INTERNAL_SERVER_ERROR,
             "no connection chosen",
@@ -689,26 +730,34 @@ async fn forward(
                 }
             }
         };
-        let key = ticket.function().key().clone();
-        let addr = ticket.replica().addr();
         match unsent {
             Some(unsent) if attempt == 0 => {
                 metrics.proxy_error("stale_connection");
                 request = unsent;
-                // Boxed for the same reason as the h2c exchange: a rare step.
-                connection = match Box::pin(ticket.replica().upstream.checkout()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        metrics.proxy_error("connect");
-                        warn!(function = %key, replica = %addr, error = %e, "a replica refused a new connection after its pooled one closed");
-                        return Ok(answer(
-                            StatusCode::BAD_GATEWAY,
-                            format!("replica {addr} of {key} refused a new connection: {e}"),
-                        ));
-                    }
+                // A new connection, to this replica or, should it refuse (gone since
+                // its pooled connection was opened), to another. Boxed for the same
+                // reason as the h2c exchange: a rare step.
+                let connected = connect_somewhere(ticket, held_body_bytes, arrived, &metrics);
+                (ticket, connection) = match Box::pin(connected).await {
+                    Ok(connected) => connected,
+                    Err(answer) => return Ok(answer),
                 };
+                // The request was made ready for `protocol` (an HTTP/1.1 one keeps
+                // only its head as written): a replica that speaks another cannot
+                // take it, which a Service changed meanwhile could make.
+                if ticket.replica().upstream.protocol() != protocol {
+                    return Ok(answer(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "{}'s upstream protocol changed while the request was sent; retry",
+                            ticket.function().key()
+                        ),
+                    ));
+                }
             }
             _ => {
+                let key = ticket.function().key();
+                let addr = ticket.replica().addr();
                 metrics.proxy_error("upstream");
                 warn!(function = %key, replica = %addr, %error, "a replica failed a request");
                 return Ok(answer(
@@ -1035,5 +1084,76 @@ impl Body for ProxyBody {
                 .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
             Self::H2(body) => body.inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::tests::{registry, routed};
+
+    #[tokio::test]
+    async fn a_replica_that_refuses_sends_the_request_to_another() {
+        let registry = registry();
+        let function = routed(&registry, "web");
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let live = live.local_addr().expect("its address");
+        // A port nobody listens on any more: connections are refused.
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port")
+            .local_addr()
+            .expect("its address");
+        function.set_replicas(&[gone, live]);
+        // A slot on the replica that is gone (the balancer picks either).
+        let ticket = (0..1000)
+            .find_map(|_| match function.admit(0, Instant::now()) {
+                Ok(Admission::Ready(ticket)) => (ticket.replica().addr() == gone).then_some(ticket),
+                other => panic!("a replica with room: {other:?}"),
+            })
+            .expect("the replica that is gone chosen once");
+        let metrics = Metrics::register(&mut Default::default());
+        let (ticket, _connection) = connect_somewhere(ticket, 0, Instant::now(), &metrics)
+            .await
+            .expect("connected to the other");
+        assert_eq!(ticket.replica().addr(), live);
+    }
+
+    #[tokio::test]
+    async fn a_replica_with_every_connection_in_use_is_waited_for_within_the_wait() {
+        let registry = registry();
+        let function = routed(&registry, "web");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        function.set_replicas(&[listener.local_addr().expect("its address")]);
+        let Ok(Admission::Ready(ticket)) = function.admit(0, Instant::now()) else {
+            panic!("a replica with room");
+        };
+        // Every connection the replica may have, in use.
+        let settings = function.settings();
+        let mut in_use = Vec::new();
+        for _ in 0..settings.pool.max_connections {
+            in_use.push(
+                ticket
+                    .replica()
+                    .upstream
+                    .checkout()
+                    .await
+                    .expect("connected"),
+            );
+        }
+        // A request whose wait is over: it still gets a connect's time, then 504.
+        let arrived = Instant::now() - settings.wait_timeout;
+        let started = Instant::now();
+        let metrics = Metrics::register(&mut Default::default());
+        let Err(answer) = connect_somewhere(ticket, 0, arrived, &metrics).await else {
+            panic!("a connection beyond the bound");
+        };
+        assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() >= settings.pool.connect_timeout);
+        drop(in_use);
     }
 }
