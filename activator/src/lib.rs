@@ -31,6 +31,7 @@ pub mod registry;
 pub mod routes;
 pub mod server;
 pub mod side;
+pub mod socket;
 pub mod watch;
 
 use std::sync::Arc;

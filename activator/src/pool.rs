@@ -340,8 +340,7 @@ impl Upstream {
                 addr: self.addr,
                 source,
             })?;
-        // Requests and responses are small and interactive; never wait to coalesce.
-        let _ = stream.set_nodelay(true);
+        crate::socket::tune(&stream);
         Ok(stream)
     }
 }

@@ -645,6 +645,18 @@ async fn forward(
         .remove::<hyper::upgrade::OnUpgrade>();
     let host = headers::request_host_value(request.uri(), request.headers());
     let protocol = ticket.replica().upstream.protocol();
+    if upgrade && protocol == Protocol::H2c {
+        // HTTP/2 has no `Upgrade` (its client drops the field): the replica would see
+        // a plain request, and the client would never get its tunnel.
+        metrics.proxy_error("upgrade");
+        return Ok(answer(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "{}'s replicas speak h2c (appProtocol kubernetes.io/h2c), which cannot carry a protocol upgrade; serve upgrades over HTTP/1.1",
+                ticket.function().key()
+            ),
+        ));
+    }
     headers::remove_hop_by_hop(request.headers_mut(), upgrade);
     headers::add_forwarded(request.headers_mut(), &client, host.as_ref());
     let host_from_target = request.uri().authority().is_some();
@@ -711,15 +723,7 @@ async fn forward(
             Connection::H2(sender) => {
                 let send = send_h2(sender, request, ticket.response_timeout(), body_timeout);
                 match Box::pin(send).await {
-                    Ok(response) => {
-                        return Ok(respond_h2(
-                            response,
-                            ticket,
-                            client_upgrade,
-                            upgrade,
-                            &metrics,
-                        ));
-                    }
+                    Ok(response) => return Ok(respond_h2(response, ticket)),
                     Err(H2Failure::NoAnswerInTime(timeout)) => {
                         return Ok(no_answer_in_time(&ticket, timeout, &metrics));
                     }
@@ -940,36 +944,8 @@ fn respond_http1(
     }
 }
 
-fn respond_h2(
-    mut response: Response<Incoming>,
-    ticket: Ticket,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    upgrade: bool,
-    metrics: &Arc<Metrics>,
-) -> ProxyResponse {
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching
-        && upgrade
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            // The ticket lasts as long as the tunnel.
-            let _ticket = ticket;
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let mut client = hyper_util::rt::TokioIo::new(client);
-                    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-                Err(_) => metrics.proxy_error("upgrade"),
-            }
-        });
-        let (mut parts, _) = response.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers, true);
-        return Response::from_parts(parts, ProxyBody::empty());
-    }
+/// A replica's answer over h2c (never an upgrade: see [`forward`]).
+fn respond_h2(response: Response<Incoming>, ticket: Ticket) -> ProxyResponse {
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false);
     let body = H2Body {

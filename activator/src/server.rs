@@ -186,7 +186,7 @@ pub async fn serve<S>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        crate::socket::tune(&stream);
         let Ok(permit) = open.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
             tokio::spawn(refuse(stream));

@@ -849,6 +849,14 @@ spec:
                 "{host} (client h2c {client_h2}): {status}, replica saw {version}"
             );
         }
+        // An upgrade cannot cross h2c: 501 with why, not a plain request upstream.
+        let websocket = "GET /ws HTTP/1.1\r\nHost: h2.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let answer = raw(&addr, websocket.as_bytes(), Duration::from_secs(10)).await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 501")
+                && answer.contains("cannot carry a protocol upgrade"),
+            "a WebSocket to an h2c function: {answer}"
+        );
         // Each replica has 1 s to begin its answer once it has the whole request: one
         // that takes longer is answered 504, and the next request is served. A body
         // that takes longer than that to arrive does not count against it.
