@@ -2,7 +2,7 @@
 //! connection-specific fields are dropped, `Forwarded` / `X-Forwarded-*` are set, and
 //! the request target takes the form the upstream protocol wants.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 use http::{
@@ -131,6 +131,9 @@ pub struct ClientAddress {
     forwarded: HeaderValue,
     /// The bare address, for `X-Forwarded-For`.
     ip: HeaderValue,
+    /// The connection's place under the server's connection bound, kept as long as
+    /// this is: by the connection's exchanges, and by a tunnel its upgrade became.
+    place: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl ClientAddress {
@@ -146,7 +149,14 @@ impl ClientAddress {
             addr,
             forwarded: header_value(format!("for={node};proto=http").into()),
             ip: header_value(ip.to_string().into()),
+            place: None,
         }
+    }
+
+    /// The same, keeping `place` (see the field) while it lives.
+    pub fn holding(mut self, place: impl std::any::Any + Send + Sync) -> Self {
+        self.place = Some(Arc::new(place));
+        self
     }
 }
 

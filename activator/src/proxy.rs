@@ -686,13 +686,8 @@ async fn forward(
                 .await
             {
                 Ok(answer) => {
-                    return Ok(respond_http1(
-                        answer,
-                        ticket,
-                        client_upgrade,
-                        upgrade,
-                        &metrics,
-                    ));
+                    let upgrade = client_upgrade.filter(|_| upgrade).map(|on| (on, client));
+                    return Ok(respond_http1(answer, ticket, upgrade, &metrics));
                 }
                 Err(http1::SendError {
                     error: http1::Error::NoAnswerInTime(timeout),
@@ -884,13 +879,12 @@ async fn send_h2(
 fn respond_http1(
     reply: http1::Answer,
     ticket: Ticket,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    upgrade: bool,
+    upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<headers::ClientAddress>)>,
     metrics: &Arc<Metrics>,
 ) -> ProxyResponse {
     match reply {
         http1::Answer::Switched(mut parts, upgraded) => {
-            let Some(client_upgrade) = client_upgrade.filter(|_| upgrade) else {
+            let Some((client_upgrade, client)) = upgrade else {
                 metrics.proxy_error("upstream");
                 return answer(
                     StatusCode::BAD_GATEWAY,
@@ -904,8 +898,9 @@ fn respond_http1(
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 // The ticket lasts as long as the tunnel (the connection's place in
-                // the pool does, inside `upgraded`).
-                let _ticket = ticket;
+                // the pool does, inside `upgraded`), and so does the client
+                // connection's place under the server's bound.
+                let (_ticket, _client) = (ticket, client);
                 let http1::Upgraded { mut io, early, .. } = upgraded;
                 let Ok(client) = client_upgrade.await else {
                     metrics.proxy_error("upgrade");

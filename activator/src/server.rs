@@ -193,11 +193,15 @@ pub async fn serve<S>(
             continue;
         };
         let service = service.clone();
-        let address = Arc::new(ClientAddress::new(client));
-        let (metrics, protocols, closing) = (metrics.clone(), protocols.clone(), closing.clone());
+        metrics.connections.inc();
+        let place = ConnectionPlace {
+            _permit: permit,
+            metrics: metrics.clone(),
+        };
+        let address = Arc::new(ClientAddress::new(client).holding(place));
+        let (protocols, closing) = (protocols.clone(), closing.clone());
         let header_timeout = config.header_timeout;
         connections.spawn(async move {
-            metrics.connections.inc();
             let result = match speaks_h2c(&stream, header_timeout).await {
                 None => Ok(()),
                 Some(true) => {
@@ -254,8 +258,6 @@ pub async fn serve<S>(
             if let Err(e) = result {
                 debug!(%client, error = %e, "client connection ended with an error");
             }
-            metrics.connections.dec();
-            drop(permit);
         });
     }
     drop(listener);
@@ -280,6 +282,20 @@ pub async fn serve<S>(
         .is_err()
     {
         info!("drain grace over with connections still open");
+    }
+}
+
+/// A client connection's place under `--max-connections`, and its count in the gauge:
+/// given back when the connection ends, or, once it became a tunnel (an upgrade), when
+/// the tunnel does.
+struct ConnectionPlace {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
     }
 }
 

@@ -1628,7 +1628,25 @@ spec:
                 .context("socket closed")??;
             ensure!(echoed == message, "echo differs");
         }
+        // The tunnel keeps its client connection's place under --max-connections, and
+        // gives it back when it ends.
+        let connections_open = |count: f64| {
+            let activators = &activators;
+            async move {
+                let open = activators.metric(0, "blink_activator_connections ").await?;
+                Ok((open == count).then_some(()))
+            }
+        };
+        wait::until(LONG, "the tunnel counted as a connection", || {
+            connections_open(1.0)
+        })
+        .await?;
         socket.close(None).await?;
+        drop(socket);
+        wait::until(LONG, "the tunnel's connection given back", || {
+            connections_open(0.0)
+        })
+        .await?;
         replicas.shutdown().await;
         activators.processes.shutdown().await;
         finish(&ctx, scaler).await
