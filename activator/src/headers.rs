@@ -25,6 +25,19 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
 }
 
+/// Whether the only protocol an upgrade offers is HTTP/2 (`Upgrade: h2c`, as
+/// `curl --http2` sends): an offer a server may ignore, unlike a WebSocket's.
+pub fn offers_only_h2c(headers: &HeaderMap) -> bool {
+    let mut offers = headers
+        .get_all(UPGRADE)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|offer| !offer.is_empty())
+        .peekable();
+    offers.peek().is_some() && offers.all(|offer| offer.eq_ignore_ascii_case("h2c"))
+}
+
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     list_has(headers, CONNECTION, token)
 }
@@ -608,6 +621,21 @@ mod tests {
         );
         assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+    }
+
+    #[test]
+    fn an_offer_of_http2_alone_may_be_ignored() {
+        for (upgrade, only_h2c) in [
+            (&["h2c"][..], true),
+            (&["H2C"][..], true),
+            (&["websocket"][..], false),
+            (&["h2c, websocket"][..], false),
+            (&["h2c", "websocket"][..], false),
+            (&[][..], false),
+        ] {
+            let fields: Vec<_> = upgrade.iter().map(|u| ("upgrade", *u)).collect();
+            assert_eq!(offers_only_h2c(&headers(&fields)), only_h2c, "{upgrade:?}");
+        }
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl Metrics {
             name: key.name().to_owned(),
         };
         FunctionMetrics {
-            codes: Mutex::new(Vec::new()),
+            codes: Mutex::new(Codes::default()),
             requests: self.requests.clone(),
             request_duration: self.request_duration.get_or_create(&labels).clone(),
             queue_wait: self.queue_wait.get_or_create(&labels).clone(),
@@ -182,24 +182,22 @@ impl Metrics {
         }
     }
 
-    /// A function is no longer routed: its series go.
-    pub fn forget(&self, key: &FunctionKey) {
-        let labels = FunctionLabels {
-            namespace: key.namespace().to_owned(),
-            name: key.name().to_owned(),
-        };
-        self.request_duration.remove(&labels);
-        self.queue_wait.remove(&labels);
-        self.in_flight.remove(&labels);
-        self.queued.remove(&labels);
-        self.upstream_connections.remove(&labels);
-        // The family has no way to find a function's series but by their labels: each
-        // status code hyper can send is tried (a deletion is rare; this is cheap).
-        for code in 100..1000 {
+    /// A function is no longer routed: its series go, and answers to its requests
+    /// still on their way (held ones are answered 503 as it goes) make none again.
+    pub fn forget(&self, function: &FunctionMetrics) {
+        let labels = &function.labels;
+        self.request_duration.remove(labels);
+        self.queue_wait.remove(labels);
+        self.in_flight.remove(labels);
+        self.queued.remove(labels);
+        self.upstream_connections.remove(labels);
+        let mut codes = function.codes.lock().unwrap_or_else(|e| e.into_inner());
+        codes.forgotten = true;
+        for (code, _) in &codes.counters {
             self.requests.remove(&CodeLabels {
                 namespace: labels.namespace.clone(),
                 name: labels.name.clone(),
-                code,
+                code: *code,
             });
         }
     }
@@ -209,8 +207,7 @@ impl Metrics {
 #[derive(Debug)]
 pub struct FunctionMetrics {
     labels: FunctionLabels,
-    /// The codes this function answered so far (a handful), each with its counter.
-    codes: Mutex<Vec<(u16, Counter)>>,
+    codes: Mutex<Codes>,
     requests: Family<CodeLabels, Counter>,
     request_duration: Histogram,
     queue_wait: Histogram,
@@ -219,13 +216,24 @@ pub struct FunctionMetrics {
     pub upstream_connections: Gauge,
 }
 
+/// The codes a function answered so far (a handful), each with its counter.
+#[derive(Debug, Default)]
+struct Codes {
+    counters: Vec<(u16, Counter)>,
+    /// The function is gone: no series is made for it any more.
+    forgotten: bool,
+}
+
 impl FunctionMetrics {
     pub fn answered(&self, status: StatusCode, elapsed: Duration) {
         self.request_duration.observe(elapsed.as_secs_f64());
         let code = status.as_u16();
         let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, counter)) = codes.iter().find(|(c, _)| *c == code) {
+        if let Some((_, counter)) = codes.counters.iter().find(|(c, _)| *c == code) {
             counter.inc();
+            return;
+        }
+        if codes.forgotten {
             return;
         }
         let counter = self
@@ -237,7 +245,7 @@ impl FunctionMetrics {
             })
             .clone();
         counter.inc();
-        codes.push((code, counter));
+        codes.counters.push((code, counter));
     }
 
     pub fn waited(&self, waited: Duration) {
@@ -279,7 +287,9 @@ mod tests {
                     .is_some_and(|le| (70.0..200.0).contains(&le))
         });
         assert!(bucket_over_a_minute, "{before}");
-        metrics.forget(&key);
+        metrics.forget(&function);
+        // A request still on its way, answered after: no series comes back.
+        function.answered(StatusCode::SERVICE_UNAVAILABLE, Duration::from_millis(1));
         let after = text(&prometheus);
         assert!(!after.contains("name=\"gone\""), "{after}");
     }

@@ -38,8 +38,8 @@ pub use crate::http1::Http1Connection;
 /// send buffer. A client that pauses longer than the body timeout ends it with
 /// [`BodyStalled`].
 #[derive(Debug)]
-pub struct UpstreamBody {
-    inner: Incoming,
+pub struct UpstreamBody<B = Incoming> {
+    inner: B,
     /// Dropped once the body's last frame has been taken (or the body is dropped);
     /// sent [`BodyStalled`] when the client paused too long.
     all_taken: Option<oneshot::Sender<BodyStalled>>,
@@ -54,11 +54,11 @@ pub struct UpstreamBody {
 #[error("the client sent no part of the request body for {0:?}")]
 pub struct BodyStalled(pub Duration);
 
-impl UpstreamBody {
+impl<B: Body> UpstreamBody<B> {
     /// `body`, and what resolves once all of it has been taken; `None` for a body
     /// that is empty from the start.
     pub fn watched(
-        body: Incoming,
+        body: B,
         pause_limit: Duration,
     ) -> (Self, Option<oneshot::Receiver<BodyStalled>>) {
         let (all_taken, taken) = if body.is_end_stream() {
@@ -76,12 +76,16 @@ impl UpstreamBody {
         (body, taken)
     }
 
-    pub fn into_inner(self) -> Incoming {
+    pub fn into_inner(self) -> B {
         self.inner
     }
 }
 
-impl Body for UpstreamBody {
+impl<B> Body for UpstreamBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -91,6 +95,12 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            // Timed only until the replica's answer begins (the exchange stops waiting
+            // for the body then): a stream both ways, as gRPC's, may be quiet on the
+            // client's side for as long as it likes while the replica answers.
+            if this.all_taken.as_ref().is_none_or(|all| all.is_closed()) {
+                return Poll::Pending;
+            }
             let limit = this.pause_limit;
             let pause = this
                 .pause
@@ -153,6 +163,12 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// Every connection the replica may have was in use until the deadline: the
+    /// replica is busy, not failing.
+    #[error(
+        "no connection to {addr} came free in time (each of its --max-upstream-connections was in use)"
+    )]
+    NoneFree { addr: SocketAddr },
 }
 
 /// How often an h2c connection to a replica is pinged, and how long an answer may take
@@ -218,8 +234,17 @@ impl Upstream {
     /// A connection ready to take a request: an idle one, a new one, or (at the bound)
     /// the next one given back.
     pub async fn checkout(&self) -> Result<Connection, ConnectError> {
+        self.checkout_before(None).await
+    }
+
+    /// The same, waiting for one given back no later than `deadline` (a connect
+    /// begun before it has its own timeout).
+    pub async fn checkout_before(
+        &self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Connection, ConnectError> {
         match self.protocol {
-            Protocol::Http1 => self.checkout_http1().await.map(Connection::Http1),
+            Protocol::Http1 => self.checkout_http1(deadline).await.map(Connection::Http1),
             Protocol::H2c => self.checkout_h2().await.map(Connection::H2),
         }
     }
@@ -237,7 +262,17 @@ impl Upstream {
         }
     }
 
-    async fn checkout_http1(&self) -> Result<Http1Connection, ConnectError> {
+    async fn checkout_http1(
+        &self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Http1Connection, ConnectError> {
+        let until_deadline = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(until_deadline);
         loop {
             if let Some(idle) = self.idle_http1() {
                 return Ok(idle);
@@ -257,6 +292,7 @@ impl Upstream {
                     }
                 }
                 _ = returned => {}
+                () = &mut until_deadline => return Err(ConnectError::NoneFree { addr: self.addr }),
             }
         }
     }
@@ -347,9 +383,42 @@ impl Upstream {
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// A client that sent nothing of its body, and sends nothing more.
+    fn silent() -> http_body_util::StreamBody<
+        futures::stream::Pending<Result<Frame<Bytes>, std::convert::Infallible>>,
+    > {
+        http_body_util::StreamBody::new(futures::stream::pending())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_silent_while_its_body_is_awaited_is_given_up() {
+        let limit = Duration::from_secs(60);
+        let (mut body, taken) = UpstreamBody::watched(silent(), limit);
+        let started = tokio::time::Instant::now();
+        let error = body.frame().await.expect("a frame").expect_err("given up");
+        assert!(
+            error.to_string().contains("no part of the request body"),
+            "{error}"
+        );
+        assert_eq!(started.elapsed(), limit);
+        let told = taken.expect("a body to wait for").await;
+        assert!(matches!(told, Ok(BodyStalled(pause)) if pause == limit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_the_answer_began_a_silent_client_is_not_timed() {
+        // A stream both ways (gRPC's): the replica answered, the client is quiet.
+        let limit = Duration::from_secs(60);
+        let (mut body, taken) = UpstreamBody::watched(silent(), limit);
+        drop(taken);
+        let frame = tokio::time::timeout(limit * 10, body.frame()).await;
+        assert!(frame.is_err(), "still waiting for the client: {frame:?}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_h2c_replica_that_stops_answering_is_given_up() {

@@ -48,7 +48,7 @@ use crate::{
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
-    pool::{BodyStalled, Connection, Protocol, UpstreamBody},
+    pool::{BodyStalled, ConnectError, Connection, Protocol, UpstreamBody},
     registry::Registry,
     routes::Miss,
 };
@@ -538,28 +538,23 @@ async fn connect_somewhere(
     arrived: Instant,
     metrics: &Metrics,
 ) -> Result<(Ticket, Connection), ProxyResponse> {
-    let settings = ticket.function().settings();
-    let deadline = arrived + settings.wait_timeout;
+    let deadline = arrived + ticket.function().settings().wait_timeout;
     loop {
-        // A replica with every one of its connections in use makes this wait for one:
-        // bounded by the request's wait, but never shorter than a connect may take.
-        let left = deadline.saturating_duration_since(Instant::now());
-        let bound = left.max(settings.pool.connect_timeout);
-        let error = match tokio::time::timeout(bound, ticket.replica().upstream.checkout()).await {
-            Ok(Ok(connection)) => return Ok((ticket, connection)),
-            Ok(Err(error)) => error,
-            Err(_) => {
+        // A replica with every one of its connections in use makes this wait for one,
+        // for as long as the request may wait.
+        let checkout = ticket.replica().upstream.checkout_before(Some(deadline));
+        let error = match checkout.await {
+            Ok(connection) => return Ok((ticket, connection)),
+            Err(error @ ConnectError::NoneFree { .. }) => {
                 metrics.proxy_error("no_connection");
-                let (key, addr) = (ticket.function().key(), ticket.replica().addr());
-                warn!(function = %key, replica = %addr, "no connection to a replica came free");
+                let key = ticket.function().key();
+                warn!(function = %key, %error, "no connection to a replica came free");
                 return Err(answer(
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "no connection to replica {addr} of {key} came free within {}s (each of its --max-upstream-connections was in use)",
-                        bound.as_secs()
-                    ),
+                    format!("{key}: {error}"),
                 ));
             }
+            Err(error) => error,
         };
         metrics.proxy_error("connect");
         let function = ticket.function().clone();
@@ -639,13 +634,17 @@ async fn forward(
         ));
     };
     // Changed in place: each move of the request (a few hundred bytes) is a copy.
-    let upgrade = headers::is_upgrade(request.headers());
+    let mut upgrade = headers::is_upgrade(request.headers());
     let client_upgrade = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>();
     let host = headers::request_host_value(request.uri(), request.headers());
     let protocol = ticket.replica().upstream.protocol();
-    if upgrade && protocol == Protocol::H2c {
+    if upgrade && protocol == Protocol::H2c && headers::offers_only_h2c(request.headers()) {
+        // An offer to speak HTTP/2, which a server may ignore: the replica gets the
+        // request plain (it already speaks HTTP/2 to the activator).
+        upgrade = false;
+    } else if upgrade && protocol == Protocol::H2c {
         // HTTP/2 has no `Upgrade` (its client drops the field): the replica would see
         // a plain request, and the client would never get its tunnel.
         metrics.proxy_error("upgrade");
@@ -1116,15 +1115,14 @@ mod tests {
                     .expect("connected"),
             );
         }
-        // A request whose wait is over: it still gets a connect's time, then 504.
-        let arrived = Instant::now() - settings.wait_timeout;
-        let started = Instant::now();
+        // A request with 300 ms of its wait left: 504 then.
+        let arrived = Instant::now() - settings.wait_timeout + Duration::from_millis(300);
         let metrics = Metrics::register(&mut Default::default());
         let Err(answer) = connect_somewhere(ticket, 0, arrived, &metrics).await else {
             panic!("a connection beyond the bound");
         };
         assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert!(started.elapsed() >= settings.pool.connect_timeout);
+        assert!(Instant::now() >= arrived + settings.wait_timeout);
         drop(in_use);
     }
 }

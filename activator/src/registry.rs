@@ -291,12 +291,12 @@ impl Registry {
             by_service.insert(service_id, key.clone());
             functions.insert(key, function);
         }
-        for gone in known
+        for (_, gone) in known
             .functions
-            .keys()
-            .filter(|k| !functions.contains_key(*k))
+            .iter()
+            .filter(|(k, _)| !functions.contains_key(*k))
         {
-            self.metrics.forget(gone);
+            self.metrics.forget(gone.metrics());
         }
         let previous = std::mem::replace(&mut known.functions, functions);
         known.by_service = by_service;

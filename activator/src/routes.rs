@@ -218,17 +218,9 @@ impl<T: Clone> RouteTable<T> {
             host
         };
         let bare = blink_crds::routing::bare_host(host);
-        // Explicit hosts first: which function a host reaches must not depend on
-        // whether the client wrote a port.
-        if let Some(prefixes) = self.hosts.get(bare) {
-            return prefixes
-                .iter()
-                .find(|(prefix, _)| path_has_prefix(path, prefix))
-                .map(|(_, target)| target)
-                .ok_or(Miss::NoPrefix);
-        }
-        // The ClusterIP form keeps its port (bare for port 80); names are matched
-        // without one.
+        // A Service's own names first, with or without a port: a name in the
+        // cluster's DNS reaches its Service's function whatever object lists it in
+        // `hosts`. The ClusterIP form keeps its port (bare for port 80).
         if let Some(target) = self.names.get(host) {
             return Ok(target);
         }
@@ -237,6 +229,13 @@ impl<T: Clone> RouteTable<T> {
             && let Some(target) = self.names.get(bare)
         {
             return Ok(target);
+        }
+        if let Some(prefixes) = self.hosts.get(bare) {
+            return prefixes
+                .iter()
+                .find(|(prefix, _)| path_has_prefix(path, prefix))
+                .map(|(_, target)| target)
+                .ok_or(Miss::NoPrefix);
         }
         match self.short.get(bare) {
             Some(Short::One(target)) => Ok(target),
@@ -336,16 +335,21 @@ mod tests {
     }
 
     #[test]
-    fn a_port_in_the_host_does_not_change_where_it_goes() {
-        // b/x names `web.shop` as a host; a/web's Service is `web` in namespace `shop`.
+    fn a_service_name_reaches_its_service_with_or_without_a_port() {
+        // b/x lists `web.shop` as a host; shop/web's Service is `web` in `shop`.
         let t = table(&[
-            (route("b", "x", &["web.shop"], &[], "x"), None),
+            (route("b", "x", &["web.shop", "x.example"], &[], "x"), None),
             (route("shop", "web", &[], &[], "web"), None),
         ]);
-        for host in ["web.shop", "web.shop:80", "WEB.shop.:8080"] {
-            assert_eq!(t.lookup(host, "/"), Ok(&"b/x".to_owned()), "{host}");
+        for host in [
+            "web.shop",
+            "web.shop:80",
+            "WEB.shop.:8080",
+            "web.shop.svc:80",
+        ] {
+            assert_eq!(t.lookup(host, "/"), Ok(&"shop/web".to_owned()), "{host}");
         }
-        assert_eq!(t.lookup("web.shop.svc:80", "/"), Ok(&"shop/web".to_owned()));
+        assert_eq!(t.lookup("x.example:8080", "/"), Ok(&"b/x".to_owned()));
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Every connection accepted takes these over.
+    crate::socket::tune(&socket);
     socket.bind(addr)?;
     socket.listen(backlog)
 }
@@ -186,7 +188,6 @@ pub async fn serve<S>(
                 }
             },
         };
-        crate::socket::tune(&stream);
         let Ok(permit) = open.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
             tokio::spawn(refuse(stream));

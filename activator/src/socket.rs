@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
 use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::TcpStream;
 
 /// How long a connection may be silent before the kernel probes its peer, how often
 /// it probes, and how many probes go unanswered before it gives the connection up:
@@ -16,22 +17,36 @@ pub const KEEPALIVE_PROBES: u32 = 6;
 /// coalesce. A connection whose peer vanished is ended by the kernel's probes: an idle
 /// WebSocket tunnel or pooled connection would otherwise hold its replica's slot, and
 /// keep the function from going back to zero, forever.
-pub fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+///
+/// On a listening socket, the connections it accepts take these options over from it
+/// (Linux copies them at accept), so the accept path makes no system call for them.
+pub fn tune(socket: &impl AsFd) {
+    let _ = setsockopt(socket, sockopt::TcpNoDelay, &true);
     let idle = u32::try_from(KEEPALIVE_IDLE.as_secs()).unwrap_or(u32::MAX);
     let interval = u32::try_from(KEEPALIVE_INTERVAL.as_secs()).unwrap_or(u32::MAX);
-    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &idle);
-    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &interval);
-    let _ = setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
-    let _ = setsockopt(stream, sockopt::KeepAlive, &true);
+    let _ = setsockopt(socket, sockopt::TcpKeepIdle, &idle);
+    let _ = setsockopt(socket, sockopt::TcpKeepInterval, &interval);
+    let _ = setsockopt(socket, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+    let _ = setsockopt(socket, sockopt::KeepAlive, &true);
 }
 
 #[cfg(test)]
 mod tests {
     use nix::sys::socket::getsockopt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+
+    fn assert_tuned(stream: &TcpStream) {
+        assert!(getsockopt(stream, sockopt::KeepAlive).expect("read"));
+        assert_eq!(getsockopt(stream, sockopt::TcpKeepIdle).expect("read"), 60);
+        assert_eq!(
+            getsockopt(stream, sockopt::TcpKeepInterval).expect("read"),
+            10
+        );
+        assert_eq!(getsockopt(stream, sockopt::TcpKeepCount).expect("read"), 6);
+        assert!(stream.nodelay().expect("read"));
+    }
 
     #[tokio::test]
     async fn connections_probe_a_silent_peer() {
@@ -40,13 +55,15 @@ mod tests {
             .await
             .expect("connected");
         tune(&stream);
-        assert!(getsockopt(&stream, sockopt::KeepAlive).expect("read"));
-        assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).expect("read"), 60);
-        assert_eq!(
-            getsockopt(&stream, sockopt::TcpKeepInterval).expect("read"),
-            10
-        );
-        assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).expect("read"), 6);
-        assert!(stream.nodelay().expect("read"));
+        assert_tuned(&stream);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_take_the_listeners_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        tune(&listener);
+        let addr = listener.local_addr().expect("its address");
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        assert_tuned(&accepted.expect("accepted").0);
     }
 }

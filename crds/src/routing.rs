@@ -179,7 +179,6 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
     }))
 }
 
-/// `host` without a `:port` (IPv6 literals keep their brackets).
 /// A host as routes are keyed: without its port and without the trailing dot of a
 /// fully qualified name (`web.example.:8080` → `web.example`). Case is the caller's.
 pub fn bare_host(host: &str) -> &str {
@@ -187,6 +186,7 @@ pub fn bare_host(host: &str) -> &str {
     host.strip_suffix('.').unwrap_or(host)
 }
 
+/// `host` without a `:port` (IPv6 literals keep their brackets).
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host

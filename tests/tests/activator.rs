@@ -857,6 +857,13 @@ spec:
                 && answer.contains("cannot carry a protocol upgrade"),
             "a WebSocket to an h2c function: {answer}"
         );
+        // An offer to upgrade to HTTP/2 (`curl --http2`) may be ignored: answered plain.
+        let offer = "GET / HTTP/1.1\r\nHost: h2.example\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n";
+        let answer = raw(&addr, offer.as_bytes(), Duration::from_secs(10)).await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 200"),
+            "an h2c upgrade offer to an h2c function: {answer}"
+        );
         // Each replica has 1 s to begin its answer once it has the whole request: one
         // that takes longer is answered 504, and the next request is served. A body
         // that takes longer than that to arrive does not count against it.
