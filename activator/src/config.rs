@@ -203,6 +203,11 @@ mod tests {
         assert!(parse("0").is_err());
     }
 
+    /// The command line with `flag value` after the pod's name.
+    fn parse_with(flag: &str, value: &str) -> Result<Config, clap::Error> {
+        Config::try_parse_from(["blink-activator", "--pod-name", "a-0", flag, value])
+    }
+
     #[test]
     fn bounds_are_at_least_one() {
         for flag in [
@@ -211,12 +216,9 @@ mod tests {
             "--max-connections",
             "--max-upstream-connections",
         ] {
-            let parse = |value: &str| {
-                Config::try_parse_from(["blink-activator", "--pod-name", "a-0", flag, value])
-            };
-            assert!(parse("1").is_ok(), "{flag}");
+            assert!(parse_with(flag, "1").is_ok(), "{flag}");
             for bad in ["0", "many"] {
-                let error = parse(bad).expect_err(bad).to_string();
+                let error = parse_with(flag, bad).expect_err(bad).to_string();
                 assert!(error.contains(flag), "{flag} {bad}: {error}");
             }
         }
@@ -232,13 +234,10 @@ mod tests {
             "--connect-timeout",
             "--body-timeout",
         ] {
-            let parse = |value: &str| {
-                Config::try_parse_from(["blink-activator", "--pod-name", "a-0", flag, value])
-            };
-            assert!(parse("250ms").is_ok(), "{flag}");
-            assert!(parse("8760h").is_ok(), "{flag} a year");
+            assert!(parse_with(flag, "250ms").is_ok(), "{flag}");
+            assert!(parse_with(flag, "8760h").is_ok(), "{flag} a year");
             for bad in ["0", "0s", "8761h", "10000000000000000000"] {
-                let error = parse(bad).expect_err(bad).to_string();
+                let error = parse_with(flag, bad).expect_err(bad).to_string();
                 assert!(error.contains(flag), "{flag} {bad}: {error}");
             }
         }

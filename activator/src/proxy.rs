@@ -1062,20 +1062,22 @@ mod tests {
     use super::*;
     use crate::watch::tests::{registry, routed};
 
+    /// A listener on a port of its own, and its address.
+    async fn listening() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        (listener, addr)
+    }
+
     #[tokio::test]
     async fn a_replica_that_refuses_sends_the_request_to_another() {
         let registry = registry();
         let function = routed(&registry, "web");
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port");
-        let live = live.local_addr().expect("its address");
+        let (_listener, live) = listening().await;
         // A port nobody listens on any more: connections are refused.
-        let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port")
-            .local_addr()
-            .expect("its address");
+        let (_, gone) = listening().await;
         function.set_replicas(&[gone, live]);
         // A slot on the replica that is gone (the balancer picks either).
         let ticket = (0..1000)
@@ -1095,10 +1097,8 @@ mod tests {
     async fn a_replica_with_every_connection_in_use_is_waited_for_within_the_wait() {
         let registry = registry();
         let function = routed(&registry, "web");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port");
-        function.set_replicas(&[listener.local_addr().expect("its address")]);
+        let (_listener, addr) = listening().await;
+        function.set_replicas(&[addr]);
         let Ok(Admission::Ready(ticket)) = function.admit(0, Instant::now()) else {
             panic!("a replica with room");
         };

@@ -615,25 +615,49 @@ mod tests {
         (sender, tokio::spawn(connection))
     }
 
-    #[tokio::test]
-    async fn a_held_h2c_stream_takes_in_no_more_body_than_the_read_ahead() {
+    /// `serve` on a port of its own, with `header_timeout` and 16 KiB heads at most:
+    /// its address, its task, and what stops it.
+    fn serving<S>(
+        service: S,
+        header_timeout: Duration,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>, CancellationToken)
+    where
+        S: Service<Exchange, Response = proxy::ProxyResponse, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let listener = bind("127.0.0.1:0".parse().expect("address"), 16).expect("bound");
         let addr = listener.local_addr().expect("address");
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(Metrics::register(&mut prometheus));
+        let config = ServerConfig {
+            max_connections: 10,
+            header_timeout,
+            max_header_bytes: 16 * 1024,
+            drain_grace: Duration::from_secs(1),
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            service,
+            config,
+            metrics,
+            shutdown.clone(),
+            || {},
+        ));
+        (addr, server, shutdown)
+    }
+
+    #[tokio::test]
+    async fn a_held_h2c_stream_takes_in_no_more_body_than_the_read_ahead() {
         // A function at zero: each request is held, its body left unread.
         let service = tower::service_fn(|_: Exchange| async {
             std::future::pending::<()>().await;
             Ok::<_, Infallible>(proxy::answer(http::StatusCode::OK, "never"))
         });
-        let config = ServerConfig {
-            max_connections: 10,
-            header_timeout: Duration::from_secs(10),
-            max_header_bytes: 16 * 1024,
-            drain_grace: Duration::from_secs(1),
-        };
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, service, config, metrics, shutdown, || {}));
+        let (addr, _server, _shutdown) = serving(service, Duration::from_secs(10));
 
         let stream = TcpStream::connect(addr).await.expect("connected");
         let (client, connection) = h2::client::handshake(stream).await.expect("handshake");
@@ -666,30 +690,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_http2_connection_gets_a_goaway_and_a_busy_one_stays() {
-        let listener = bind("127.0.0.1:0".parse().expect("address"), 16).expect("bound");
-        let addr = listener.local_addr().expect("address");
-        let mut prometheus = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(Metrics::register(&mut prometheus));
         let service = tower::service_fn(|_: Exchange| async {
             Ok::<_, Infallible>(proxy::answer(http::StatusCode::OK, "ok"))
         });
         // Wide enough that a stall of a loaded machine does not make the busy one quiet.
         let period = Duration::from_millis(500);
-        let config = ServerConfig {
-            max_connections: 10,
-            header_timeout: period,
-            max_header_bytes: 16 * 1024,
-            drain_grace: Duration::from_secs(1),
-        };
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            service,
-            config,
-            metrics,
-            shutdown.clone(),
-            || {},
-        ));
+        let (addr, server, shutdown) = serving(service, period);
 
         let (mut idle, idle_connection) = h2c(addr).await;
         let (mut busy, busy_connection) = h2c(addr).await;
