@@ -363,29 +363,33 @@ impl Http1Connection {
             let frame = match frame {
                 None => {
                     if chunked {
-                        taken_within(stall_limit, io.write_all(b"0\r\n\r\n")).await?;
+                        let mut end = &b"0\r\n\r\n"[..];
+                        return sent_unless_answered(io, read, stall_limit, &mut end).await;
                     }
                     return Ok(BodySent::Whole);
                 }
                 Some(Err(e)) => return Err(Error::ClientBody(e.into())),
                 Some(Ok(frame)) => frame,
             };
-            match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
+            let sent = match frame.into_data() {
+                Ok(data) if data.is_empty() => BodySent::Whole,
                 Ok(data) if chunked => {
                     let size = Bytes::from(format!("{:x}\r\n", data.len()));
                     let mut chunk = size.chain(data).chain(&b"\r\n"[..]);
-                    taken_within(stall_limit, io.write_all_buf(&mut chunk)).await?;
+                    sent_unless_answered(io, read, stall_limit, &mut chunk).await?
                 }
-                Ok(mut data) => taken_within(stall_limit, io.write_all_buf(&mut data)).await?,
+                Ok(mut data) => sent_unless_answered(io, read, stall_limit, &mut data).await?,
                 Err(frame) => {
                     // Trailers end the body; they can only go in a chunked one.
                     if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
-                        let trailers = encode_trailers(&trailers);
-                        taken_within(stall_limit, io.write_all(&trailers)).await?;
-                        return Ok(BodySent::Whole);
+                        let mut trailers = &encode_trailers(&trailers)[..];
+                        return sent_unless_answered(io, read, stall_limit, &mut trailers).await;
                     }
+                    BodySent::Whole
                 }
+            };
+            if sent == BodySent::Interrupted {
+                return Ok(sent);
             }
         }
     }
@@ -505,6 +509,51 @@ async fn taken_within(
         Ok(written) => Ok(written?),
         Err(_) => Err(Error::BodyNotTaken(limit)),
     }
+}
+
+/// Writes `data`, each write taken within `limit` as [`taken_within`] says, unless the
+/// replica gives its final answer (or closes) first: a replica that answers an upload
+/// early (`413`) and stops reading has that answer forwarded at once, not after the
+/// write's limit.
+async fn sent_unless_answered(
+    io: &TcpStream,
+    read: &mut BytesMut,
+    limit: Duration,
+    data: &mut impl Buf,
+) -> Result<BodySent, Error> {
+    let write = taken_within(limit, write_all_shared(io, data));
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            written = &mut write => return written.map(|()| BodySent::Whole),
+            answered = answered_early(io, read) => {
+                if answered? == 0 || only_interim_answers(read) == Early::Final {
+                    return Ok(BodySent::Interrupted);
+                }
+            }
+        }
+    }
+}
+
+/// `write_all_buf` through a shared reference, so that the connection can be read at
+/// the same time (for an early answer). Vectored, as tokio's is for a socket.
+async fn write_all_shared(io: &TcpStream, data: &mut impl Buf) -> io::Result<()> {
+    while data.has_remaining() {
+        io.writable().await?;
+        let written = {
+            let mut slices = [io::IoSlice::new(&[]); 4];
+            let count = data.chunks_vectored(&mut slices);
+            io.try_write_vectored(&slices[..count])
+        };
+        match written {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once the replica sends something (or closes: 0) while the request body is
@@ -1724,6 +1773,50 @@ mod tests {
             matches!(error, Error::ClientBodyStalled(limit) if limit == pause),
             "{error:?}"
         );
+        served.abort();
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_comes_through_while_a_write_waits() {
+        // It reads the head, answers 413, and reads nothing more, the connection open.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+                let n = stream.read(&mut buffer).await.expect("read");
+                seen.extend_from_slice(&buffer[..n]);
+            }
+            let early = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n";
+            stream.write_all(early).await.expect("answered");
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(stream);
+        });
+        let connection = connect(addr).await;
+        // More than any socket buffers hold: the writes wait on the replica.
+        let frames = futures::stream::iter((0..4096).map(|_| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; 65536])))
+        }));
+        let request = Request::post("/up")
+            .header(CONTENT_LENGTH, 4096 * 65536)
+            .body(StreamBody::new(frames))
+            .expect("request");
+        // Far sooner than the replica's time to take a write.
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            connection.send(request, std::time::Duration::from_secs(60), ANSWER_DUE),
+        )
+        .await
+        .expect("the early answer, not the write's limit");
+        let (parts, mut body) = response(answer.expect("answer"));
+        assert_eq!(parts.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            body.take_whole().expect("whole"),
+            Bytes::from_static(b"too big\n")
+        );
+        assert!(body.into_reusable().is_none(), "the request was cut short");
         served.abort();
     }
 
