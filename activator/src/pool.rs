@@ -14,7 +14,10 @@
 use std::{
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -36,7 +39,8 @@ pub use crate::http1::Http1Connection;
 /// [`Http1Connection::send`]). Taken is not yet sent: the last frame may wait for the
 /// replica's flow-control window, as HTTP/1.1's last bytes may wait in the socket's
 /// send buffer. A client that pauses longer than the body timeout ends it with
-/// [`BodyStalled`].
+/// [`BodyStalled`]; a replica whose window takes nothing for its `responseTimeout` is
+/// found by the [`BodyWatch`].
 #[derive(Debug)]
 pub struct UpstreamBody<B = Incoming> {
     inner: B,
@@ -47,6 +51,62 @@ pub struct UpstreamBody<B = Incoming> {
     /// Boxed and made at the first pause: a body that comes in one piece needs none.
     pause_limit: Duration,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// What the exchange watches while the body goes out (none for an empty body).
+    progress: Option<Arc<BodyProgress>>,
+}
+
+/// How far an h2c request body has gone: parts taken by the h2 client, and whether it
+/// is waiting on the client for the next. The h2 client takes a part only when the
+/// replica's flow-control window has room for it.
+#[derive(Debug, Default)]
+struct BodyProgress {
+    parts: AtomicU64,
+    awaiting_client: AtomicBool,
+}
+
+/// Watches an h2c request body go out, for the exchange.
+#[derive(Debug)]
+pub struct BodyWatch {
+    taken: oneshot::Receiver<BodyStalled>,
+    progress: Arc<BodyProgress>,
+}
+
+/// How an h2c request body's sending ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// All of it taken (or the body dropped).
+    Taken,
+    /// The client paused this long.
+    ClientStalled(Duration),
+    /// The replica's window took no part for this long while the client had one
+    /// ready: the replica stopped reading.
+    NotTaken(Duration),
+}
+
+impl BodyWatch {
+    /// Resolves when the body is all taken, the client paused too long, or the
+    /// replica took nothing for `limit` (the replica's `responseTimeout`, as each
+    /// write of an HTTP/1.1 body has) while the client had a part ready.
+    pub async fn end(mut self, limit: Duration) -> BodyEnd {
+        let mut seen = self.progress.parts.load(Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                told = &mut self.taken => {
+                    return match told {
+                        Ok(BodyStalled(pause)) => BodyEnd::ClientStalled(pause),
+                        Err(_) => BodyEnd::Taken,
+                    };
+                }
+                () = tokio::time::sleep(limit) => {
+                    let parts = self.progress.parts.load(Ordering::Relaxed);
+                    if parts == seen && !self.progress.awaiting_client.load(Ordering::Relaxed) {
+                        return BodyEnd::NotTaken(limit);
+                    }
+                    seen = parts;
+                }
+            }
+        }
+    }
 }
 
 /// The client paused too long while sending a request body (this long).
@@ -55,25 +115,27 @@ pub struct UpstreamBody<B = Incoming> {
 pub struct BodyStalled(pub Duration);
 
 impl<B: Body> UpstreamBody<B> {
-    /// `body`, and what resolves once all of it has been taken; `None` for a body
-    /// that is empty from the start.
-    pub fn watched(
-        body: B,
-        pause_limit: Duration,
-    ) -> (Self, Option<oneshot::Receiver<BodyStalled>>) {
-        let (all_taken, taken) = if body.is_end_stream() {
-            (None, None)
+    /// `body`, and its watch; `None` for a body that is empty from the start.
+    pub fn watched(body: B, pause_limit: Duration) -> (Self, Option<BodyWatch>) {
+        let (all_taken, progress, watch) = if body.is_end_stream() {
+            (None, None, None)
         } else {
             let (all_taken, taken) = oneshot::channel();
-            (Some(all_taken), Some(taken))
+            let progress = Arc::new(BodyProgress::default());
+            let watch = BodyWatch {
+                taken,
+                progress: progress.clone(),
+            };
+            (Some(all_taken), Some(progress), Some(watch))
         };
         let body = Self {
             inner: body,
             all_taken,
             pause_limit,
             pause: None,
+            progress,
         };
-        (body, taken)
+        (body, watch)
     }
 
     pub fn into_inner(self) -> B {
@@ -94,7 +156,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(progress) = &this.progress {
+            progress
+                .awaiting_client
+                .store(polled.is_pending(), Ordering::Relaxed);
+            if polled.is_ready() {
+                progress.parts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let Poll::Ready(frame) = polled else {
             // Timed only until the replica's answer begins (the exchange stops waiting
             // for the body then): a stream both ways, as gRPC's, may be quiet on the
             // client's side for as long as it likes while the replica answers.
@@ -406,8 +477,35 @@ mod tests {
             "{error}"
         );
         assert_eq!(started.elapsed(), limit);
-        let told = taken.expect("a body to wait for").await;
-        assert!(matches!(told, Ok(BodyStalled(pause)) if pause == limit));
+        let told = taken.expect("a body to wait for").end(limit * 10).await;
+        assert_eq!(told, BodyEnd::ClientStalled(limit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_whose_window_stays_shut_is_given_up() {
+        let limit = Duration::from_secs(5);
+        let parts = (0..3).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::new())));
+        let client = http_body_util::StreamBody::new(futures::stream::iter(parts));
+        let (mut body, watch) = UpstreamBody::watched(client, Duration::from_secs(60));
+        // The h2 client takes one part, then no more: no room in the window.
+        body.frame().await.expect("a part").expect("data");
+        let started = tokio::time::Instant::now();
+        let end = watch.expect("a body to watch").end(limit).await;
+        assert_eq!(end, BodyEnd::NotTaken(limit));
+        assert_eq!(started.elapsed(), limit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_is_not_the_replicas_fault() {
+        let (mut body, watch) = UpstreamBody::watched(silent(), Duration::from_secs(60));
+        // Asked for a part the client has not sent.
+        assert!(futures::poll!(std::pin::pin!(body.frame())).is_pending());
+        let end = tokio::time::timeout(
+            Duration::from_secs(30),
+            watch.expect("watch").end(Duration::from_secs(5)),
+        )
+        .await;
+        assert!(end.is_err(), "given up on the replica: {end:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,8 +19,10 @@
 //!    the connection for reuse once the response is read, and tunnels upgrades. A
 //!    replica that has the whole request and does not begin its answer within the
 //!    function's `responseTimeout` is given up: 504, and the request is not resent.
-//!    Over HTTP/1.1 so is one that takes none of the request body for that long (over
-//!    h2c, a replica that never opens its flow-control window is not timed).
+//!    So is one that takes none of the request body for that long (over h2c: its
+//!    flow-control window stays shut), and a client that pauses its body longer than
+//!    `--body-timeout` is answered 408. Upgrades need an HTTP/1.1 replica (501
+//!    otherwise).
 //!
 //! Every layer answers errors itself (the services are infallible) and is always
 //! ready: there is no backpressure through `poll_ready`, since admission is [`Hold`]'s.
@@ -48,7 +50,7 @@ use crate::{
     hold::held_body_bytes,
     http1,
     metrics::Metrics,
-    pool::{BodyStalled, ConnectError, Connection, Protocol, UpstreamBody},
+    pool::{BodyEnd, ConnectError, Connection, Protocol, UpstreamBody},
     registry::Registry,
     routes::Miss,
 };
@@ -724,6 +726,9 @@ async fn forward(
                     Err(H2Failure::ClientBodyStalled(pause)) => {
                         return Ok(client_body_stalled(pause, &metrics));
                     }
+                    Err(H2Failure::BodyNotTaken(timeout)) => {
+                        return Ok(body_not_taken(&ticket, timeout, &metrics));
+                    }
                     Err(H2Failure::Failed(unsent, error)) => (unsent, error),
                 }
             }
@@ -835,6 +840,8 @@ enum H2Failure {
     NoAnswerInTime(Duration),
     /// The client paused this long while sending the request body.
     ClientBodyStalled(Duration),
+    /// The replica took none of the request body for this long.
+    BodyNotTaken(Duration),
 }
 
 /// Sends `request` over an h2c connection; the replica has `response_timeout` from
@@ -852,11 +859,14 @@ async fn send_h2(
     let (body, taken) = UpstreamBody::watched(body, body_timeout);
     let response = sender.try_send_request(Request::from_parts(parts, body));
     let answer_due = async {
-        if let Some(taken) = taken {
+        if let Some(watch) = taken {
             // Sent or dropped, the body is over either way; a client that paused too
-            // long says so (the stream's reset for it fails the response too).
-            if let Ok(BodyStalled(pause)) = taken.await {
-                return H2Failure::ClientBodyStalled(pause);
+            // long, or a replica that stopped taking it, says so (the stream's reset
+            // for it fails the response too).
+            match watch.end(response_timeout).await {
+                BodyEnd::Taken => {}
+                BodyEnd::ClientStalled(pause) => return H2Failure::ClientBodyStalled(pause),
+                BodyEnd::NotTaken(limit) => return H2Failure::BodyNotTaken(limit),
             }
         }
         tokio::time::sleep(response_timeout).await;
