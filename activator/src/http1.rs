@@ -341,6 +341,9 @@ impl Http1Connection {
         use http_body_util::BodyExt;
         let Self { io, read, .. } = self;
         let stall_limit = limits.replica_stall;
+        // Whether the replica's answer is still awaited while the body goes out: once
+        // it began without refusing the body, it is read after.
+        let mut watching = true;
         let pause = tokio::time::sleep(limits.client_pause);
         tokio::pin!(pause);
         loop {
@@ -351,10 +354,10 @@ impl Http1Connection {
                     frame
                 }
                 () = pause.as_mut() => return Err(Error::ClientBodyStalled(limits.client_pause)),
-                answered = answered_early(io, read) => {
+                answered = answered_early(io, read), if watching => {
                     // An interim answer (a `100 Continue` to the request's `Expect`)
-                    // asks for the rest of the body; a final one, or a close, ends it.
-                    if answered? == 0 || only_interim_answers(read) == Early::Final {
+                    // asks for the rest of the body; a refusal, or a close, ends it.
+                    if stops_the_upload(answered?, read, &mut watching) {
                         return Ok(BodySent::Interrupted);
                     }
                     continue;
@@ -364,7 +367,8 @@ impl Http1Connection {
                 None => {
                     if chunked {
                         let mut end = &b"0\r\n\r\n"[..];
-                        return sent_unless_answered(io, read, stall_limit, &mut end).await;
+                        return sent_unless_refused(io, read, stall_limit, &mut watching, &mut end)
+                            .await;
                     }
                     return Ok(BodySent::Whole);
                 }
@@ -376,14 +380,23 @@ impl Http1Connection {
                 Ok(data) if chunked => {
                     let size = Bytes::from(format!("{:x}\r\n", data.len()));
                     let mut chunk = size.chain(data).chain(&b"\r\n"[..]);
-                    sent_unless_answered(io, read, stall_limit, &mut chunk).await?
+                    sent_unless_refused(io, read, stall_limit, &mut watching, &mut chunk).await?
                 }
-                Ok(mut data) => sent_unless_answered(io, read, stall_limit, &mut data).await?,
+                Ok(mut data) => {
+                    sent_unless_refused(io, read, stall_limit, &mut watching, &mut data).await?
+                }
                 Err(frame) => {
                     // Trailers end the body; they can only go in a chunked one.
                     if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                         let mut trailers = &encode_trailers(&trailers)[..];
-                        return sent_unless_answered(io, read, stall_limit, &mut trailers).await;
+                        return sent_unless_refused(
+                            io,
+                            read,
+                            stall_limit,
+                            &mut watching,
+                            &mut trailers,
+                        )
+                        .await;
                     }
                     BodySent::Whole
                 }
@@ -512,13 +525,15 @@ async fn taken_within(
 }
 
 /// Writes `data`, each write taken within `limit` as [`taken_within`] says, unless the
-/// replica gives its final answer (or closes) first: a replica that answers an upload
-/// early (`413`) and stops reading has that answer forwarded at once, not after the
-/// write's limit.
-async fn sent_unless_answered(
+/// replica refuses the body (or closes) first: a replica that answers an upload early
+/// (`413`) and stops reading has that answer forwarded at once, not after the write's
+/// limit. Its answer is looked at first: one that came with a reset (a replica that
+/// answered and closed) is still read before the failed write is.
+async fn sent_unless_refused(
     io: &TcpStream,
     read: &mut BytesMut,
     limit: Duration,
+    watching: &mut bool,
     data: &mut impl Buf,
 ) -> Result<BodySent, Error> {
     let write = taken_within(limit, write_all_shared(io, data));
@@ -526,12 +541,28 @@ async fn sent_unless_answered(
     loop {
         tokio::select! {
             biased;
-            written = &mut write => return written.map(|()| BodySent::Whole),
-            answered = answered_early(io, read) => {
-                if answered? == 0 || only_interim_answers(read) == Early::Final {
+            answered = answered_early(io, read), if *watching => {
+                if stops_the_upload(answered?, read, watching) {
                     return Ok(BodySent::Interrupted);
                 }
             }
+            written = &mut write => return written.map(|()| BodySent::Whole),
+        }
+    }
+}
+
+/// What the replica sent while the body goes out (`received` bytes, 0 for a close):
+/// whether the upload stops. An answer that does not refuse it ends the watching.
+fn stops_the_upload(received: usize, read: &mut BytesMut, watching: &mut bool) -> bool {
+    if received == 0 {
+        return true;
+    }
+    match only_interim_answers(read) {
+        Early::Interim => false,
+        Early::Final => true,
+        Early::Answering => {
+            *watching = false;
+            false
         }
     }
 }
@@ -582,9 +613,14 @@ enum Early {
     /// Interim answers only, now taken out of the buffer, or the start of a head that
     /// may still be one: the upload goes on.
     Interim,
-    /// A final answer (or what cannot be read as an interim one): the upload stops,
-    /// and the response is read as usual.
+    /// A final answer that refuses the request (an error, `4xx`/`5xx`), a switch of
+    /// protocols, or what cannot be read as an interim answer: the upload stops, and
+    /// the response is read as usual.
     Final,
+    /// A final answer that does not refuse it (a replica streaming both ways answers
+    /// before it has read the whole body): the upload goes on, and the response is
+    /// read once it is done; nothing more is read meanwhile.
+    Answering,
 }
 
 /// Takes the interim answers (1xx but `101`) off the front of `read`: a replica may
@@ -609,6 +645,9 @@ fn only_interim_answers(read: &mut BytesMut) -> Early {
             Ok(httparse::Status::Complete(length)) if interim => read.advance(length),
             Ok(httparse::Status::Partial) if interim || head.code.is_none() => {
                 return Early::Interim;
+            }
+            Ok(_) if head.code.is_some_and(|code| code < 400 && code != 101) => {
+                return Early::Answering;
             }
             _ => return Early::Final,
         }
@@ -1820,6 +1859,99 @@ mod tests {
         served.abort();
     }
 
+    /// A replica that reads a request's head, sends `early`, then does `after` with
+    /// the connection; and an upload to it, far larger than the sockets' buffers.
+    async fn early_answer_to_an_upload(
+        early: &'static [u8],
+        after: impl FnOnce(TcpStream) -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) -> (
+        Http1Connection,
+        Request<
+            impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin + std::fmt::Debug,
+        >,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            // The head, a byte at a time: none of the body is read with it.
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"\r\n\r\n") {
+                seen.push(stream.read_u8().await.expect("read"));
+            }
+            stream.write_all(early).await.expect("answered");
+            after(stream).await;
+        });
+        let frames = futures::stream::iter((0..UPLOAD_PARTS).map(|_| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; 65536])))
+        }));
+        let request = Request::post("/up")
+            .header(CONTENT_LENGTH, UPLOAD_PARTS * 65536)
+            .body(StreamBody::new(frames))
+            .expect("request");
+        (connect(addr).await, request, served)
+    }
+
+    const UPLOAD_PARTS: usize = 1024;
+
+    #[tokio::test]
+    async fn an_early_answer_that_accepts_the_upload_lets_all_of_it_through() {
+        // 200 at once, then the body read to its end (slowly: the writes wait), then
+        // the response's body: how much arrived.
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            |mut stream| {
+                Box::pin(async move {
+                    let mut received = 0;
+                    let mut buffer = vec![0u8; 65536];
+                    while received < UPLOAD_PARTS * 65536 {
+                        let n = stream.read(&mut buffer).await.expect("read");
+                        assert!(n > 0, "the upload was cut at {received} bytes");
+                        received += n;
+                        if received % (1 << 20) < n {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
+                    stream.write_all(b"all of it").await.expect("answered");
+                })
+            },
+        )
+        .await;
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.send(request, ANSWER_DUE, ANSWER_DUE),
+        )
+        .await
+        .expect("answered");
+        let (parts, body) = response(answer.expect("answer"));
+        assert_eq!(parts.status, StatusCode::OK);
+        let (data, _, _) = tokio::time::timeout(std::time::Duration::from_secs(10), read_body(body))
+            .await
+            .expect("the replica's answer, once it had the whole upload");
+        assert_eq!(data, b"all of it");
+        served.await.expect("the whole upload arrived");
+    }
+
+    #[tokio::test]
+    async fn an_early_refusal_from_a_replica_that_closes_is_forwarded() {
+        // 413, then the connection closed with the upload unread (a reset).
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n",
+            |stream| Box::pin(async move { drop(stream) }),
+        )
+        .await;
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.send(request, ANSWER_DUE, ANSWER_DUE),
+        )
+        .await
+        .expect("answered");
+        let (parts, _) = response(answer.expect("the replica's answer, not a failed write"));
+        assert_eq!(parts.status, StatusCode::PAYLOAD_TOO_LARGE);
+        served.await.expect("replica");
+    }
+
     #[tokio::test]
     async fn a_replica_that_stops_reading_the_body_is_given_up() {
         // It reads the head, then nothing more, and keeps the connection open.
@@ -2022,7 +2154,16 @@ mod tests {
                 Early::Final,
                 "HTTP/1.1 413 Too Large\r\n",
             ),
-            ("HTTP/1.1 200 OK\r\n", Early::Final, "HTTP/1.1 200 OK\r\n"),
+            (
+                "HTTP/1.1 200 OK\r\n",
+                Early::Answering,
+                "HTTP/1.1 200 OK\r\n",
+            ),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+                Early::Answering,
+                "HTTP/1.1 200 OK\r\n\r\n",
+            ),
             (
                 "HTTP/1.1 101 Switching Protocols\r\n\r\n",
                 Early::Final,

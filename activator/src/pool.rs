@@ -98,8 +98,11 @@ impl BodyWatch {
                     };
                 }
                 () = tokio::time::sleep(limit) => {
+                    // The flag first: a part taken just now is counted before the
+                    // flag it clears is seen (see `poll_frame`).
+                    let awaiting_client = self.progress.awaiting_client.load(Ordering::Acquire);
                     let parts = self.progress.parts.load(Ordering::Relaxed);
-                    if parts == seen && !self.progress.awaiting_client.load(Ordering::Relaxed) {
+                    if parts == seen && !awaiting_client {
                         return BodyEnd::NotTaken(limit);
                     }
                     seen = parts;
@@ -158,12 +161,12 @@ where
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Some(progress) = &this.progress {
-            progress
-                .awaiting_client
-                .store(polled.is_pending(), Ordering::Relaxed);
             if polled.is_ready() {
                 progress.parts.fetch_add(1, Ordering::Relaxed);
             }
+            progress
+                .awaiting_client
+                .store(polled.is_pending(), Ordering::Release);
         }
         let Poll::Ready(frame) = polled else {
             // Timed only until the replica's answer begins (the exchange stops waiting
