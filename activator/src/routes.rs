@@ -217,13 +217,14 @@ impl<T: Clone> RouteTable<T> {
         } else {
             host
         };
-        let bare = blink_crds::routing::bare_host(host);
         // A Service's own names first, with or without a port: a name in the
         // cluster's DNS reaches its Service's function whatever object lists it in
-        // `hosts`. The ClusterIP form keeps its port (bare for port 80).
+        // `hosts`. The ClusterIP form keeps its port (bare for port 80). The name as
+        // sent is tried before its bare form is made, which costs a scan of it.
         if let Some(target) = self.names.get(host) {
             return Ok(target);
         }
+        let bare = blink_crds::routing::bare_host(host);
         if bare.len() != host.len()
             && !is_ip_literal(bare)
             && let Some(target) = self.names.get(bare)
