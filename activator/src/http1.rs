@@ -1926,9 +1926,10 @@ mod tests {
         .expect("answered");
         let (parts, body) = response(answer.expect("answer"));
         assert_eq!(parts.status, StatusCode::OK);
-        let (data, _, _) = tokio::time::timeout(std::time::Duration::from_secs(10), read_body(body))
-            .await
-            .expect("the replica's answer, once it had the whole upload");
+        let (data, _, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), read_body(body))
+                .await
+                .expect("the replica's answer, once it had the whole upload");
         assert_eq!(data, b"all of it");
         served.await.expect("the whole upload arrived");
     }
