@@ -63,8 +63,9 @@ pub struct Config {
     pub response_timeout: Duration,
 
     /// How long a client may pause while sending a request body that is being
-    /// forwarded: then 408, and the replica's slot is freed (a stalled upload would
-    /// hold it for as long as the client kept its connection).
+    /// forwarded, until the replica's answer begins: then 408, and the replica's slot
+    /// is freed (a stalled upload would hold it for as long as the client kept its
+    /// connection).
     #[arg(long, env = "BLINK_BODY_TIMEOUT", default_value = "60s", value_parser = parse_limit)]
     pub body_timeout: Duration,
 

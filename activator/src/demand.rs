@@ -628,8 +628,8 @@ mod tests {
             .await;
         let _leader = reporter_to(a, Duration::from_secs(1), Arc::new(registry()));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        // Pauses of 0, 0, 100, 200, 400, 800 ms: six connections in the second (a
-        // loop without pauses makes hundreds).
+        // Pauses of 0, 0, 100, 200, 400 ms: five connections in the second, the sixth
+        // at 1.5 s (a loop without pauses makes hundreds).
         let connections = scaler.connections.load(Ordering::SeqCst);
         assert!(
             (3..=8).contains(&connections),

@@ -36,9 +36,9 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
-/// The highest bucket of a request's duration and wait: above the default wait (60 s)
-/// and response (300 s) timeouts, so that long cold starts and slow answers have a
-/// quantile, not only `+Inf`.
+/// How many buckets a request's duration and wait have: the highest, 100 µs·2²³ ≈
+/// 839 s, is above the default wait (60 s) and response (300 s) timeouts, so that long
+/// cold starts and slow answers have a quantile, not only `+Inf`.
 const LATENCY_BUCKETS: u16 = 24;
 
 fn latency_histogram() -> Histogram {
@@ -183,7 +183,7 @@ impl Metrics {
     }
 
     /// A function is no longer routed: its series go, and answers to its requests
-    /// still on their way (held ones are answered 503 as it goes) make none again.
+    /// still on their way make none again.
     pub fn forget(&self, function: &FunctionMetrics) {
         let labels = &function.labels;
         self.request_duration.remove(labels);

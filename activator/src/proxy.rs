@@ -13,16 +13,17 @@
 //! 4. [`Balance`] — a connection to the chosen replica; one that refuses or resets
 //!    the connection (just becoming ready, or just gone) sits out until its probe
 //!    connects, and the request goes to another replica or back to the front of the
-//!    queue, for as long as it may wait (the function's `waitTimeout`), then 502.
+//!    queue, for as long as it may wait (the function's `waitTimeout`), then 502 (504
+//!    when the replica was busy: every one of its connections in use).
 //!    Nothing of the request has been sent yet, so its body is never needed twice.
 //! 5. [`Forward`] — sends the request with proxy headers, streams both bodies, keeps
 //!    the connection for reuse once the response is read, and tunnels upgrades. A
 //!    replica that has the whole request and does not begin its answer within the
 //!    function's `responseTimeout` is given up: 504, and the request is not resent.
 //!    So is one that takes none of the request body for that long (over h2c: its
-//!    flow-control window stays shut), and a client that pauses its body longer than
-//!    `--body-timeout` is answered 408. Upgrades need an HTTP/1.1 replica (501
-//!    otherwise).
+//!    flow-control window stays shut, found within two such times), and a client that
+//!    pauses its body longer than `--body-timeout` before the answer begins is
+//!    answered 408. Upgrades need an HTTP/1.1 replica (501 otherwise).
 //!
 //! Every layer answers errors itself (the services are infallible) and is always
 //! ready: there is no backpressure through `poll_ready`, since admission is [`Hold`]'s.
