@@ -1817,31 +1817,17 @@ mod tests {
 
     #[tokio::test]
     async fn an_early_answer_comes_through_while_a_write_waits() {
-        // It reads the head, answers 413, and reads nothing more, the connection open.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let served = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut seen = Vec::new();
-            let mut buffer = [0u8; 4096];
-            while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
-                let n = stream.read(&mut buffer).await.expect("read");
-                seen.extend_from_slice(&buffer[..n]);
-            }
-            let early = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n";
-            stream.write_all(early).await.expect("answered");
-            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-            drop(stream);
-        });
-        let connection = connect(addr).await;
-        // More than any socket buffers hold: the writes wait on the replica.
-        let frames = futures::stream::iter((0..4096).map(|_| {
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; 65536])))
-        }));
-        let request = Request::post("/up")
-            .header(CONTENT_LENGTH, 4096 * 65536)
-            .body(StreamBody::new(frames))
-            .expect("request");
+        // 413, then nothing more read, the connection kept open.
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n",
+            |stream| {
+                Box::pin(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    drop(stream);
+                })
+            },
+        )
+        .await;
         // Far sooner than the replica's time to take a write.
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(5),
