@@ -497,7 +497,10 @@ mod tests {
     use hyper::{body::Incoming, service::service_fn};
 
     use super::*;
-    use crate::watch::tests::{registry, routed};
+    use crate::{
+        testing::listening,
+        watch::tests::{registry, routed},
+    };
 
     /// A stand-in scaler for one conversation: answers each report by `answer`,
     /// counting connections and keeping the snapshots it was sent.
@@ -555,14 +558,6 @@ mod tests {
         }
     }
 
-    async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port");
-        let addr = listener.local_addr().expect("its address");
-        (listener, addr)
-    }
-
     fn reporter_to(
         leader: SocketAddr,
         interval: Duration,
@@ -587,7 +582,7 @@ mod tests {
         let web = routed(&registry, "web");
         // One arrival, held (no replica yet), then gone: the only demand there is.
         drop(web.admit(0, Instant::now()));
-        let (listener, addr) = listener().await;
+        let (listener, addr) = listening().await;
         let scaler = Scaler::default();
         // The first snapshot refused (an overloaded scaler), the rest applied.
         scaler
@@ -618,7 +613,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_scalers_naming_each_other_are_not_a_busy_loop() {
-        let ((first, a), (second, b)) = (listener().await, listener().await);
+        let ((first, a), (second, b)) = (listening().await, listening().await);
         let scaler = Scaler::default();
         scaler
             .serve(first, move |_| (StatusCode::MISDIRECTED_REQUEST, Some(b)))

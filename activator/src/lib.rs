@@ -32,6 +32,8 @@ pub mod routes;
 pub mod server;
 pub mod side;
 pub mod socket;
+#[cfg(test)]
+mod testing;
 pub mod watch;
 
 use std::sync::Arc;

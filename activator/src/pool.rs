@@ -458,7 +458,6 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
-    use tokio::net::TcpListener;
 
     use super::*;
 
@@ -523,8 +522,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_h2c_replica_that_stops_answering_is_given_up() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-        let addr = listener.local_addr().expect("its address");
+        let (listener, addr) = crate::testing::listening().await;
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accepted");
             // The handshake, then nothing: pings go unanswered, as from a replica

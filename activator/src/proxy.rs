@@ -1071,16 +1071,10 @@ impl Body for ProxyBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::watch::tests::{registry, routed};
-
-    /// A listener on a port of its own, and its address.
-    async fn listening() -> (tokio::net::TcpListener, std::net::SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port");
-        let addr = listener.local_addr().expect("its address");
-        (listener, addr)
-    }
+    use crate::{
+        testing::listening,
+        watch::tests::{registry, routed},
+    };
 
     #[tokio::test]
     async fn a_replica_that_refuses_sends_the_request_to_another() {

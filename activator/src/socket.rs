@@ -33,7 +33,7 @@ pub fn tune(socket: &impl AsFd) {
 #[cfg(test)]
 mod tests {
     use nix::sys::socket::getsockopt;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -50,19 +50,16 @@ mod tests {
 
     #[tokio::test]
     async fn connections_probe_a_silent_peer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-        let stream = TcpStream::connect(listener.local_addr().expect("its address"))
-            .await
-            .expect("connected");
+        let (_listener, addr) = crate::testing::listening().await;
+        let stream = TcpStream::connect(addr).await.expect("connected");
         tune(&stream);
         assert_tuned(&stream);
     }
 
     #[tokio::test]
     async fn accepted_connections_take_the_listeners_options() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let (listener, addr) = crate::testing::listening().await;
         tune(&listener);
-        let addr = listener.local_addr().expect("its address");
         let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         assert_tuned(&accepted.expect("accepted").0);
     }
