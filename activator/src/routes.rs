@@ -138,18 +138,13 @@ impl<T: Clone> RouteTable<T> {
                     prefixes.push((prefix.clone(), target.clone()));
                 }
             }
-            let (svc, ns) = (&route.service, route.key.namespace());
-            for name in [
-                format!("{svc}.{ns}"),
-                format!("{svc}.{ns}.svc"),
-                format!("{svc}.{ns}.svc.cluster.local"),
-            ] {
+            for name in route.service_names() {
                 table.names.insert(name, target.clone());
             }
             short_names
-                .entry(svc.clone())
+                .entry(route.service.clone())
                 .or_default()
-                .push((ns.to_owned(), target.clone()));
+                .push((route.key.namespace().to_owned(), target.clone()));
             if let Some(service) = service
                 && let Some(ip) = service.cluster_ip
                 && let Ok(port) = service_port(route, service)
@@ -192,13 +187,7 @@ impl<T: Clone> RouteTable<T> {
     ) -> Self {
         for (route, reason) in conflicted {
             let reason: Arc<str> = format!("{} is in Conflict: {reason}", route.key).into();
-            let (svc, ns) = (&route.service, route.key.namespace());
-            let names = [
-                format!("{svc}.{ns}"),
-                format!("{svc}.{ns}.svc"),
-                format!("{svc}.{ns}.svc.cluster.local"),
-            ];
-            for host in route.hosts.iter().cloned().chain(names) {
+            for host in route.hosts.iter().cloned().chain(route.service_names()) {
                 if !self.hosts.contains_key(&host) && !self.names.contains_key(&host) {
                     self.conflicted.insert(host, reason.clone());
                 }

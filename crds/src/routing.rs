@@ -12,6 +12,11 @@
 //! Two objects claiming the same thing: the older (creation time, then namespace/name)
 //! keeps every claim it has; the newer is in `Conflict` and routes nothing, so a
 //! function is never half-routed.
+//!
+//! A Service's names belong to it whatever the age: a `host` that is another
+//! function's Service name (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) puts
+//! the object listing it in `Conflict`, since the name reaches that Service's function
+//! (it is the cluster's DNS name for it) and never the object that lists it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -215,6 +220,12 @@ impl std::fmt::Display for Claim {
 }
 
 impl HttpRoute {
+    /// The names of the function's Service in the cluster's DNS, which route to it
+    /// before any `host` does.
+    pub fn service_names(&self) -> [String; 3] {
+        service_names(self.key.namespace(), &self.service)
+    }
+
     pub fn claims(&self) -> Vec<Claim> {
         let mut claims: Vec<Claim> = self
             .hosts
@@ -232,6 +243,15 @@ impl HttpRoute {
         });
         claims
     }
+}
+
+/// The names of Service `name` in `namespace` in the cluster's DNS.
+pub fn service_names(namespace: &str, name: &str) -> [String; 3] {
+    [
+        format!("{name}.{namespace}"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.cluster.local"),
+    ]
 }
 
 /// An object's place in the "older keeps it" order.
@@ -259,7 +279,8 @@ pub struct Resolution {
 }
 
 /// Settles every claim: the oldest claimant of each claim holds it, and an object
-/// that does not hold every one of its claims is in `Conflict` (naming the holder) and
+/// that does not hold every one of its claims, or lists as a host a Service name
+/// another object's Service claim holds, is in `Conflict` (naming the holder) and
 /// routes nothing. Each object's fate depends only on who else claims what it claims,
 /// so the scaler and the activator reach the same answer from the same objects.
 pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
@@ -278,22 +299,46 @@ pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
                 .or_insert(candidate);
         }
     }
-    let mut resolution = Resolution::default();
+    // Each Service name → the Service claim's holder, whose function it reaches.
+    let mut named: HashMap<String, (&Claim, &FunctionKey)> = HashMap::new();
+    for (claim, (_, holder)) in &holders {
+        if let Claim::Service { namespace, name } = claim {
+            for service_name in service_names(namespace, name) {
+                named.insert(service_name, (claim, &holder.key));
+            }
+        }
+    }
+    let mut conflicts = BTreeMap::new();
+    let mut routed = Vec::new();
     for (_, route) in routes {
         let taken = route.claims().into_iter().find_map(|claim| {
             let (_, holder) = &holders[&claim];
-            (holder.key != route.key).then(|| (claim, holder.key.clone()))
+            (holder.key != route.key).then(|| {
+                format!(
+                    "{claim} is already routed to {}, which is older",
+                    holder.key
+                )
+            })
         });
-        match taken {
-            Some((claim, holder)) => {
-                resolution.conflicts.insert(
-                    route.key.clone(),
-                    format!("{claim} is already routed to {holder}, which is older"),
-                );
+        let named_elsewhere = || {
+            route.hosts.iter().find_map(|host| {
+                let (claim, holder) = named.get(host)?;
+                (**holder != route.key).then(|| {
+                    format!("host {host} is the name of {claim}, which routes to {holder}")
+                })
+            })
+        };
+        match taken.or_else(named_elsewhere) {
+            Some(reason) => {
+                conflicts.insert(route.key.clone(), reason);
             }
-            None => resolution.routes.push(route),
+            None => routed.push(route),
         }
     }
+    let mut resolution = Resolution {
+        routes: routed,
+        conflicts,
+    };
     resolution.routes.sort_by(|a, b| a.key.cmp(&b.key));
     resolution
 }
@@ -445,6 +490,48 @@ mod tests {
         );
         assert_eq!(resolution.routes.len(), 1);
         assert!(resolution.conflicts[&route(&b).key].contains("Service ns/web"));
+    }
+
+    #[test]
+    fn a_host_that_is_another_services_name_is_a_conflict() {
+        // `lister` is older, but `web.ns` is the DNS name of `shop`'s Service `web`,
+        // which reaches `shop` whatever `lister` says.
+        let lister = object(
+            "lister",
+            "2026-01-01T00:00:00Z",
+            &[("hosts", "x.example, WEB.ns.svc.cluster.local.")],
+        );
+        let shop = object("shop", "2026-02-01T00:00:00Z", &[("service", "web")]);
+        let own = object(
+            "own",
+            "2026-03-01T00:00:00Z",
+            &[("hosts", "own.ns, own.ns.svc")],
+        );
+        let elsewhere = object(
+            "elsewhere",
+            "2026-01-01T00:00:00Z",
+            &[("hosts", "web.other")],
+        );
+        let resolution = resolve(
+            [&lister, &shop, &own, &elsewhere]
+                .iter()
+                .map(|o| (Age::of(o, route(o).key), route(o)))
+                .collect(),
+        );
+        let routed: Vec<&str> = resolution.routes.iter().map(|r| r.key.name()).collect();
+        assert_eq!(
+            routed,
+            ["elsewhere", "own", "shop"],
+            "its own names are a function's"
+        );
+        assert_eq!(
+            resolution.conflicts[&route(&lister).key],
+            "host web.ns.svc.cluster.local is the name of Service ns/web, which routes to ns/shop"
+        );
+        assert_eq!(resolution.conflicts.len(), 1);
+        // Without the Service's object, the host is the lister's.
+        let resolution = resolve(vec![(Age::of(&lister, route(&lister).key), route(&lister))]);
+        assert!(resolution.conflicts.is_empty());
     }
 
     #[test]

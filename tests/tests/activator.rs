@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use blink_crds::ScaledObject;
 use blink_tests::{
     TestContext,
     activator::{Activators, get},
@@ -831,6 +832,33 @@ spec:
             "{own}: {status} {body}"
         );
         ensure!(headers.contains_key("retry-after"), "{own}: no Retry-After");
+        // A host that is another function's Service name is that function's, whatever
+        // the ages: the object listing it is told so.
+        let plain_name = format!("plain.{}.svc", ctx.namespace());
+        ctx.api::<ScaledObject>()
+            .patch(
+                "late",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"triggers": [{"type": "http", "metadata": {"hosts": plain_name}}]}})),
+            )
+            .await?;
+        let reason = wait::until(LONG, "late in Conflict over a Service name", || async {
+            Ok(condition(&ctx, "late", "Ready")
+                .await?
+                .filter(|c| c.reason.as_deref() == Some("Conflict"))
+                .and_then(|c| c.message)
+                .filter(|m| m.contains(&plain_name)))
+        })
+        .await?;
+        ensure!(
+            reason.contains(&format!("Service {}/plain", ctx.namespace())),
+            "{reason}"
+        );
+        let (status, _, body) = request(&url, &plain_name, Duration::from_secs(10)).await?;
+        ensure!(
+            status == 200 && body.starts_with("plain-"),
+            "{plain_name}: {status} {body}"
+        );
         // h2c with prior knowledge from the client; upstream as the Service port says.
         let addr = format!("{}:{}", activators.pods[0].ip, blink_tests::activator::PORT);
         for (host, client_h2, upstream) in [
