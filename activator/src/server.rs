@@ -16,7 +16,8 @@
 //!   closed after one more quiet `header_timeout`. HTTP/2's pings (every 20 s) find a
 //!   peer that is gone; the watch frees the place of one that stays and sends nothing.
 //! - Drain: stop accepting, let HTTP/1.1 connections finish their current exchange and
-//!   HTTP/2 ones get a GOAWAY, answer everything still held when the grace ends.
+//!   HTTP/2 ones get a GOAWAY, let tunnels run to their end, answer everything still
+//!   held a second before the grace ends; what is open when it ends is cut.
 
 use std::{
     convert::Infallible,
@@ -40,7 +41,10 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::Semaphore,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 use tower::Service;
 use tracing::{debug, info, warn};
 
@@ -197,6 +201,7 @@ pub async fn serve<S>(
         metrics.connections.inc();
         let place = ConnectionPlace {
             _permit: permit,
+            _drain: connections.token(),
             metrics: metrics.clone(),
         };
         let address = Arc::new(ClientAddress::new(client).holding(place));
@@ -286,11 +291,13 @@ pub async fn serve<S>(
     }
 }
 
-/// A client connection's place under `--max-connections`, and its count in the gauge:
-/// given back when the connection ends, or, once it became a tunnel (an upgrade), when
-/// the tunnel does.
+/// A client connection's place under `--max-connections`, its count in the gauge, and
+/// its part in what a drain waits for: given back when the connection ends, or, once
+/// it became a tunnel (an upgrade), when the tunnel does. So a drain lets open tunnels
+/// run to their end within the grace, as it lets exchanges finish.
 struct ConnectionPlace {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _drain: TaskTrackerToken,
     metrics: Arc<Metrics>,
 }
 
@@ -729,6 +736,54 @@ mod tests {
         timeout(Duration::from_secs(5), server)
             .await
             .expect("drained")
+            .expect("the server ran");
+    }
+
+    /// A server whose exchanges each send their client address to the test, and one
+    /// exchange on it, answered: the test then holds the address as a tunnel does (the
+    /// connection's place lives in it), after the connection closed.
+    async fn an_exchange_kept_as_a_tunnel() -> (
+        Arc<ClientAddress>,
+        tokio::task::JoinHandle<()>,
+        CancellationToken,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (kept_tx, mut kept) = tokio::sync::mpsc::unbounded_channel();
+        let service = tower::service_fn(move |exchange: Exchange| {
+            let _ = kept_tx.send(exchange.client.clone());
+            async { Ok::<_, Infallible>(proxy::answer(http::StatusCode::OK, "ok")) }
+        });
+        let (addr, server, shutdown) = serving(service, Duration::from_secs(10));
+        let mut stream = TcpStream::connect(addr).await.expect("connected");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: f.example\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("sent");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        let tunnel = kept.recv().await.expect("the exchange's client");
+        (tunnel, server, shutdown)
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_a_tunnel_within_the_grace() {
+        let (tunnel, server, shutdown) = an_exchange_kept_as_a_tunnel().await;
+        shutdown.cancel();
+        sleep(Duration::from_millis(300)).await;
+        assert!(!server.is_finished(), "the drain ended with a tunnel open");
+        drop(tunnel);
+        timeout(Duration::from_millis(500), server)
+            .await
+            .expect("drained once the tunnel ended")
+            .expect("the server ran");
+
+        // A tunnel that outlives the grace (1 s here) does not hold the drain longer.
+        let (_tunnel, server, shutdown) = an_exchange_kept_as_a_tunnel().await;
+        shutdown.cancel();
+        timeout(Duration::from_secs(3), server)
+            .await
+            .expect("the grace bounds the drain")
             .expect("the server ran");
     }
 

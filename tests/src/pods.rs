@@ -106,6 +106,13 @@ impl PodProcesses {
             .and_then(|(_, child)| child.id())
     }
 
+    /// Whether the process standing for pod `name` has exited (`None`: there is none).
+    pub async fn has_exited(&self, name: &str) -> Option<bool> {
+        let mut running = self.running.lock().await;
+        let (_, child) = running.get_mut(name)?;
+        Some(!matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Sends `signal` to the process standing for pod `name`.
     pub async fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
         let pid = self

@@ -1628,7 +1628,8 @@ fn a_websocket_is_tunnelled_both_ways() {
         create_deployment(&ctx, "echo", 1, json!({})).await?;
         let replicas = replicas_of(&ctx, "echo");
         let scaler = start_scaler(&ctx, "scaler-websocket").await?;
-        let activators = Activators::start(&ctx, Path::new(ACTIVATOR), 1, &[]).await?;
+        let activators =
+            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--drain-grace", "60s"]).await?;
         create_scaled_object(
             &ctx,
             "
@@ -1681,6 +1682,35 @@ spec:
         wait::until(LONG, "the tunnel's connection given back", || {
             connections_open(0.0)
         })
+        .await?;
+        // A drain lets a tunnel run, and ends when it does, well within the grace.
+        let stream = tokio::net::TcpStream::connect(&addr).await?;
+        let (mut socket, _) =
+            tokio_tungstenite::client_async("ws://echo.example/ws", stream).await?;
+        let pod = activators.pods[0].name.clone();
+        activators
+            .processes
+            .signal(&pod, nix::sys::signal::Signal::SIGTERM)
+            .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let message = Message::text("after SIGTERM");
+        socket.send(message.clone()).await?;
+        let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await?
+            .context("the tunnel was closed by the drain")??;
+        ensure!(echoed == message, "echo differs after SIGTERM");
+        ensure!(
+            activators.processes.has_exited(&pod).await == Some(false),
+            "the activator exited with a tunnel open"
+        );
+        socket.close(None).await?;
+        drop(socket);
+        // The grace is 60 s: an exit within 30 s is the tunnel's end.
+        wait::until(
+            Duration::from_secs(30),
+            "the drained activator exits",
+            || async { Ok(activators.processes.has_exited(&pod).await.filter(|e| *e)) },
+        )
         .await?;
         replicas.shutdown().await;
         activators.processes.shutdown().await;
