@@ -13,10 +13,10 @@
 //! keeps every claim it has; the newer is in `Conflict` and routes nothing, so a
 //! function is never half-routed.
 //!
-//! A Service's names belong to it whatever the age: a `host` that is another
-//! function's Service name (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) puts
-//! the object listing it in `Conflict`, since the name reaches that Service's function
-//! (it is the cluster's DNS name for it) and never the object that lists it.
+//! A Service's DNS names (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) are
+//! claims too, against the objects that list one of them in `hosts`: the older side
+//! keeps the name (objects listing it share it, by path prefix, as any host), and the
+//! other side is in `Conflict`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -168,6 +168,9 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| object.spec.scale_target_ref.name.clone());
+    if !is_dns_label(&service) {
+        return Some(Err(error(keys::SERVICE, &service, NOT_A_SERVICE_NAME)));
+    }
     Some(Ok(HttpRoute {
         key,
         hosts,
@@ -182,6 +185,20 @@ pub fn http_route(object: &ScaledObject) -> Option<Result<HttpRoute, RouteError>
         queue_limit,
         response_timeout,
     }))
+}
+
+const NOT_A_SERVICE_NAME: &str = "is not a Service name (at most 63 lowercase letters, digits and '-', starting with a letter; set `service` when the target's name is not one)";
+
+/// A Service's name is a DNS-1035 label, so its DNS names never collide with
+/// another Service's.
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_lowercase()
+        && bytes[bytes.len() - 1] != b'-'
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
 /// A host as routes are keyed: without its port and without the trailing dot of a
@@ -220,10 +237,14 @@ impl std::fmt::Display for Claim {
 }
 
 impl HttpRoute {
-    /// The names of the function's Service in the cluster's DNS, which route to it
-    /// before any `host` does.
+    /// The names of the function's Service in the cluster's DNS, which it claims.
     pub fn service_names(&self) -> [String; 3] {
-        service_names(self.key.namespace(), &self.service)
+        let (name, namespace) = (&self.service, self.key.namespace());
+        [
+            format!("{name}.{namespace}"),
+            format!("{name}.{namespace}.svc"),
+            format!("{name}.{namespace}.svc.cluster.local"),
+        ]
     }
 
     pub fn claims(&self) -> Vec<Claim> {
@@ -243,15 +264,6 @@ impl HttpRoute {
         });
         claims
     }
-}
-
-/// The names of Service `name` in `namespace` in the cluster's DNS.
-pub fn service_names(namespace: &str, name: &str) -> [String; 3] {
-    [
-        format!("{name}.{namespace}"),
-        format!("{name}.{namespace}.svc"),
-        format!("{name}.{namespace}.svc.cluster.local"),
-    ]
 }
 
 /// An object's place in the "older keeps it" order.
@@ -278,10 +290,10 @@ pub struct Resolution {
     pub conflicts: BTreeMap<FunctionKey, String>,
 }
 
-/// Settles every claim: the oldest claimant of each claim holds it, and an object
-/// that does not hold every one of its claims, or lists as a host a Service name
-/// another object's Service claim holds, is in `Conflict` (naming the holder) and
-/// routes nothing. Each object's fate depends only on who else claims what it claims,
+/// Settles every claim: the oldest claimant of each claim holds it (for a Service's
+/// name, the older of its Service's function and the objects listing it as a host),
+/// and an object that does not hold every one of its claims is in `Conflict` (naming
+/// the holder) and routes nothing. Each object's fate depends only on who else claims what it claims,
 /// so the scaler and the activator reach the same answer from the same objects.
 pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
     let order = |age: &Age| (age.created.is_none(), age.clone());
@@ -299,18 +311,29 @@ pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
                 .or_insert(candidate);
         }
     }
-    // Each Service name → the Service claim's holder, whose function it reaches.
-    let mut named: HashMap<String, (&Claim, &FunctionKey)> = HashMap::new();
-    for (claim, (_, holder)) in &holders {
-        if let Claim::Service { namespace, name } = claim {
-            for service_name in service_names(namespace, name) {
-                named.insert(service_name, (claim, &holder.key));
-            }
+    // A Service's DNS names against the hosts that list them: each name goes to the
+    // side (its Service's function, or the objects listing it) with the older object.
+    let orders: Vec<(bool, Age)> = routes.iter().map(|(age, _)| order(age)).collect();
+    let keys: Vec<FunctionKey> = routes.iter().map(|(_, r)| r.key.clone()).collect();
+    let mut oldest_service: HashMap<String, usize> = HashMap::new();
+    let mut oldest_lister: HashMap<String, usize> = HashMap::new();
+    let keep_oldest = |oldest: &mut HashMap<String, usize>, name: String, i: usize| {
+        let held = oldest.entry(name).or_insert(i);
+        if orders[i] < orders[*held] {
+            *held = i;
+        }
+    };
+    for (i, (_, route)) in routes.iter().enumerate() {
+        for name in route.service_names() {
+            keep_oldest(&mut oldest_service, name, i);
+        }
+        for host in &route.hosts {
+            keep_oldest(&mut oldest_lister, host.clone(), i);
         }
     }
     let mut conflicts = BTreeMap::new();
     let mut routed = Vec::new();
-    for (_, route) in routes {
+    for (i, (_, route)) in routes.into_iter().enumerate() {
         let taken = route.claims().into_iter().find_map(|claim| {
             let (_, holder) = &holders[&claim];
             (holder.key != route.key).then(|| {
@@ -320,15 +343,34 @@ pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
                 )
             })
         });
-        let named_elsewhere = || {
-            route.hosts.iter().find_map(|host| {
-                let (claim, holder) = named.get(host)?;
-                (**holder != route.key).then(|| {
-                    format!("host {host} is the name of {claim}, which routes to {holder}")
+        let name_listed_by_older = || {
+            route.service_names().into_iter().find_map(|name| {
+                let lister = *oldest_lister.get(&name)?;
+                (orders[lister] < orders[i]).then(|| {
+                    format!(
+                        "{name}, the name of Service {}/{}, is a host of {}, which is older",
+                        route.key.namespace(),
+                        route.service,
+                        keys[lister]
+                    )
                 })
             })
         };
-        match taken.or_else(named_elsewhere) {
+        let host_named_by_older = || {
+            route.hosts.iter().find_map(|host| {
+                let service = *oldest_service.get(host)?;
+                (orders[service] < orders[oldest_lister[host]]).then(|| {
+                    format!(
+                        "host {host} is a Service's name, routed to {}, which is older",
+                        keys[service]
+                    )
+                })
+            })
+        };
+        match taken
+            .or_else(name_listed_by_older)
+            .or_else(host_named_by_older)
+        {
             Some(reason) => {
                 conflicts.insert(route.key.clone(), reason);
             }
@@ -425,6 +467,10 @@ mod tests {
             ("queueLimit", "many", "is not a non-negative integer"),
             ("queueLimit", "0", "must be at least 1"),
             ("hosts", "a/b", "is not a host name"),
+            ("service", "web.v2", NOT_A_SERVICE_NAME),
+            ("service", "Web", NOT_A_SERVICE_NAME),
+            ("service", "2web", NOT_A_SERVICE_NAME),
+            ("service", "web-", NOT_A_SERVICE_NAME),
         ] {
             let e = http_route(&object("f", "2026-01-01T00:00:00Z", &[(key, value)]))
                 .expect("http trigger")
@@ -493,45 +539,74 @@ mod tests {
     }
 
     #[test]
-    fn a_host_that_is_another_services_name_is_a_conflict() {
-        // `lister` is older, but `web.ns` is the DNS name of `shop`'s Service `web`,
-        // which reaches `shop` whatever `lister` says.
-        let lister = object(
-            "lister",
-            "2026-01-01T00:00:00Z",
+    fn a_services_name_goes_to_the_older_side() {
+        let resolved = |objects: &[&ScaledObject]| {
+            let resolution = resolve(
+                objects
+                    .iter()
+                    .map(|o| (Age::of(o, route(o).key), route(o)))
+                    .collect(),
+            );
+            let routed: Vec<String> = resolution
+                .routes
+                .iter()
+                .map(|r| r.key.name().to_owned())
+                .collect();
+            (routed, resolution.conflicts)
+        };
+        let shop = object("shop", "2026-02-01T00:00:00Z", &[("service", "web")]);
+        // Listed as a host after the Service's function came: the lister is told.
+        let late = object(
+            "late",
+            "2026-03-01T00:00:00Z",
             &[("hosts", "x.example, WEB.ns.svc.cluster.local.")],
         );
-        let shop = object("shop", "2026-02-01T00:00:00Z", &[("service", "web")]);
-        let own = object(
-            "own",
-            "2026-03-01T00:00:00Z",
-            &[("hosts", "own.ns, own.ns.svc")],
+        let (routed, conflicts) = resolved(&[&late, &shop]);
+        assert_eq!(routed, ["shop"]);
+        assert_eq!(
+            conflicts[&route(&late).key],
+            "host web.ns.svc.cluster.local is a Service's name, routed to ns/shop, which is older"
         );
-        let elsewhere = object(
-            "elsewhere",
+        // Listed before: the lister keeps it, and the Service's function is told.
+        let early = object(
+            "early",
             "2026-01-01T00:00:00Z",
-            &[("hosts", "web.other")],
+            &[("hosts", "web.ns"), ("pathPrefixes", "/api")],
         );
-        let resolution = resolve(
-            [&lister, &shop, &own, &elsewhere]
-                .iter()
-                .map(|o| (Age::of(o, route(o).key), route(o)))
-                .collect(),
-        );
-        let routed: Vec<&str> = resolution.routes.iter().map(|r| r.key.name()).collect();
+        let (routed, conflicts) = resolved(&[&shop, &early]);
+        assert_eq!(routed, ["early"]);
         assert_eq!(
-            routed,
-            ["elsewhere", "own", "shop"],
-            "its own names are a function's"
+            conflicts[&route(&shop).key],
+            "web.ns, the name of Service ns/web, is a host of ns/early, which is older"
         );
-        assert_eq!(
-            resolution.conflicts[&route(&lister).key],
-            "host web.ns.svc.cluster.local is the name of Service ns/web, which routes to ns/shop"
+        // Listers share the name by prefix; their own names are theirs; another
+        // namespace's name is another name.
+        let also_early = object(
+            "also",
+            "2026-02-15T00:00:00Z",
+            &[
+                ("hosts", "web.ns, also.ns, web.other"),
+                ("pathPrefixes", "/b"),
+            ],
         );
-        assert_eq!(resolution.conflicts.len(), 1);
-        // Without the Service's object, the host is the lister's.
-        let resolution = resolve(vec![(Age::of(&lister, route(&lister).key), route(&lister))]);
-        assert!(resolution.conflicts.is_empty());
+        let (routed, conflicts) = resolved(&[&shop, &early, &also_early]);
+        assert_eq!(routed, ["also", "early"]);
+        assert_eq!(conflicts.len(), 1);
+        // An older object listing a newer one's Service name and one of its hosts
+        // keeps both: the name is never left routed nowhere.
+        let older = object(
+            "older",
+            "2026-01-01T00:00:00Z",
+            &[("hosts", "foo.example, web.ns")],
+        );
+        let newer = object(
+            "newer",
+            "2026-02-01T00:00:00Z",
+            &[("hosts", "foo.example"), ("service", "web")],
+        );
+        let (routed, conflicts) = resolved(&[&newer, &older]);
+        assert_eq!(routed, ["older"]);
+        assert!(conflicts[&route(&newer).key].contains("foo.example"));
     }
 
     #[test]

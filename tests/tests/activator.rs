@@ -851,7 +851,7 @@ spec:
         })
         .await?;
         ensure!(
-            reason.contains(&format!("Service {}/plain", ctx.namespace())),
+            reason.contains(&format!("routed to {}/plain", ctx.namespace())),
             "{reason}"
         );
         let (status, _, body) = request(&url, &plain_name, Duration::from_secs(10)).await?;
