@@ -106,11 +106,12 @@ impl PodProcesses {
             .and_then(|(_, child)| child.id())
     }
 
-    /// Whether the process standing for pod `name` has exited (`None`: there is none).
+    /// Whether the process standing for pod `name` has exited (`None`: there is none,
+    /// or its state could not be read).
     pub async fn has_exited(&self, name: &str) -> Option<bool> {
         let mut running = self.running.lock().await;
         let (_, child) = running.get_mut(name)?;
-        Some(!matches!(child.try_wait(), Ok(None)))
+        child.try_wait().ok().map(|status| status.is_some())
     }
 
     /// Sends `signal` to the process standing for pod `name`.
