@@ -1,7 +1,8 @@
 //! The cold path with release builds of the scaler and the activator, on the test bed.
 //!
 //! `tests/bed/bed exec cargo bench -p blink-tests --bench activator_cold`
-//! (`BLINK_BENCH_WAKES`, default 40).
+//! (`BLINK_BENCH_WAKES`, default 40; `BLINK_BENCH_ACTIVATOR`, the path of the build of
+//! the activator to measure, by default this bench's own release build).
 //!
 //! `BLINK_BENCH_WAKES` functions start at zero behind one activator whose snapshots come
 //! once a minute, so only its poke wakes them. Each is woken in turn by one request, and
@@ -63,8 +64,9 @@ fn main() {
             |pod| replica_command(Path::new(REPLICA), pod),
         );
         let scaler = ScalerProcess::start(&ctx, Path::new(SCALER), "scaler-cold", &[]).await?;
+        let activator = blink_tests::activator::bench_binary(ACTIVATOR);
         let activators =
-            Activators::start(&ctx, Path::new(ACTIVATOR), 1, &["--stats-interval", "60s"]).await?;
+            Activators::start(&ctx, &activator, 1, &["--stats-interval", "60s"]).await?;
         for name in &names {
             create_scaled_object(
                 &ctx,

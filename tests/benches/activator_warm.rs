@@ -4,7 +4,8 @@
 //! `tests/bed/bed exec cargo bench -p blink-tests --bench activator_warm`
 //! (`BLINK_BENCH_ROUNDS`, default 3; `BLINK_BENCH_SECONDS` per measurement, default 5;
 //! `BLINK_BENCH_BASELINE`, the path of another build of the activator to measure beside
-//! this one as `baseline`).
+//! this one as `baseline`; `BLINK_BENCH_ACTIVATOR`, the path of the build measured as
+//! `activator`, by default this bench's own release build).
 //!
 //! Each round measures every path in turn, so a noisy moment hurts them alike:
 //! - max rate: `wrk -t1 -c32` (Debian's wrk), requests per second and wrk's p50/p99;
@@ -97,7 +98,7 @@ fn main() {
         // build of the activator (`BLINK_BENCH_BASELINE`, a path) is measured beside it
         // in the same rounds, so that a change is compared on the same noise.
         let baseline = std::env::var_os("BLINK_BENCH_BASELINE").map(PathBuf::from);
-        let mut binaries = vec![PathBuf::from(ACTIVATOR)];
+        let mut binaries = vec![blink_tests::activator::bench_binary(ACTIVATOR)];
         binaries.extend(baseline);
         if let Some(callgrind) = &callgrind {
             binaries = binaries

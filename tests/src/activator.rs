@@ -30,6 +30,13 @@ pub const PORT: u16 = 8080;
 /// Their admin port.
 pub const ADMIN_PORT: u16 = 9091;
 
+/// The build of the activator a benchmark measures: `BLINK_BENCH_ACTIVATOR` (a path,
+/// e.g. the profile-guided build of `tests/bed/release-activator`), else `built`, the
+/// bench's own release build.
+pub fn bench_binary(built: &str) -> std::path::PathBuf {
+    std::env::var_os("BLINK_BENCH_ACTIVATOR").map_or_else(|| built.into(), Into::into)
+}
+
 #[derive(Debug)]
 pub struct Activators {
     pub processes: PodProcesses,
