@@ -293,8 +293,9 @@ pub struct Resolution {
 /// Settles every claim: the oldest claimant of each claim holds it (for a Service's
 /// name, the older of its Service's function and the objects listing it as a host),
 /// and an object that does not hold every one of its claims is in `Conflict` (naming
-/// the holder) and routes nothing. Each object's fate depends only on who else claims what it claims,
-/// so the scaler and the activator reach the same answer from the same objects.
+/// the holder) and routes nothing. Each object's fate depends only on who else claims
+/// what it claims, so the scaler and the activator reach the same answer from the same
+/// objects.
 pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
     let order = |age: &Age| (age.created.is_none(), age.clone());
     let mut holders: HashMap<Claim, (bool, Age)> = HashMap::new();
