@@ -622,8 +622,8 @@ mod tests {
         (sender, tokio::spawn(connection))
     }
 
-    /// `serve` on a port of its own, with `header_timeout` and 16 KiB heads at most:
-    /// its address, its task, and what stops it.
+    /// `serve` on a port of its own, with `header_timeout`, 16 KiB heads at most and a
+    /// 2 s drain grace: its address, its task, and what stops it.
     fn serving<S>(
         service: S,
         header_timeout: Duration,
@@ -643,7 +643,7 @@ mod tests {
             max_connections: 10,
             header_timeout,
             max_header_bytes: 16 * 1024,
-            drain_grace: Duration::from_secs(1),
+            drain_grace: Duration::from_secs(2),
         };
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve(
@@ -778,10 +778,10 @@ mod tests {
             .expect("drained once the tunnel ended")
             .expect("the server ran");
 
-        // A tunnel that outlives the grace (1 s here) does not hold the drain longer.
+        // A tunnel that outlives the grace (2 s here) does not hold the drain longer.
         let (_tunnel, server, shutdown) = an_exchange_kept_as_a_tunnel().await;
         shutdown.cancel();
-        timeout(Duration::from_secs(3), server)
+        timeout(Duration::from_secs(5), server)
             .await
             .expect("the grace bounds the drain")
             .expect("the server ran");
