@@ -670,7 +670,7 @@ spec:
 fn invalid_input_is_reported_and_held_while_others_keep_scaling() {
     blink_tests::run("scaler-invalid", |ctx| async move {
         create_deployment(&ctx, "good", 0, json!({})).await?;
-        for held in ["held-a", "held-b", "held-c", "held-d"] {
+        for held in ["held-a", "held-b", "held-c", "held-d", "held-e"] {
             create_deployment(&ctx, held, 2, json!({})).await?;
         }
         let scaler = start_scaler(&ctx, "scaler-invalid").await?;
@@ -718,6 +718,13 @@ fn invalid_input_is_reported_and_held_while_others_keep_scaling() {
                 "{responseTimeout: '0'}".to_owned(),
                 "InvalidTriggerMetadata",
             ),
+            (
+                "no-service-name",
+                "{name: held-e}",
+                "http",
+                "{service: web.v2}".to_owned(),
+                "InvalidTriggerMetadata",
+            ),
         ];
         for (name, target, kind, metadata, _) in &cases {
             let auth = if *name == "no-secret" {
@@ -761,15 +768,18 @@ spec:
                 !message.contains("guest:guest"),
                 "a credential leaked: {message}"
             );
-            if *reason == "InvalidTriggerMetadata" {
-                ensure!(
-                    message.contains("responseTimeout") && message.contains("at least 1 second"),
-                    "{name}: {message}"
-                );
-            }
+            let expected = match *name {
+                "no-time-to-answer" => ["responseTimeout", "at least 1 second"],
+                "no-service-name" => ["web.v2", "is not a Service name"],
+                _ => continue,
+            };
+            ensure!(
+                expected.iter().all(|part| message.contains(part)),
+                "{name}: {message}"
+            );
         }
         // Counts held: the Deployments that broken objects point at keep their 2.
-        for held in ["held-a", "held-b", "held-c", "held-d"] {
+        for held in ["held-a", "held-b", "held-c", "held-d", "held-e"] {
             ensure!(desired(&ctx, held).await? == 2, "{held} moved");
         }
         // A good object in the same namespace keeps scaling.
