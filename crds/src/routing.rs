@@ -297,91 +297,85 @@ pub struct Resolution {
 /// what it claims, so the scaler and the activator reach the same answer from the same
 /// objects.
 pub fn resolve(routes: Vec<(Age, HttpRoute)>) -> Resolution {
-    let order = |age: &Age| (age.created.is_none(), age.clone());
-    let mut holders: HashMap<Claim, (bool, Age)> = HashMap::new();
-    for (age, route) in &routes {
-        for claim in route.claims() {
-            let candidate = order(age);
-            holders
-                .entry(claim)
-                .and_modify(|holder| {
-                    if candidate < *holder {
-                        *holder = candidate.clone();
-                    }
-                })
-                .or_insert(candidate);
-        }
-    }
-    // A Service's DNS names against the hosts that list them: each name goes to the
-    // side (its Service's function, or the objects listing it) with the older object.
-    let orders: Vec<(bool, Age)> = routes.iter().map(|(age, _)| order(age)).collect();
-    let keys: Vec<FunctionKey> = routes.iter().map(|(_, r)| r.key.clone()).collect();
-    let mut oldest_service: HashMap<String, usize> = HashMap::new();
-    let mut oldest_lister: HashMap<String, usize> = HashMap::new();
-    let keep_oldest = |oldest: &mut HashMap<String, usize>, name: String, i: usize| {
-        let held = oldest.entry(name).or_insert(i);
-        if orders[i] < orders[*held] {
-            *held = i;
+    // Each object's place in the order; one without a creation time counts as newest.
+    let orders: Vec<(bool, &Age)> = routes
+        .iter()
+        .map(|(age, _)| (age.created.is_none(), age))
+        .collect();
+    let keep_oldest = |oldest: &mut usize, candidate: usize| {
+        if orders[candidate] < orders[*oldest] {
+            *oldest = candidate;
         }
     };
+    // By index into `routes`: each claim's holder, and for each Service name the oldest
+    // object whose Service has it and the oldest that lists it as a host. The name goes
+    // to the older of the two sides; objects listing it share it, by path prefix.
+    let mut holders: HashMap<Claim, usize> = HashMap::new();
+    let mut oldest_service: HashMap<String, usize> = HashMap::new();
+    let mut oldest_lister: HashMap<&str, usize> = HashMap::new();
     for (i, (_, route)) in routes.iter().enumerate() {
+        for claim in route.claims() {
+            keep_oldest(holders.entry(claim).or_insert(i), i);
+        }
         for name in route.service_names() {
-            keep_oldest(&mut oldest_service, name, i);
+            keep_oldest(oldest_service.entry(name).or_insert(i), i);
         }
         for host in &route.hosts {
-            keep_oldest(&mut oldest_lister, host.clone(), i);
+            keep_oldest(oldest_lister.entry(host).or_insert(i), i);
         }
     }
-    let mut conflicts = BTreeMap::new();
-    let mut routed = Vec::new();
-    for (i, (_, route)) in routes.into_iter().enumerate() {
-        let taken = route.claims().into_iter().find_map(|claim| {
-            let (_, holder) = &holders[&claim];
-            (holder.key != route.key).then(|| {
-                format!(
-                    "{claim} is already routed to {}, which is older",
-                    holder.key
-                )
-            })
-        });
-        let name_listed_by_older = || {
-            route.service_names().into_iter().find_map(|name| {
-                let lister = *oldest_lister.get(&name)?;
-                (orders[lister] < orders[i]).then(|| {
+    let key = |i: usize| &routes[i].1.key;
+    let reasons: Vec<Option<String>> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, (_, route))| {
+            let taken = route.claims().into_iter().find_map(|claim| {
+                let holder = holders[&claim];
+                (holder != i).then(|| {
                     format!(
-                        "{name}, the name of Service {}/{}, is a host of {}, which is older",
-                        route.key.namespace(),
-                        route.service,
-                        keys[lister]
+                        "{claim} is already routed to {}, which is older",
+                        key(holder)
                     )
                 })
-            })
-        };
-        let host_named_by_older = || {
-            route.hosts.iter().find_map(|host| {
-                let service = *oldest_service.get(host)?;
-                (orders[service] < orders[oldest_lister[host]]).then(|| {
-                    format!(
-                        "host {host} is a Service's name, routed to {}, which is older",
-                        keys[service]
-                    )
+            });
+            let name_listed_by_older = || {
+                route.service_names().into_iter().find_map(|name| {
+                    let lister = *oldest_lister.get(name.as_str())?;
+                    (orders[lister] < orders[i]).then(|| {
+                        format!(
+                            "{name}, the name of Service {}/{}, is a host of {}, which is older",
+                            route.key.namespace(),
+                            route.service,
+                            key(lister)
+                        )
+                    })
                 })
-            })
-        };
-        match taken
-            .or_else(name_listed_by_older)
-            .or_else(host_named_by_older)
-        {
+            };
+            let host_named_by_older = || {
+                route.hosts.iter().find_map(|host| {
+                    let service = *oldest_service.get(host)?;
+                    (orders[service] < orders[oldest_lister[host.as_str()]]).then(|| {
+                        format!(
+                            "host {host} is a Service's name, routed to {}, which is older",
+                            key(service)
+                        )
+                    })
+                })
+            };
+            taken
+                .or_else(name_listed_by_older)
+                .or_else(host_named_by_older)
+        })
+        .collect();
+    let mut resolution = Resolution::default();
+    for ((_, route), reason) in routes.into_iter().zip(reasons) {
+        match reason {
             Some(reason) => {
-                conflicts.insert(route.key.clone(), reason);
+                resolution.conflicts.insert(route.key.clone(), reason);
             }
-            None => routed.push(route),
+            None => resolution.routes.push(route),
         }
     }
-    let mut resolution = Resolution {
-        routes: routed,
-        conflicts,
-    };
     resolution.routes.sort_by(|a, b| a.key.cmp(&b.key));
     resolution
 }
