@@ -840,9 +840,12 @@ spec:
             }])
             .await?;
         until_desired(&ctx, "wide", 1000).await?;
+        // The audit line of the PATCH may land after its result is seen: settle first.
+        let writes = settled_scale_writes_by(&ctx, "scaler-thousand").await?;
         ensure!(
-            scale_writes_by(&ctx, "scaler-thousand")?.len() == 1,
-            "0 → 1,000 took more than one PATCH"
+            writes.len() == 1,
+            "0 → 1,000 should take one PATCH; the audit log shows {}: {writes:#?}",
+            writes.len()
         );
         let keep = async {
             loop {
