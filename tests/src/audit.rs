@@ -1,7 +1,8 @@
 //! Reading the bed's audit log: who wrote which `*/scale` and EndpointSlice, in
 //! which order. The bed's policy records only those writes (level Metadata), one JSON
-//! event per line, written before the API server answers (blocking mode), so a write
-//! a test has seen answered is already in the file.
+//! event per line. A line is written once its request has been answered: a change a
+//! test sees by a read or a watch may be in the cluster before its writer's line is in
+//! the file, so a test that counts lines waits for them to settle.
 
 use std::path::Path;
 

@@ -158,11 +158,15 @@ impl ReplicaHistory {
         use kube::runtime::{WatchStreamExt, watcher};
         let values = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let stream = watcher::watcher(ctx.api::<Deployment>(), config).applied_objects();
+        let stream = watcher::watcher(ctx.api::<Deployment>(), config)
+            .default_backoff()
+            .applied_objects();
         let seen = values.clone();
         let task = tokio::spawn(async move {
             let mut stream = stream.boxed();
-            while let Some(Ok(deployment)) = stream.next().await {
+            // A watch error is followed by a re-list (backed off), not the end.
+            while let Some(item) = stream.next().await {
+                let Ok(deployment) = item else { continue };
                 let replicas = deployment.spec.and_then(|s| s.replicas).unwrap_or(0);
                 if let Ok(mut values) = seen.lock()
                     && values.last() != Some(&replicas)

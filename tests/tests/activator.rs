@@ -226,7 +226,7 @@ async fn queued(ctx: &TestContext, activators: &Activators, name: &str) -> anyho
         .await
 }
 
-/// Replicas reported ready 1.5 s before they listen: the held requests meet refused
+/// Replicas reported ready 5 s before they listen: the held requests meet refused
 /// connections, the replicas sit out until their probes connect, and every request is
 /// answered 200 — none 502 — without each request hammering the replicas.
 #[test]
@@ -236,7 +236,7 @@ fn replicas_that_listen_late_still_serve_every_held_request() {
         create_deployment(&ctx, "late", 0, json!({})).await?;
         let replicas = PodProcesses::start(ctx.client(), ctx.namespace(), "app=late", |pod| {
             let mut cmd = replica_command(Path::new(REPLICA), pod);
-            cmd.args(["--listen-after", "1500ms"]);
+            cmd.args(["--listen-after", "5s"]);
             cmd
         });
         let scaler = start_scaler(&ctx, "scaler-late").await?;
@@ -550,14 +550,22 @@ spec:
             "the replica had {most} requests at once (limit 2)"
         );
         // A client that gives up while queued never holds back a later request.
-        let slow = format!("{}/slow/1500", activators.url(0));
+        let slow = format!("{}/slow/5000", activators.url(0));
         let busy: Vec<_> = (0..2)
             .map(|_| {
                 let (slow, host) = (slow.clone(), host.clone());
                 tokio::spawn(async move { request(&slow, &host, Duration::from_secs(30)).await })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Both slots taken (the two are at the replica) before the third comes.
+        let series = format!(
+            "blink_activator_in_flight{{namespace=\"{}\",name=\"capped\"}}",
+            ctx.namespace()
+        );
+        wait::until(LONG, "two slow requests at the replica", || async {
+            Ok((activators.metric(0, &series).await? == 2.0).then_some(()))
+        })
+        .await?;
         let gave_up = request(&activators.url(0), &host, Duration::from_millis(300)).await;
         ensure!(
             gave_up.is_err(),
@@ -1197,7 +1205,7 @@ spec:
         replicas.wait_for(1, LONG).await?;
         let url = activators.url(0);
         let ns = ctx.namespace().to_owned();
-        let (warm_url, warm_host) = (format!("{url}/slow/1500"), format!("warm.{ns}"));
+        let (warm_url, warm_host) = (format!("{url}/slow/3000"), format!("warm.{ns}"));
         let in_flight =
             tokio::spawn(
                 async move { request(&warm_url, &warm_host, Duration::from_secs(20)).await },
@@ -1207,8 +1215,14 @@ spec:
             tokio::spawn(
                 async move { request(&cold_url, &cold_host, Duration::from_secs(20)).await },
             );
-        wait::until(LONG, "one request held", || async {
-            Ok((queued(&ctx, &activators, "cold").await? == 1.0).then_some(()))
+        wait::until(LONG, "one request held, one in flight", || async {
+            let in_flight = activators
+                .metric(
+                    0,
+                    &format!("blink_activator_in_flight{{namespace=\"{ns}\",name=\"warm\"}}"),
+                )
+                .await?;
+            Ok((queued(&ctx, &activators, "cold").await? == 1.0 && in_flight == 1.0).then_some(()))
         })
         .await?;
         activators
@@ -1341,7 +1355,7 @@ spec:
         );
         // A long streamed answer; its replica goes away half-way.
         let mut response = reqwest::Client::new()
-            .get(format!("{url}/stream/200"))
+            .get(format!("{url}/stream/1000"))
             .header(reqwest::header::HOST, &host)
             .send()
             .await?;
@@ -1462,20 +1476,25 @@ spec:
                 .then_some(()))
         })
         .await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = activators
-            .metric(0, "blink_activator_requests_total")
-            .await?;
-        for _ in 0..5 {
-            let body = reqwest::get(&cluster_url).await?.text().await?;
-            ensure!(body.starts_with("web-"), "warm: {body}");
-        }
-        let after = activators
-            .metric(0, "blink_activator_requests_total")
-            .await?;
+        // kube-proxy follows the slice's removal at its next sync: five requests in a
+        // row that all bypass the activator.
+        let bypassed = wait::until(LONG, "warm traffic bypasses the activator", || async {
+            let before = activators
+                .metric(0, "blink_activator_requests_total")
+                .await?;
+            for _ in 0..5 {
+                let body = reqwest::get(&cluster_url).await?.text().await?;
+                ensure!(body.starts_with("web-"), "warm: {body}");
+            }
+            let after = activators
+                .metric(0, "blink_activator_requests_total")
+                .await?;
+            Ok((after == before).then_some(()))
+        })
+        .await;
         ensure!(
-            after == before,
-            "warm traffic still went through the activator ({before} → {after})"
+            bypassed.is_ok(),
+            "warm traffic still went through the activator: {bypassed:?}"
         );
         replicas.shutdown().await;
         activators.processes.shutdown().await;

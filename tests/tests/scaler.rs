@@ -75,14 +75,20 @@ fn scale_writes_by(ctx: &TestContext, user: &str) -> anyhow::Result<Vec<audit::A
 }
 
 /// The API server writes a request's audit line after it has sent the response, so a read
-/// made just after a change was seen can miss the write that made it: read until two reads
-/// 300 ms apart agree (for at most 10 s).
+/// made just after a change was seen can miss the write that made it: wait (at most
+/// [`LONG`]) for at least `at_least` lines, then read until two reads 300 ms apart agree
+/// (for at most 10 s more).
 async fn settled_scale_writes_by(
     ctx: &TestContext,
     user: &str,
+    at_least: usize,
 ) -> anyhow::Result<Vec<audit::AuditEvent>> {
+    let mut writes = wait::until(LONG, "the scale writes' audit lines", || async {
+        let writes = scale_writes_by(ctx, user)?;
+        Ok((writes.len() >= at_least).then_some(writes))
+    })
+    .await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut writes = scale_writes_by(ctx, user)?;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let again = scale_writes_by(ctx, user)?;
@@ -272,7 +278,7 @@ spec:
             .await
             .context("25 replicas")??;
         // Held there under the same demand: no PATCH in between.
-        let writes_at_25 = settled_scale_writes_by(&ctx, "scaler-http").await?.len();
+        let writes_at_25 = settled_scale_writes_by(&ctx, "scaler-http", 2).await?.len();
         for _ in 0..4 {
             client.snapshot(vec![demand(&web, 250.0, 500)]).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -308,22 +314,29 @@ spec:
             .await
             .context("back to 0")??;
 
-        // One PATCH per change, and every one by this scaler.
-        let writes = settled_scale_writes_by(&ctx, "scaler-http").await?;
-        let all = audit::scale_writes(
+        // One PATCH per change, and every one by this scaler (one read of the log for
+        // both, so a line landing in between cannot tell them apart).
+        settled_scale_writes_by(&ctx, "scaler-http", 3).await?;
+        let writes = audit::scale_writes(
             &audit::read(&ctx.bed().audit_log)?,
             ctx.namespace(),
             "deployments",
         );
-        ensure!(
-            writes.len() == all.len(),
-            "someone else wrote /scale: {all:?}"
-        );
-        // Each PATCH changed the count: as many PATCHes as changes the watch saw.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let others: Vec<_> = writes
+            .iter()
+            .filter(|e| e.user.username != "scaler-http")
+            .collect();
+        ensure!(others.is_empty(), "someone else wrote /scale: {others:?}");
+        // Each PATCH changed the count: as many PATCHes as changes the watch saw, once
+        // the watch has seen the last one.
+        let seen_all = wait::until(LONG, "the watch sees every change", || async {
+            let values = history.values();
+            Ok((values.last() == Some(&0) && values.len() > writes.len()).then_some(()))
+        })
+        .await;
         let values = history.values();
         ensure!(
-            writes.len() == values.len() - 1,
+            seen_all.is_ok() && writes.len() == values.len() - 1,
             "{} PATCHes for the changes {values:?}",
             writes.len()
         );
@@ -439,7 +452,7 @@ spec:
         )
         .await?;
         until_condition(&ctx, "hello", Condition::CONFLICT, "True", "TargetConflict").await?;
-        let before = settled_scale_writes_by(&ctx, "scaler-annotated")
+        let before = settled_scale_writes_by(&ctx, "scaler-annotated", 0)
             .await?
             .len();
         for _ in 0..3 {
@@ -544,7 +557,7 @@ metadata: {name: web}
 spec:
   scaleTargetRef: {name: web}
   cooldownPeriod: 2
-  advanced: {stableWindowSeconds: 8}
+  advanced: {stableWindowSeconds: 15}
   triggers: [{type: http, metadata: {targetConcurrency: '10'}}]
 ",
         )
@@ -565,7 +578,7 @@ spec:
         client.snapshot(vec![demand(&web, 40.0, 100)]).await?;
         until_desired(&ctx, "web", 4).await?;
         ensure!(
-            !settled_scale_writes_by(&ctx, "scaler-one")
+            !settled_scale_writes_by(&ctx, "scaler-one", 1)
                 .await?
                 .is_empty()
         );
@@ -574,10 +587,11 @@ spec:
             "the follower wrote"
         );
 
-        // kill -9 the leader: the other takes over within the lease duration + 1 s.
+        // kill -9 the leader: the other takes over once the lease has run out (5 s
+        // here; the bound leaves room for a loaded machine, the time is printed).
         first.kill().await;
         let killed_at = std::time::Instant::now();
-        let (holder, addr) = wait::until(Duration::from_secs(6), "the new leader", || async {
+        let (holder, addr) = wait::until(Duration::from_secs(20), "the new leader", || async {
             Ok(leader_address(&ctx)
                 .await?
                 .filter(|(h, _)| h == "scaler-two"))
@@ -599,7 +613,7 @@ spec:
         client.snapshot(vec![demand(&web, 90.0, 100)]).await?;
         until_desired(&ctx, "web", 9).await?;
         ensure!(
-            !settled_scale_writes_by(&ctx, "scaler-two")
+            !settled_scale_writes_by(&ctx, "scaler-two", 1)
                 .await?
                 .is_empty(),
             "the new leader never wrote"
@@ -841,7 +855,7 @@ spec:
             .await?;
         until_desired(&ctx, "wide", 1000).await?;
         // The audit line of the PATCH may land after its result is seen: settle first.
-        let writes = settled_scale_writes_by(&ctx, "scaler-thousand").await?;
+        let writes = settled_scale_writes_by(&ctx, "scaler-thousand", 1).await?;
         ensure!(
             writes.len() == 1,
             "0 → 1,000 should take one PATCH; the audit log shows {}: {writes:#?}",

@@ -558,7 +558,9 @@ fn prometheus_instant_queries() {
 fn slow_and_dead_sources_fail_within_the_timeout_and_hold_up_no_one() {
     blink_tests::run("trig-dead", |ctx| async move {
         let prometheus = FakePrometheus::start().await?;
-        let timeout = Duration::from_secs(2);
+        // Long enough for a fresh AMQP connection on a loaded machine; the slow source
+        // takes 30 s.
+        let timeout = Duration::from_secs(5);
         let connections = Connections::new(timeout);
         // The bound is the read timeout plus slack for scheduling, not a timing claim.
         let bound = timeout + Duration::from_secs(5);
@@ -639,7 +641,7 @@ fn amqp_connection_comes_back_after_a_broker_restart() {
         let conn = rabbitmq::connect(&broker.amqp_url).await?;
         rabbitmq::publish(&conn, "work", 4).await?;
         drop(conn);
-        let connections = Connections::new(Duration::from_secs(2));
+        let connections = Connections::new(Duration::from_secs(5));
         let trigger = triggers::build(
             "rabbitmq",
             &params(&[("host", broker.amqp_url.as_str()), ("queueName", "work")]),
