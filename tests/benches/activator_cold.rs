@@ -145,6 +145,7 @@ spec:
             "PATCH written → received by the API server",
             &mut written_to_received,
         );
+        slowest_wakes(&names, &sent_at, &answered_in, &events, ctx.namespace());
         report("request at zero → answered (client)", &mut answered_in);
         let activator_metrics = activators.metrics(0).await?;
         let scaler_metrics = scaler.metrics().await?;
@@ -176,6 +177,56 @@ spec:
         scaler.stop().await;
         release_finalizers(&ctx).await
     });
+}
+
+/// The three slowest wakes as the client saw them, each with the audit log's writes in
+/// between: the `/scale` PATCH (the scaler's) and the function Service's EndpointSlice
+/// writes (kube-controller-manager's: the endpoint listed, then listed ready). A wake
+/// that waits on the slice's second write is waiting on the cluster, not on Blink.
+fn slowest_wakes(
+    names: &[String],
+    sent_at: &[Timestamp],
+    answered_in: &[Duration],
+    events: &[audit::AuditEvent],
+    namespace: &str,
+) {
+    let slices = audit::endpoint_slice_writes(events, namespace);
+    let scales = audit::scale_writes(events, namespace, "deployments");
+    let mut order: Vec<usize> = (0..answered_in.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(answered_in[i]));
+    println!("slowest wakes (ms after the first byte):");
+    for &i in order.iter().take(3) {
+        let (name, sent) = (&names[i], sent_at[i]);
+        let end = Duration::from_millis(answered_in[i].as_millis() as u64 + 1);
+        let after = |e: &audit::AuditEvent| {
+            let at = e.request_received_timestamp.parse::<Timestamp>().ok()?;
+            let since = span(sent, at);
+            (at >= sent && since <= end).then(|| format!("{:.1}", since.as_secs_f64() * 1e3))
+        };
+        let object = |e: &audit::AuditEvent| {
+            e.object_ref
+                .as_ref()
+                .and_then(|o| o.name.clone())
+                .unwrap_or_default()
+        };
+        let patched: Vec<String> = scales
+            .iter()
+            .filter(|e| object(e) == *name)
+            .filter_map(after)
+            .collect();
+        let prefix = format!("{name}-");
+        let sliced: Vec<String> = slices
+            .iter()
+            .filter(|e| object(e).starts_with(&prefix))
+            .filter_map(after)
+            .collect();
+        println!(
+            "  {name}: answered at {:.1}; PATCH received at {}; EndpointSlice written at {}",
+            answered_in[i].as_secs_f64() * 1e3,
+            patched.join(", "),
+            sliced.join(", ")
+        );
+    }
 }
 
 /// `to - from`; zero if `to` is earlier (the audit log's times are whole microseconds).
