@@ -14,7 +14,12 @@
 //!   it fall more than an interval behind, so a stall counts against the path);
 //! - CPU per request of the proxy (activator process, nginx worker) during the max-rate
 //!   run, from `/proc`, and its context switches per request (all its threads): each
-//!   voluntary one is a wait for events that found none ready.
+//!   voluntary one is a wait for events that found none ready;
+//! - h2c with prior knowledge from the client at the maximum rate: `h2load` (Debian's
+//!   nghttp2-client), 8 connections of 4 streams each (as many requests in flight as
+//!   wrk's), its rate, p50/p99 from its per-request log, and the proxy's CPU per
+//!   request. nginx listens for it on a port of its own (`listen … http2`); both
+//!   proxies forward over HTTP/1.1, as they do for the replica here.
 //!
 //! Ratios are to the direct path of the same round; the table's medians are over rounds.
 //! Each proxy's rate, CPU per request and p99 are also put against nginx's round by
@@ -48,6 +53,10 @@ const REPLICA: &str = env!("CARGO_BIN_EXE_test-replica");
 const CONNECTIONS: usize = 32;
 const FIXED_RATE: u64 = 5_000;
 const NGINX_PORT: u16 = 18_080;
+const NGINX_H2C_PORT: u16 = 18_081;
+/// h2load's clients and streams per client: `CONNECTIONS` requests in flight.
+const H2C_CLIENTS: usize = 8;
+const H2C_STREAMS: usize = CONNECTIONS / H2C_CLIENTS;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -61,6 +70,8 @@ fn env_number(name: &str, default: u64) -> u64 {
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// Where it takes h2c with prior knowledge (nginx: a port of its own).
+    h2c_addr: SocketAddr,
     host: String,
     /// The proxy's process, whose CPU time is counted (none for the direct path).
     proxy_pid: Option<u32>,
@@ -79,14 +90,22 @@ struct Measured {
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
     fixed_errors: usize,
+    h2c_rps: f64,
+    h2c_p50_ms: f64,
+    h2c_p99_ms: f64,
+    h2c_cpu_us_per_request: Option<f64>,
 }
 
 fn main() {
     blink_tests::run("bench-activator-warm", |ctx| async move {
-        for tool in ["wrk", "nginx"] {
+        for (tool, package) in [
+            ("wrk", "wrk"),
+            ("nginx", "nginx"),
+            ("h2load", "nghttp2-client"),
+        ] {
             ensure!(
                 which(tool),
-                "{tool} is not installed: run tests/bed/install (it installs Debian's {tool})"
+                "{tool} is not installed: run tests/bed/install (it installs Debian's {package})"
             );
         }
         let rounds = env_number("BLINK_BENCH_ROUNDS", 3) as usize;
@@ -121,12 +140,14 @@ fn main() {
             Target {
                 name: "direct",
                 addr: replica_addr,
+                h2c_addr: replica_addr,
                 host: host.clone(),
                 proxy_pid: None,
             },
             Target {
                 name: "nginx",
                 addr: nginx.addr,
+                h2c_addr: nginx.h2c_addr,
                 host: host.clone(),
                 proxy_pid: Some(nginx.worker_pid()?),
             },
@@ -143,6 +164,7 @@ fn main() {
             paths.push(Target {
                 name,
                 addr,
+                h2c_addr: addr,
                 host: host.clone(),
                 proxy_pid: Some(
                     activators
@@ -185,6 +207,17 @@ fn main() {
                     measured.fixed_p50_ms,
                     measured.fixed_p99_ms,
                     measured.fixed_errors,
+                );
+                println!(
+                    "round {round} {:<9} h2c max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{})",
+                    path.name,
+                    measured.h2c_rps,
+                    measured.h2c_p50_ms,
+                    measured.h2c_p99_ms,
+                    measured
+                        .h2c_cpu_us_per_request
+                        .map(|us| format!(", {us:.1} µs CPU/request"))
+                        .unwrap_or_default(),
                 );
                 results[i].push(measured);
             }
@@ -251,6 +284,8 @@ async fn wait_for_200(addr: SocketAddr, host: &str) -> anyhow::Result<()> {
 struct Nginx {
     master: std::process::Child,
     addr: SocketAddr,
+    /// Its h2c (prior knowledge) listener, same location.
+    h2c_addr: SocketAddr,
     dir: PathBuf,
     /// One process, master and worker at once.
     single: bool,
@@ -262,6 +297,7 @@ impl Nginx {
         let dir = std::env::temp_dir().join(format!("blink-bench-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let addr: SocketAddr = format!("127.0.0.1:{NGINX_PORT}").parse()?;
+        let h2c_addr: SocketAddr = format!("127.0.0.1:{NGINX_H2C_PORT}").parse()?;
         // Under callgrind, the master is the worker: a forked worker cannot be reached
         // by `callgrind_control`. It serves requests the same way.
         let single = if callgrind.is_some() {
@@ -285,6 +321,7 @@ http {{
   upstream replica {{ server {replica}; keepalive 64; keepalive_requests 1000000; }}
   server {{
     listen {addr};
+    listen {h2c_addr} http2;
     location / {{
       proxy_pass http://replica;
       proxy_http_version 1.1;
@@ -322,6 +359,7 @@ http {{
         let nginx = Self {
             master,
             addr,
+            h2c_addr,
             dir,
             single: callgrind.is_some(),
         };
@@ -541,6 +579,12 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
     };
     let per_request = |time: Duration| time.as_secs_f64() * 1e6 / max.requests as f64;
     let fixed = fixed_rate(path, seconds).await?;
+    let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
+    let h2c = h2load(path, seconds).await?;
+    let h2c_cpu = match (path.proxy_pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
+        _ => None,
+    };
     Ok(Measured {
         max_rps: max.rps,
         max_p50_ms: max.p50_ms,
@@ -551,6 +595,11 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
         fixed_errors: fixed.errors,
+        h2c_rps: h2c.rps,
+        h2c_p50_ms: h2c.p50_ms,
+        h2c_p99_ms: h2c.p99_ms,
+        h2c_cpu_us_per_request: h2c_cpu
+            .map(|cpu| (cpu.user + cpu.system).as_secs_f64() * 1e6 / h2c.requests as f64),
     })
 }
 
@@ -653,6 +702,84 @@ async fn wrk(path: &Target, seconds: u64) -> anyhow::Result<WrkResult> {
         requests,
         p50_ms: wrk_duration_ms(&value_after("50%")?)?,
         p99_ms: wrk_duration_ms(&value_after("99%")?)?,
+    })
+}
+
+/// h2load at the maximum rate over h2c with prior knowledge; the percentiles come
+/// from its per-request log (start µs, status, latency µs), as it prints none.
+async fn h2load(path: &Target, seconds: u64) -> anyhow::Result<WrkResult> {
+    let log = std::env::temp_dir().join(format!(
+        "blink-bench-h2load-{}-{}.tsv",
+        std::process::id(),
+        path.name
+    ));
+    let output = tokio::process::Command::new("h2load")
+        .args([
+            "-t1",
+            &format!("-c{H2C_CLIENTS}"),
+            &format!("-m{H2C_STREAMS}"),
+            &format!("-D{seconds}"),
+            "-H",
+            &format!(":authority: {}", path.host),
+            "--log-file",
+        ])
+        .arg(&log)
+        .arg(format!("http://{}/", path.h2c_addr))
+        .output()
+        .await
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "h2load failed: {text}");
+    // "requests: 250000 total, 250032 started, 250000 done, 250000 succeeded, 0 failed, …"
+    // and "status codes: 250000 2xx, 0 3xx, 0 4xx, 0 5xx".
+    let counts = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .with_context(|| format!("h2load's request counts:\n{text}"))?;
+    let count_of = |what: &str| -> Option<u64> {
+        counts
+            .split(',')
+            .find(|part| part.trim().ends_with(what))
+            .and_then(|part| part.split_whitespace().find_map(|w| w.parse().ok()))
+    };
+    let (succeeded, failed) = (count_of("succeeded"), count_of("failed"));
+    ensure!(
+        failed == Some(0) && succeeded.is_some_and(|n| n > 0),
+        "{} answered errors over h2c:\n{text}",
+        path.name
+    );
+    let status_2xx = text
+        .lines()
+        .find_map(|l| l.strip_prefix("status codes:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    ensure!(
+        status_2xx == succeeded,
+        "{} answered other than 2xx over h2c:\n{text}",
+        path.name
+    );
+    // "finished in 5.00s, 51234.56 req/s, 1.23MB/s"
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|part| part.trim().strip_suffix(" req/s"))
+        .and_then(|n| n.parse::<f64>().ok())
+        .with_context(|| format!("h2load's rate:\n{text}"))?;
+    let mut latencies_us: Vec<u64> = std::fs::read_to_string(&log)?
+        .lines()
+        .filter_map(|line| line.split('\t').nth(2)?.parse().ok())
+        .collect();
+    let _ = std::fs::remove_file(&log);
+    ensure!(!latencies_us.is_empty(), "h2load's log is empty");
+    latencies_us.sort_unstable();
+    let quantile_ms =
+        |q: f64| latencies_us[((latencies_us.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+    Ok(WrkResult {
+        rps,
+        requests: succeeded.unwrap_or_default(),
+        p50_ms: quantile_ms(0.5),
+        p99_ms: quantile_ms(0.99),
     })
 }
 
@@ -831,6 +958,20 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
                 path.name,
                 measured.len()
             );
+            let h2c_rate = per_round(measured, nginx, |m, n| Some(m.h2c_rps / n.h2c_rps));
+            let h2c_cpu = per_round(measured, nginx, |m, n| {
+                Some(m.h2c_cpu_us_per_request? / n.h2c_cpu_us_per_request?)
+            });
+            let h2c_faster = measured
+                .iter()
+                .zip(nginx)
+                .filter(|(m, n)| m.h2c_rps >= n.h2c_rps)
+                .count();
+            println!(
+                "{:<9} h2c against nginx, round by round (medians): rate {h2c_rate:.2}× (at or above nginx's in {h2c_faster} of {} rounds), CPU per request {h2c_cpu:.2}×",
+                path.name,
+                measured.len()
+            );
         }
         println!(
             "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
@@ -848,6 +989,25 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
                 format!("{cpu:.1} µs/request ({system:.1} kernel), {switches:.3} switches/request")
             },
             measured.iter().map(|m| m.fixed_errors).sum::<usize>(),
+        );
+        let h2c_cpu = median(
+            measured
+                .iter()
+                .filter_map(|m| m.h2c_cpu_us_per_request)
+                .collect(),
+        );
+        println!(
+            "{:<9} h2c max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | CPU {}",
+            path.name,
+            median(measured.iter().map(|m| m.h2c_rps).collect()),
+            per_round(measured, direct, |m, d| Some(m.h2c_rps / d.h2c_rps)),
+            median(measured.iter().map(|m| m.h2c_p50_ms).collect()),
+            median(measured.iter().map(|m| m.h2c_p99_ms).collect()),
+            if h2c_cpu.is_nan() {
+                "—".to_owned()
+            } else {
+                format!("{h2c_cpu:.1} µs/request")
+            },
         );
     }
 }
