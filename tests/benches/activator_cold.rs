@@ -98,7 +98,17 @@ spec:
             sent_at.push(sent);
         }
 
-        let events = audit::read(&ctx.bed().audit_log)?;
+        // The last wake's lines may land after its answer: read until two reads agree.
+        let mut events = audit::read(&ctx.bed().audit_log)?;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let again = audit::read(&ctx.bed().audit_log)?;
+            let settled = again.len() == events.len();
+            events = again;
+            if settled {
+                break;
+            }
+        }
         let writes = audit::scale_writes(&events, ctx.namespace(), "deployments");
         let scaler_log = std::fs::read_to_string(&scaler.log)?;
         let poked = log_times(&scaler_log, "poke applied", "arrived_at", ctx.namespace());

@@ -226,7 +226,7 @@ async fn queued(ctx: &TestContext, activators: &Activators, name: &str) -> anyho
         .await
 }
 
-/// Replicas reported ready 5 s before they listen: the held requests meet refused
+/// Replicas reported ready 3 s before they listen: the held requests meet refused
 /// connections, the replicas sit out until their probes connect, and every request is
 /// answered 200 — none 502 — without each request hammering the replicas.
 #[test]
@@ -236,7 +236,8 @@ fn replicas_that_listen_late_still_serve_every_held_request() {
         create_deployment(&ctx, "late", 0, json!({})).await?;
         let replicas = PodProcesses::start(ctx.client(), ctx.namespace(), "app=late", |pod| {
             let mut cmd = replica_command(Path::new(REPLICA), pod);
-            cmd.args(["--listen-after", "5s"]);
+            // Under the 5 s after which a refusing replica's probe slows to 250 ms.
+            cmd.args(["--listen-after", "3s"]);
             cmd
         });
         let scaler = start_scaler(&ctx, "scaler-late").await?;
@@ -1476,25 +1477,24 @@ spec:
                 .then_some(()))
         })
         .await?;
-        // kube-proxy follows the slice's removal at its next sync: five requests in a
-        // row that all bypass the activator.
-        let bypassed = wait::until(LONG, "warm traffic bypasses the activator", || async {
-            let before = activators
-                .metric(0, "blink_activator_requests_total")
-                .await?;
-            for _ in 0..5 {
-                let body = reqwest::get(&cluster_url).await?.text().await?;
-                ensure!(body.starts_with("web-"), "warm: {body}");
-            }
-            let after = activators
-                .metric(0, "blink_activator_requests_total")
-                .await?;
-            Ok((after == before).then_some(()))
+        // kube-proxy follows the slice's removal at its next sync: wait for a request
+        // that bypasses the activator, then every one must.
+        let requests_through = || activators.metric(0, "blink_activator_requests_total");
+        wait::until(LONG, "a request that bypasses the activator", || async {
+            let before = requests_through().await?;
+            reqwest::get(&cluster_url).await?.text().await?;
+            Ok((requests_through().await? == before).then_some(()))
         })
-        .await;
+        .await?;
+        let before = requests_through().await?;
+        for _ in 0..30 {
+            let body = reqwest::get(&cluster_url).await?.text().await?;
+            ensure!(body.starts_with("web-"), "warm: {body}");
+        }
+        let after = requests_through().await?;
         ensure!(
-            bypassed.is_ok(),
-            "warm traffic still went through the activator: {bypassed:?}"
+            after == before,
+            "warm traffic still went through the activator ({before} → {after})"
         );
         replicas.shutdown().await;
         activators.processes.shutdown().await;

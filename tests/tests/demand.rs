@@ -263,8 +263,8 @@ async fn elect(ctx: &TestContext) -> anyhow::Result<(Scaler, Scaler)> {
     Ok((leader, follower))
 }
 
-/// Waits until `scaler` leads: once the lease has run out, with room for a loaded
-/// machine (the order of the two terms is what the tests check, not the time).
+/// Waits until `scaler` leads, with room for a loaded machine: how soon is checked
+/// against the old leader's terms, not the clock.
 async fn takes_over(ctx: &TestContext, scaler: &Scaler) -> anyhow::Result<()> {
     wait::until(
         LEASE_DURATION * 4,
@@ -280,10 +280,27 @@ async fn takes_over(ctx: &TestContext, scaler: &Scaler) -> anyhow::Result<()> {
 fn a_released_lease_is_taken_over_at_once() {
     blink_tests::run("demand-lease-release", |ctx| async move {
         let (leader, follower) = elect(&ctx).await?;
+        // The old term's local deadline is the Lease's expiry − grace/2: taken before
+        // that expiry, the Lease was not waited out.
+        let expiry = leader
+            .leadership
+            .state()
+            .deadline
+            .context("the leader has a deadline")?
+            + LEASE_GRACE / 2;
         leader.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), leader.task).await??;
         ensure!(!leader.leadership.can_write(Instant::now()));
         takes_over(&ctx, &follower).await?;
+        let acquired = follower
+            .leadership
+            .state()
+            .acquired_at
+            .context("the new leader has an acquisition time")?;
+        ensure!(
+            acquired < expiry,
+            "taken over at {acquired:?}, after the released Lease would have expired ({expiry:?})"
+        );
         // Still the only leader some renewals later.
         tokio::time::sleep(LEASE_DURATION).await;
         ensure!(follower.leadership.can_write(Instant::now()));
