@@ -1477,14 +1477,22 @@ spec:
                 .then_some(()))
         })
         .await?;
-        // kube-proxy follows the slice's removal at its next sync: wait for a request
-        // that bypasses the activator, then every one must.
+        // kube-proxy follows the slice's removal at its next sync; until then it picks
+        // at random between the activator and the replica. Wait for ten requests in a
+        // row that bypass the activator (1 in 1,024 by chance before the sync), then
+        // every one must.
         let requests_through = || activators.metric(0, "blink_activator_requests_total");
-        wait::until(LONG, "a request that bypasses the activator", || async {
-            let before = requests_through().await?;
-            reqwest::get(&cluster_url).await?.text().await?;
-            Ok((requests_through().await? == before).then_some(()))
-        })
+        wait::until(
+            LONG,
+            "ten requests in a row that bypass the activator",
+            || async {
+                let before = requests_through().await?;
+                for _ in 0..10 {
+                    reqwest::get(&cluster_url).await?.text().await?;
+                }
+                Ok((requests_through().await? == before).then_some(()))
+            },
+        )
         .await?;
         let before = requests_through().await?;
         for _ in 0..30 {
