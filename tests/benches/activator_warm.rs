@@ -895,6 +895,25 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The median over rounds of `f(a round)`, rounds without a value left out.
+fn over_rounds(measured: &[Measured], f: impl Fn(&Measured) -> Option<f64>) -> f64 {
+    median(measured.iter().filter_map(f).collect())
+}
+
+/// In how many rounds `rate(this path)` was at or above `rate(the other path)`: a
+/// median near 1 says as much of a tie as of a draw, the count of rounds won says which.
+fn rounds_at_or_above(
+    measured: &[Measured],
+    other: &[Measured],
+    rate: fn(&Measured) -> f64,
+) -> usize {
+    measured
+        .iter()
+        .zip(other)
+        .filter(|(m, o)| rate(m) >= rate(o))
+        .count()
+}
+
 /// The median over rounds of `f(this path's round, the other path's same round)`.
 fn per_round(
     measured: &[Measured],
@@ -925,24 +944,9 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
         let added_p99 = per_round(measured, direct, |m, d| {
             Some(m.fixed_p99_ms - d.fixed_p99_ms)
         });
-        let cpu = median(
-            measured
-                .iter()
-                .filter_map(|m| m.cpu_us_per_request)
-                .collect(),
-        );
-        let system = median(
-            measured
-                .iter()
-                .filter_map(|m| m.system_us_per_request)
-                .collect(),
-        );
-        let switches = median(
-            measured
-                .iter()
-                .filter_map(|m| m.switches_per_request)
-                .collect(),
-        );
+        let cpu = over_rounds(measured, |m| m.cpu_us_per_request);
+        let system = over_rounds(measured, |m| m.system_us_per_request);
+        let switches = over_rounds(measured, |m| m.switches_per_request);
         if i > 1 {
             let rate = per_round(measured, nginx, |m, n| Some(m.max_rps / n.max_rps));
             let cpu = per_round(measured, nginx, |m, n| {
@@ -951,13 +955,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             let p99 = per_round(measured, nginx, |m, n| {
                 Some(m.fixed_p99_ms - n.fixed_p99_ms)
             });
-            // A median near 1 says as much of a tie as of a draw: the count of rounds
-            // each side won says which.
-            let faster = measured
-                .iter()
-                .zip(nginx)
-                .filter(|(m, n)| m.max_rps >= n.max_rps)
-                .count();
+            let faster = rounds_at_or_above(measured, nginx, |m| m.max_rps);
             println!(
                 "{:<9} against nginx, round by round (medians): rate {rate:.2}× (at or above nginx's in {faster} of {} rounds), CPU per request {cpu:.2}×, p99 at {FIXED_RATE} rps {p99:+.3} ms",
                 path.name,
@@ -967,11 +965,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             let h2c_cpu = per_round(measured, nginx, |m, n| {
                 Some(m.h2c_cpu_us_per_request? / n.h2c_cpu_us_per_request?)
             });
-            let h2c_faster = measured
-                .iter()
-                .zip(nginx)
-                .filter(|(m, n)| m.h2c_rps >= n.h2c_rps)
-                .count();
+            let h2c_faster = rounds_at_or_above(measured, nginx, |m| m.h2c_rps);
             println!(
                 "{:<9} h2c against nginx, round by round (medians): rate {h2c_rate:.2}× (at or above nginx's in {h2c_faster} of {} rounds), CPU per request {h2c_cpu:.2}×",
                 path.name,
@@ -995,12 +989,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             },
             measured.iter().map(|m| m.fixed_errors).sum::<usize>(),
         );
-        let h2c_cpu = median(
-            measured
-                .iter()
-                .filter_map(|m| m.h2c_cpu_us_per_request)
-                .collect(),
-        );
+        let h2c_cpu = over_rounds(measured, |m| m.h2c_cpu_us_per_request);
         println!(
             "{:<9} h2c max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | CPU {}",
             path.name,
