@@ -2,14 +2,17 @@
 //!
 //! `tests/bed/bed exec cargo bench -p blink-tests --bench activator_cold`
 //! (`BLINK_BENCH_WAKES`, default 40; `BLINK_BENCH_ACTIVATOR`, the path of the build of
-//! the activator to measure, by default this bench's own release build).
+//! the activator to measure, by default this bench's own release build;
+//! `BLINK_BENCH_SETTLE_MS`, default 0, see below).
 //!
 //! `BLINK_BENCH_WAKES` functions start at zero behind one activator whose snapshots come
 //! once a minute, so only its poke wakes them. Each is woken in turn by one request, and
 //! for each wake:
-//! - **first byte at zero → PATCH**: this process sends the request (its clock, just
-//!   before connecting) → the API server receives the scaler's `/scale` PATCH (the audit
-//!   log's `requestReceivedTimestamp`; same machine, same clock);
+//! - **first byte at zero → PATCH**: this process writes the request's first byte on a
+//!   connection it opened just before (its clock, just before the write) → the API server
+//!   receives the scaler's `/scale` PATCH (the audit log's `requestReceivedTimestamp`;
+//!   same machine, same clock). The client's own connect is timed apart: it is no part
+//!   of the request, and the activator cannot see it;
 //! - **endpoint ready → request forwarded**: the activator's histogram
 //!   `blink_activator_ready_to_forward_seconds` (the function's first ready endpoint as
 //!   the activator learns it → the held request connected to that replica);
@@ -21,7 +24,17 @@
 //! - the same parts from the processes' histograms: the activator's
 //!   `blink_activator_poke_seconds` (the held request's head → the scaler has applied
 //!   the poke and answered) and the scaler's `blink_scaler_poke_to_patch_sent_seconds`;
-//! - the whole wake as the client sees it.
+//! - the whole wake as the client sees it;
+//! - the machine's idle CPU over the wake (`/proc/stat`, first byte → answer, in ticks
+//!   of 10 ms on each core, so coarse over one wake of tens of ms): on the
+//!   bed's two cores the API server, kube-controller-manager, kwok, the replicas and this
+//!   process share the CPUs with Blink, so a slow stage is often a wait for one.
+//!
+//! Back to back (the default), each wake starts the moment the one before is answered,
+//! while the cluster is still busy with it (its Deployment's and ReplicaSet's status,
+//! the EndpointSlice, kwok's pod status). With `BLINK_BENCH_SETTLE_MS=N`, each wake
+//! waits until the previous function's Deployment reports its replica available, then
+//! N ms more: each wake meets a cluster that is no longer busy with another.
 //!
 //! The functions' pods are Ready only once their replica listens (a readiness gate the
 //! bed opens, as a real readiness probe would), so an endpoint the activator learns of
@@ -29,19 +42,25 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, ensure};
 use blink_tests::{
-    activator::{Activators, get},
+    activator::{Activators, PORT},
     audit,
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
     workloads::{create_gated_deployment, create_scaled_object},
 };
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{api::apps::v1::Deployment, jiff::Timestamp};
+use kube::Api;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 const SCALER: &str = env!("CARGO_BIN_EXE_scaler");
 const ACTIVATOR: &str = env!("CARGO_BIN_EXE_activator");
@@ -86,16 +105,40 @@ spec:
             activators.until_routed(ctx.namespace(), name).await?;
         }
 
+        let settle = std::env::var("BLINK_BENCH_SETTLE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::ZERO);
+        let deployments: Api<Deployment> = Api::namespaced(ctx.client(), ctx.namespace());
+        let activator_addr = SocketAddr::new(activators.pods[0].ip, PORT);
+        let mut connected_in = Vec::with_capacity(wakes);
         let mut sent_at = Vec::with_capacity(wakes);
         let mut answered_in = Vec::with_capacity(wakes);
+        let mut idle_during = Vec::with_capacity(wakes);
         for name in &names {
             let host = format!("{name}.{}", ctx.namespace());
+            let cpu_before = CpuTimes::now()?;
+            let connecting = Instant::now();
+            let mut stream = TcpStream::connect(activator_addr).await?;
+            connected_in.push(connecting.elapsed());
             let sent = Timestamp::now();
             let started = Instant::now();
-            let (status, body) = get(&activators.url(0), &host, Duration::from_secs(30)).await?;
+            let answer =
+                tokio::time::timeout(Duration::from_secs(30), get_and_close(&mut stream, &host))
+                    .await
+                    .with_context(|| format!("{name}: no answer within 30 s"))??;
             answered_in.push(started.elapsed());
-            ensure!(status == 200, "{name}: answered {status} {body:?}");
+            idle_during.push(CpuTimes::now()?.idle_since(&cpu_before));
+            ensure!(
+                answer.starts_with("HTTP/1.1 200 "),
+                "{name}: answered {answer:?}"
+            );
             sent_at.push(sent);
+            if !settle.is_zero() {
+                until_available(&deployments, name).await?;
+                tokio::time::sleep(settle).await;
+            }
         }
 
         // The last wake's lines may land after its answer: read until two reads agree.
@@ -142,8 +185,38 @@ spec:
             to_patch.push(span(*sent, received));
             written_to_received.push(span(patched, received));
         }
+        let mut by_to_patch: Vec<usize> = (0..to_patch.len()).collect();
+        by_to_patch.sort_by_key(|&i| std::cmp::Reverse(to_patch[i]));
+        let slowest_to_patch: Vec<String> = by_to_patch
+            .iter()
+            .take(3)
+            .map(|&i| {
+                format!(
+                    "{} {:.2} ms (Blink's part {:.2} ms, idle CPU over the wake {:.0} %)",
+                    names[i],
+                    to_patch[i].as_secs_f64() * 1e3,
+                    to_written[i].as_secs_f64() * 1e3,
+                    idle_during[i] * 100.0
+                )
+            })
+            .collect();
 
-        println!("{wakes} wakes, one function each, release builds");
+        if settle.is_zero() {
+            println!("{wakes} wakes, one function each, release builds, back to back");
+        } else {
+            println!(
+                "{wakes} wakes, one function each, release builds, each {} ms after the one before settled",
+                settle.as_millis()
+            );
+        }
+        let mut idle_sorted = idle_during.clone();
+        idle_sorted.sort_by(f64::total_cmp);
+        println!(
+            "idle CPU over a wake: p50 {:.0} %, p10 {:.0} %, min {:.0} %",
+            idle_sorted[idle_sorted.len() / 2] * 100.0,
+            idle_sorted[idle_sorted.len() / 10] * 100.0,
+            idle_sorted[0] * 100.0
+        );
         report("first byte at zero → PATCH received", &mut to_patch);
         report(
             "first byte at zero → PATCH written (Blink's part)",
@@ -155,8 +228,16 @@ spec:
             "PATCH written → received by the API server",
             &mut written_to_received,
         );
+        println!(
+            "slowest first byte → PATCH received: {}",
+            slowest_to_patch.join("; ")
+        );
         slowest_wakes(&names, &sent_at, &answered_in, &events, ctx.namespace());
         report("request at zero → answered (client)", &mut answered_in);
+        report(
+            "the client's connect to the activator, before the first byte",
+            &mut connected_in,
+        );
         let activator_metrics = activators.metrics(0).await?;
         let scaler_metrics = scaler.metrics().await?;
         for (metrics, histogram) in [
@@ -236,6 +317,70 @@ fn slowest_wakes(
             patched.join(", "),
             sliced.join(", ")
         );
+    }
+}
+
+/// Sends `GET /` for `host` on `stream` (one write: its first byte is the request's),
+/// asking the activator to close after the answer, and returns the whole answer.
+async fn get_and_close(stream: &mut TcpStream, host: &str) -> anyhow::Result<String> {
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Waits until `name`'s Deployment reports a replica available (the status writes of a
+/// wake are done).
+async fn until_available(deployments: &Api<Deployment>, name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let deployment = deployments.get(name).await?;
+        let available = deployment
+            .status
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0);
+        if available >= 1 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{name}: no replica available after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The machine's CPU time from `/proc/stat`'s first line, in clock ticks.
+struct CpuTimes {
+    idle: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let line = stat.lines().next().context("/proc/stat is empty")?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        ensure!(ticks.len() >= 5, "/proc/stat: {line}");
+        // user nice system idle iowait …: idle and iowait are the time no one wanted.
+        Ok(Self {
+            idle: ticks[3] + ticks[4],
+            total: ticks.iter().sum(),
+        })
+    }
+
+    /// The idle share of the CPU time since `before` (1 when no tick passed).
+    fn idle_since(&self, before: &Self) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        if total == 0 {
+            return 1.0;
+        }
+        self.idle.saturating_sub(before.idle) as f64 / total as f64
     }
 }
 
