@@ -328,6 +328,8 @@ impl Http1Connection {
     /// `limits.client_pause`: a replica that stops reading (hung, or answering early
     /// without draining the body), or a client that stops sending, would otherwise
     /// hold the request, its slot and its connection for as long as the other waits.
+    /// A replica that stops reading or closes after its answer began gets that answer
+    /// through.
     async fn send_body<B>(
         &mut self,
         body: &mut B,
@@ -546,7 +548,18 @@ async fn sent_unless_refused(
                     return Ok(BodySent::Interrupted);
                 }
             }
-            written = &mut write => return written.map(|()| BodySent::Whole),
+            written = &mut write => {
+                return match written {
+                    Ok(()) => Ok(BodySent::Whole),
+                    // Its answer had begun without refusing the body, then it stopped
+                    // taking the body: stalled, or closed (a server that answers
+                    // without reading a body may close rather than drain it). That
+                    // answer is what the client gets, not a 504 or a 502; the upload
+                    // ends there and the connection is not reused.
+                    Err(_) if !*watching => Ok(BodySent::Interrupted),
+                    Err(e) => Err(e),
+                };
+            }
         }
     }
 }
@@ -1936,6 +1949,62 @@ mod tests {
         .expect("answered");
         let (parts, _) = response(answer.expect("the replica's answer, not a failed write"));
         assert_eq!(parts.status, StatusCode::PAYLOAD_TOO_LARGE);
+        served.await.expect("replica");
+    }
+
+    #[tokio::test]
+    async fn an_early_2xx_then_no_more_reading_comes_through_once_the_write_stalls() {
+        // A whole `200` at once, then nothing more read, the connection kept open: the
+        // replica has answered and wants no more of the body.
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+            |stream| {
+                Box::pin(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    drop(stream);
+                })
+            },
+        )
+        .await;
+        let stall = std::time::Duration::from_millis(300);
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.send(request, stall, ANSWER_DUE),
+        )
+        .await
+        .expect("answered once the write stalled");
+        let (parts, mut body) = response(answer.expect("the replica's answer, not a 504"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(
+            body.take_whole().expect("whole"),
+            Bytes::from_static(b"first")
+        );
+        assert!(body.into_reusable().is_none(), "the upload was cut short");
+        served.abort();
+    }
+
+    #[tokio::test]
+    async fn an_early_2xx_then_a_close_comes_through() {
+        // A whole `200` at once, then the connection closed with the body unread (a
+        // reset, for the data it never read): the answer, not a failed write.
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+            |stream| Box::pin(async move { drop(stream) }),
+        )
+        .await;
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.send(request, ANSWER_DUE, ANSWER_DUE),
+        )
+        .await
+        .expect("answered");
+        let (parts, mut body) = response(answer.expect("the replica's answer, not a 502"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(
+            body.take_whole().expect("whole"),
+            Bytes::from_static(b"first")
+        );
+        assert!(body.into_reusable().is_none(), "the upload was cut short");
         served.await.expect("replica");
     }
 

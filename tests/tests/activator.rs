@@ -1010,6 +1010,15 @@ spec:
             answers_upload_of(&answer, late),
             "upload after 100 Continue: {answer}"
         );
+        // A replica that answers an upload at once without reading it (the test
+        // replica's `200` to any other path) and closes with the body unread: its
+        // answer comes through, not a 502 for the write the close broke.
+        let answer =
+            upload_reading_early(&addr, "shared.example", "/ignores-the-body", 64 << 20).await?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 200 ") && answer.contains("\r\n\r\nplain-"),
+            "an upload the replica answered without reading: {answer:?}"
+        );
         let broken = format!("{head}5\r\nhello\r\nzz\r\n");
         let answer = raw(&addr, broken.as_bytes(), Duration::from_secs(10)).await?;
         ensure!(
@@ -1133,6 +1142,37 @@ async fn slow_upload(
         .await
         .context("slow upload: the answer")?
         .to_bytes();
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// POSTs `size` bytes to `path` while reading what comes back, as a client that
+/// heeds an answer that comes before its whole body has gone (curl does) must; the
+/// answer as read until the connection ends (or 30 s), whatever becomes of the body.
+async fn upload_reading_early(
+    addr: &str,
+    host: &str,
+    path: &str,
+    size: usize,
+) -> anyhow::Result<String> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n");
+    let sending = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        let part = vec![7u8; 65536];
+        for _ in 0..size / part.len() {
+            writer.write_all(&part).await?;
+        }
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Until the end of the connection: a reset after the answer ends it too.
+    while let Ok(Ok(n @ 1..)) = tokio::time::timeout_at(deadline, reader.read(&mut buffer)).await {
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    sending.abort();
     Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
