@@ -328,8 +328,8 @@ impl Http1Connection {
     /// `limits.client_pause`: a replica that stops reading (hung, or answering early
     /// without draining the body), or a client that stops sending, would otherwise
     /// hold the request, its slot and its connection for as long as the other waits.
-    /// A replica that stops reading or closes after its answer began gets that answer
-    /// through.
+    /// A replica that stops reading or closes after its whole answer came gets that
+    /// answer through.
     async fn send_body<B>(
         &mut self,
         body: &mut B,
@@ -553,16 +553,68 @@ async fn sent_unless_refused(
                     Ok(()) => Ok(BodySent::Whole),
                     // Its answer had begun without refusing the body, then it stopped
                     // taking the body: stalled, or closed (a server that answers
-                    // without reading a body may close rather than drain it). That
-                    // answer is what the client gets, not a 504 or a 502; the upload
-                    // ends there and the connection is not reused.
-                    Err(_) if !*watching => Ok(BodySent::Interrupted),
+                    // without reading a body may close rather than drain it). An
+                    // answer that is all here is what the client gets, not a 504 or a
+                    // 502; the upload ends there and the connection is not reused.
+                    // One still coming may never end (its replica waits for the rest
+                    // of the body) or may have been cut by the close: the failure
+                    // stands.
+                    Err(e) if !*watching => {
+                        if whole_answer_read(io, read) {
+                            tracing::debug!(error = %e, "a replica stopped taking the body after its whole answer; the answer goes to the client");
+                            Ok(BodySent::Interrupted)
+                        } else {
+                            Err(e)
+                        }
+                    }
                     Err(e) => Err(e),
                 };
             }
         }
     }
 }
+
+/// Whether the replica's final answer is all in `read`, after reading what the
+/// connection has for it now (at most [`WHOLE_ANSWER_LIMIT`] bytes in all): a complete
+/// head with no body (`204`, `304`) or with a `Content-Length` body that is all here.
+/// An answer framed by the connection's close cannot be known whole (a reset looks
+/// like its end), nor is a chunked one checked: neither counts.
+fn whole_answer_read(io: &TcpStream, read: &mut BytesMut) -> bool {
+    while read.len() < WHOLE_ANSWER_LIMIT {
+        make_room(read);
+        match io.try_read_buf(read) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Response::new(&mut fields);
+    let Ok(httparse::Status::Complete(head_length)) = head.parse(read) else {
+        return false;
+    };
+    if matches!(head.code, Some(204 | 304)) {
+        return true;
+    }
+    let mut length = None;
+    for field in head.headers.iter() {
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            return false;
+        }
+        if field.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(field.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if parsed.is_none() || (length.is_some() && length != parsed) {
+                return false;
+            }
+            length = parsed;
+        }
+    }
+    length.is_some_and(|length| read.len() - head_length >= length)
+}
+
+/// How much of a replica's answer [`whole_answer_read`] takes in to find it whole.
+const WHOLE_ANSWER_LIMIT: usize = MAX_HEAD_BYTES + 64 * 1024;
 
 /// What the replica sent while the body goes out (`received` bytes, 0 for a close):
 /// whether the upload stops. An answer that does not refuse it ends the watching.
@@ -2005,6 +2057,43 @@ mod tests {
             Bytes::from_static(b"first")
         );
         assert!(body.into_reusable().is_none(), "the upload was cut short");
+        served.await.expect("replica");
+    }
+
+    #[tokio::test]
+    async fn an_early_2xx_still_coming_when_the_write_stalls_is_given_up() {
+        // The head and part of a body, then nothing more read or sent: the rest of the
+        // answer may never come, so the stall stands.
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+            |stream| {
+                Box::pin(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    drop(stream);
+                })
+            },
+        )
+        .await;
+        let stall = std::time::Duration::from_millis(300);
+        let error = given_up(connection.send(request, stall, ANSWER_DUE)).await;
+        assert!(
+            matches!(error, Error::BodyNotTaken(limit) if limit == stall),
+            "{error:?}"
+        );
+        served.abort();
+    }
+
+    #[tokio::test]
+    async fn an_early_2xx_framed_by_the_close_then_a_reset_is_a_failure() {
+        // A body that ends with the connection: after a reset, what came cannot be
+        // told from the whole of it, so it is not passed on as whole.
+        let (connection, request, served) =
+            early_answer_to_an_upload(b"HTTP/1.1 200 OK\r\n\r\npartial", |stream| {
+                Box::pin(async move { drop(stream) })
+            })
+            .await;
+        let error = given_up(connection.send(request, ANSWER_DUE, ANSWER_DUE)).await;
+        assert!(matches!(error, Error::Io(_)), "{error:?}");
         served.await.expect("replica");
     }
 

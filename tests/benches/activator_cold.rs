@@ -12,7 +12,8 @@
 //!   connection it opened just before (its clock, just before the write) → the API server
 //!   receives the scaler's `/scale` PATCH (the audit log's `requestReceivedTimestamp`;
 //!   same machine, same clock). The client's own connect is timed apart: it is no part
-//!   of the request, and the activator cannot see it;
+//!   of the request (the activator's accept of it, tens of µs, may fall before the
+//!   first byte too);
 //! - **endpoint ready → request forwarded**: the activator's histogram
 //!   `blink_activator_ready_to_forward_seconds` (the function's first ready endpoint as
 //!   the activator learns it → the held request connected to that replica);
@@ -72,6 +73,7 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(40usize);
+        ensure!(wakes > 0, "BLINK_BENCH_WAKES must be at least 1");
         let names: Vec<String> = (0..wakes).map(|i| format!("cold-{i}")).collect();
         for name in &names {
             create_gated_deployment(&ctx, name, 0).await?;
@@ -118,10 +120,10 @@ spec:
         let mut idle_during = Vec::with_capacity(wakes);
         for name in &names {
             let host = format!("{name}.{}", ctx.namespace());
-            let cpu_before = CpuTimes::now()?;
             let connecting = Instant::now();
             let mut stream = TcpStream::connect(activator_addr).await?;
             connected_in.push(connecting.elapsed());
+            let cpu_before = CpuTimes::now()?;
             let sent = Timestamp::now();
             let started = Instant::now();
             let answer =
@@ -366,11 +368,12 @@ impl CpuTimes {
             .skip(1)
             .map(str::parse)
             .collect::<Result<_, _>>()?;
-        ensure!(ticks.len() >= 5, "/proc/stat: {line}");
-        // user nice system idle iowait …: idle and iowait are the time no one wanted.
+        ensure!(ticks.len() >= 8, "/proc/stat: {line}");
+        // user nice system idle iowait irq softirq steal, then guest times already
+        // counted in user and nice: idle and iowait are the time no one wanted.
         Ok(Self {
             idle: ticks[3] + ticks[4],
-            total: ticks.iter().sum(),
+            total: ticks[..8].iter().sum(),
         })
     }
 

@@ -1163,6 +1163,7 @@ async fn upload_reading_early(
         for _ in 0..size / part.len() {
             writer.write_all(&part).await?;
         }
+        writer.write_all(&part[..size % part.len()]).await?;
         Ok::<_, std::io::Error>(writer)
     });
     let mut answer = Vec::new();
