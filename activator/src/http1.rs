@@ -549,44 +549,64 @@ async fn sent_unless_refused(
                 }
             }
             written = &mut write => {
-                return match written {
-                    Ok(()) => Ok(BodySent::Whole),
-                    // Its answer had begun without refusing the body, then it stopped
-                    // taking the body: stalled, or closed (a server that answers
-                    // without reading a body may close rather than drain it). An
-                    // answer that is all here is what the client gets, not a 504 or a
-                    // 502; the upload ends there and the connection is not reused.
-                    // One still coming may never end (its replica waits for the rest
-                    // of the body) or may have been cut by the close: the failure
-                    // stands.
-                    Err(e) if !*watching => {
-                        if whole_answer_read(io, read) {
-                            tracing::debug!(error = %e, "a replica stopped taking the body after its whole answer; the answer goes to the client");
-                            Ok(BodySent::Interrupted)
-                        } else {
-                            Err(e)
-                        }
-                    }
-                    Err(e) => Err(e),
+                let Err(failed) = written else {
+                    return Ok(BodySent::Whole);
                 };
+                // The replica stopped taking the body: stalled, or closed (a server
+                // that answers without reading a body may close rather than drain
+                // it). What it sent may not have been seen yet: the runtime learns
+                // that bytes wait only as it polls, and an answer and a reset can
+                // come between two polls.
+                let received = read_waiting(io, read);
+                if *watching && received > 0 && stops_the_upload(received, read, watching) {
+                    return Ok(BodySent::Interrupted);
+                }
+                // An answer that began without refusing the body and is all here is
+                // what the client gets, not a 504 or a 502; the upload ends there and
+                // the connection is not reused. One still coming may never end (its
+                // replica waits for the rest of the body) or may have been cut by the
+                // close: the failure stands.
+                if !*watching && whole_answer_in(read) {
+                    tracing::debug!(error = %failed, "a replica stopped taking the body after its whole answer; the answer goes to the client");
+                    return Ok(BodySent::Interrupted);
+                }
+                return Err(failed);
             }
         }
     }
 }
 
-/// Whether the replica's final answer is all in `read`, after reading what the
-/// connection has for it now (at most [`WHOLE_ANSWER_LIMIT`] bytes in all): a complete
-/// head with no body (`204`, `304`) or with a `Content-Length` body that is all here.
-/// An answer framed by the connection's close cannot be known whole (a reset looks
-/// like its end), nor is a chunked one checked: neither counts.
-fn whole_answer_read(io: &TcpStream, read: &mut BytesMut) -> bool {
+/// Reads what the replica's connection holds now into `read`, up to
+/// [`WHOLE_ANSWER_LIMIT`] bytes in all; how many. Straight from the socket, not
+/// through the runtime's record of its readiness, which may not know of them yet.
+fn read_waiting(io: &TcpStream, read: &mut BytesMut) -> usize {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(io);
+    let mut part = [0u8; 8192];
+    let mut received = 0;
     while read.len() < WHOLE_ANSWER_LIMIT {
-        make_room(read);
-        match io.try_read_buf(read) {
+        let room = (WHOLE_ANSWER_LIMIT - read.len()).min(part.len());
+        match nix::sys::socket::recv(
+            fd,
+            &mut part[..room],
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n @ 1..) => {
+                read.extend_from_slice(&part[..n]);
+                received += n;
+            }
+            // The end, nothing more now, or a failure (after a reset, once what came
+            // before it has been read).
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
         }
     }
+    received
+}
+
+/// Whether the replica's final answer is all in `read`: a complete head with no body
+/// (`204`, `304`) or with a `Content-Length` body that is all here. An answer framed
+/// by the connection's close cannot be known whole (a reset looks like its end), nor
+/// is a chunked one checked: neither counts.
+fn whole_answer_in(read: &BytesMut) -> bool {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut head = httparse::Response::new(&mut fields);
     let Ok(httparse::Status::Complete(head_length)) = head.parse(read) else {
@@ -595,25 +615,25 @@ fn whole_answer_read(io: &TcpStream, read: &mut BytesMut) -> bool {
     if matches!(head.code, Some(204 | 304)) {
         return true;
     }
-    let mut length = None;
-    for field in head.headers.iter() {
-        if field.name.eq_ignore_ascii_case("transfer-encoding") {
-            return false;
-        }
-        if field.name.eq_ignore_ascii_case("content-length") {
-            let parsed = std::str::from_utf8(field.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            if parsed.is_none() || (length.is_some() && length != parsed) {
-                return false;
-            }
-            length = parsed;
-        }
+    if head
+        .headers
+        .iter()
+        .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        return false;
     }
-    length.is_some_and(|length| read.len() - head_length >= length)
+    let lengths = head
+        .headers
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("content-length"))
+        .map(|f| f.value);
+    match content_length(lengths) {
+        Ok(Some(length)) => (read.len() - head_length) as u64 >= length,
+        _ => false,
+    }
 }
 
-/// How much of a replica's answer [`whole_answer_read`] takes in to find it whole.
+/// How much of a replica's answer [`read_waiting`] takes in.
 const WHOLE_ANSWER_LIMIT: usize = MAX_HEAD_BYTES + 64 * 1024;
 
 /// What the replica sent while the body goes out (`received` bytes, 0 for a close):
@@ -924,10 +944,27 @@ fn response_framing(
     if !fields.content_length {
         return Ok(Framing::UntilClose);
     }
+    let length = content_length(
+        head.headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )?;
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+/// The length the `Content-Length` fields' `values` give, if any: `5, 5` and repeated
+/// equal fields are one length; anything but digits, or lengths that differ, is
+/// malformed.
+fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, Error> {
     let mut length = None;
-    for value in head.headers.get_all(CONTENT_LENGTH) {
-        // `Content-Length: 5, 5` and repeated equal fields are one length.
-        for item in value.to_str().unwrap_or("x").split(',') {
+    for value in values {
+        let value = std::str::from_utf8(value).unwrap_or("x");
+        for item in value.split(',') {
             let item = item.trim();
             if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(Error::Malformed("invalid Content-Length"));
@@ -941,11 +978,7 @@ fn response_framing(
             length = Some(parsed);
         }
     }
-    Ok(match length {
-        Some(0) => Framing::Done,
-        Some(n) => Framing::Length(n),
-        None => Framing::UntilClose,
-    })
+    Ok(length)
 }
 
 /// A response body read from the replica's connection as the client takes it.
@@ -2058,6 +2091,38 @@ mod tests {
         );
         assert!(body.into_reusable().is_none(), "the upload was cut short");
         served.await.expect("replica");
+    }
+
+    #[tokio::test]
+    async fn an_early_2xx_whose_body_came_after_its_head_comes_through() {
+        // The head, then (once the head has been seen, and nothing more is read) the
+        // body, then nothing more read: what came after the head is read when the
+        // write stalls, and the whole answer goes through.
+        let (connection, request, served) = early_answer_to_an_upload(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            |mut stream| {
+                Box::pin(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    stream.write_all(b"first").await.expect("answered");
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                })
+            },
+        )
+        .await;
+        let stall = std::time::Duration::from_millis(300);
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.send(request, stall, ANSWER_DUE),
+        )
+        .await
+        .expect("answered once the write stalled");
+        let (parts, mut body) = response(answer.expect("the replica's answer, not a 504"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(
+            body.take_whole().expect("whole"),
+            Bytes::from_static(b"first")
+        );
+        served.abort();
     }
 
     #[tokio::test]
