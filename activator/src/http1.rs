@@ -2037,60 +2037,60 @@ mod tests {
         served.await.expect("replica");
     }
 
-    #[tokio::test]
-    async fn an_early_2xx_then_no_more_reading_comes_through_once_the_write_stalls() {
-        // A whole `200` at once, then nothing more read, the connection kept open: the
-        // replica has answered and wants no more of the body.
-        let (connection, request, served) = early_answer_to_an_upload(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
-            |stream| {
-                Box::pin(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                    drop(stream);
-                })
-            },
-        )
-        .await;
-        let stall = std::time::Duration::from_millis(300);
+    /// What `send` passes on from a replica that sends `early` to an upload, then does
+    /// `after`, a write being given up after `stall`: the status and the whole body of
+    /// its answer (the connection not kept: the upload was cut short).
+    async fn early_answer_passed_on(
+        early: &'static [u8],
+        after: impl FnOnce(TcpStream) -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+        stall: std::time::Duration,
+    ) -> (StatusCode, Bytes) {
+        let (connection, request, served) = early_answer_to_an_upload(early, after).await;
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             connection.send(request, stall, ANSWER_DUE),
         )
         .await
-        .expect("answered once the write stalled");
-        let (parts, mut body) = response(answer.expect("the replica's answer, not a 504"));
-        assert_eq!(parts.status, StatusCode::OK);
-        assert_eq!(
-            body.take_whole().expect("whole"),
-            Bytes::from_static(b"first")
-        );
+        .expect("answered within 10 s");
+        let (parts, mut body) = response(answer.expect("the replica's answer, not a 504 or 502"));
+        let whole = body.take_whole().expect("whole");
         assert!(body.into_reusable().is_none(), "the upload was cut short");
         served.abort();
+        (parts.status, whole)
+    }
+
+    /// Nothing more read for 30 s, the connection kept open.
+    fn stop_reading(stream: TcpStream) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(stream);
+        })
+    }
+
+    #[tokio::test]
+    async fn an_early_2xx_then_no_more_reading_comes_through_once_the_write_stalls() {
+        // A whole `200` at once, then nothing more read: the replica has answered and
+        // wants no more of the body.
+        let passed_on = early_answer_passed_on(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+            stop_reading,
+            std::time::Duration::from_millis(300),
+        )
+        .await;
+        assert_eq!(passed_on, (StatusCode::OK, Bytes::from_static(b"first")));
     }
 
     #[tokio::test]
     async fn an_early_2xx_then_a_close_comes_through() {
         // A whole `200` at once, then the connection closed with the body unread (a
         // reset, for the data it never read): the answer, not a failed write.
-        let (connection, request, served) = early_answer_to_an_upload(
+        let passed_on = early_answer_passed_on(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
             |stream| Box::pin(async move { drop(stream) }),
+            ANSWER_DUE,
         )
         .await;
-        let answer = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            connection.send(request, ANSWER_DUE, ANSWER_DUE),
-        )
-        .await
-        .expect("answered");
-        let (parts, mut body) = response(answer.expect("the replica's answer, not a 502"));
-        assert_eq!(parts.status, StatusCode::OK);
-        assert_eq!(
-            body.take_whole().expect("whole"),
-            Bytes::from_static(b"first")
-        );
-        assert!(body.into_reusable().is_none(), "the upload was cut short");
-        served.await.expect("replica");
+        assert_eq!(passed_on, (StatusCode::OK, Bytes::from_static(b"first")));
     }
 
     #[tokio::test]
@@ -2098,31 +2098,19 @@ mod tests {
         // The head, then (once the head has been seen, and nothing more is read) the
         // body, then nothing more read: what came after the head is read when the
         // write stalls, and the whole answer goes through.
-        let (connection, request, served) = early_answer_to_an_upload(
+        let passed_on = early_answer_passed_on(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
             |mut stream| {
                 Box::pin(async move {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     stream.write_all(b"first").await.expect("answered");
-                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    stop_reading(stream).await;
                 })
             },
+            std::time::Duration::from_millis(300),
         )
         .await;
-        let stall = std::time::Duration::from_millis(300);
-        let answer = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            connection.send(request, stall, ANSWER_DUE),
-        )
-        .await
-        .expect("answered once the write stalled");
-        let (parts, mut body) = response(answer.expect("the replica's answer, not a 504"));
-        assert_eq!(parts.status, StatusCode::OK);
-        assert_eq!(
-            body.take_whole().expect("whole"),
-            Bytes::from_static(b"first")
-        );
-        served.abort();
+        assert_eq!(passed_on, (StatusCode::OK, Bytes::from_static(b"first")));
     }
 
     #[tokio::test]
@@ -2131,12 +2119,7 @@ mod tests {
         // answer may never come, so the stall stands.
         let (connection, request, served) = early_answer_to_an_upload(
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
-            |stream| {
-                Box::pin(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                    drop(stream);
-                })
-            },
+            stop_reading,
         )
         .await;
         let stall = std::time::Duration::from_millis(300);
