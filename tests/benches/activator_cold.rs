@@ -54,6 +54,7 @@ use blink_tests::{
     audit,
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
+    wait,
     workloads::{create_gated_deployment, create_scaled_object},
 };
 use k8s_openapi::{api::apps::v1::Deployment, jiff::Timestamp};
@@ -335,22 +336,16 @@ async fn get_and_close(stream: &mut TcpStream, host: &str) -> anyhow::Result<Str
 /// Waits until `name`'s Deployment reports a replica available (the status writes of a
 /// wake are done).
 async fn until_available(deployments: &Api<Deployment>, name: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let deployment = deployments.get(name).await?;
-        let available = deployment
-            .status
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0);
-        if available >= 1 {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{name}: no replica available after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait::until(
+        Duration::from_secs(30),
+        &format!("{name}: a replica available"),
+        || async {
+            let deployment = deployments.get(name).await?;
+            let available = deployment.status.and_then(|s| s.available_replicas);
+            Ok(available.is_some_and(|n| n >= 1).then_some(()))
+        },
+    )
+    .await
 }
 
 /// The machine's CPU time from `/proc/stat`'s first line, in clock ticks.
