@@ -15,6 +15,8 @@
 //! - CPU per request of the proxy (activator process, nginx worker) during the max-rate
 //!   run, from `/proc`, and its context switches per request (all its threads): each
 //!   voluntary one is a wait for events that found none ready;
+//! - TCP segments sent per request during the max-rate run, in the whole namespace:
+//!   a proxy's least is four (the request and the answer, each way), the direct path's two;
 //! - h2c with prior knowledge from the client at the maximum rate: `h2load` (Debian's
 //!   nghttp2-client), 8 connections of 4 streams each (as many requests in flight as
 //!   wrk's), its rate, p50/p99 from its per-request log, and the proxy's CPU per
@@ -87,6 +89,9 @@ struct Measured {
     system_us_per_request: Option<f64>,
     /// Times the proxy's threads gave up the CPU (waiting for events) or were made to.
     switches_per_request: Option<f64>,
+    /// TCP segments sent in the bed's network per request, by every process: each one
+    /// is a pass through the kernel's TCP stack, where most of a proxy's CPU goes.
+    segments_per_request: f64,
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
     fixed_errors: usize,
@@ -568,7 +573,9 @@ async fn warm_up(path: &Target) -> anyhow::Result<()> {
 async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
     let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
     let switches_before = path.proxy_pid.map(context_switches).transpose()?;
+    let segments_before = tcp_segments_sent()?;
     let max = wrk(path, seconds).await?;
+    let segments = tcp_segments_sent()?.saturating_sub(segments_before);
     let cpu = match (path.proxy_pid, cpu_before) {
         (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
         _ => None,
@@ -592,6 +599,7 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         cpu_us_per_request: cpu.map(|cpu| per_request(cpu.user + cpu.system)),
         system_us_per_request: cpu.map(|cpu| per_request(cpu.system)),
         switches_per_request: switches.map(|n| n as f64 / max.requests as f64),
+        segments_per_request: segments as f64 / max.requests as f64,
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
         fixed_errors: fixed.errors,
@@ -636,6 +644,22 @@ fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
         user: ticks(fields[11])?,
         system: ticks(fields[12])?,
     })
+}
+
+/// TCP segments sent so far in this network namespace (`Tcp: OutSegs`).
+fn tcp_segments_sent() -> anyhow::Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp")?;
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (names, values) = tcp.next().zip(tcp.next()).context("no Tcp lines")?;
+    let column = names
+        .split_whitespace()
+        .position(|name| name == "OutSegs")
+        .context("no OutSegs")?;
+    let value = values
+        .split_whitespace()
+        .nth(column)
+        .context("OutSegs value")?;
+    Ok(value.parse()?)
 }
 
 /// Context switches of all of a process's threads so far, voluntary or not.
@@ -947,6 +971,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
         let cpu = over_rounds(measured, |m| m.cpu_us_per_request);
         let system = over_rounds(measured, |m| m.system_us_per_request);
         let switches = over_rounds(measured, |m| m.switches_per_request);
+        let segments = median(measured.iter().map(|m| m.segments_per_request).collect());
         if i > 1 {
             let rate = per_round(measured, nginx, |m, n| Some(m.max_rps / n.max_rps));
             let cpu = per_round(measured, nginx, |m, n| {
@@ -973,7 +998,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             );
         }
         println!(
-            "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
+            "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms, {segments:.2} TCP segments/request | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
             path.name,
             median(measured.iter().map(|m| m.max_rps).collect()),
             rate_ratio,
