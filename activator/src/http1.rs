@@ -328,8 +328,8 @@ impl Http1Connection {
     /// `limits.client_pause`: a replica that stops reading (hung, or answering early
     /// without draining the body), or a client that stops sending, would otherwise
     /// hold the request, its slot and its connection for as long as the other waits.
-    /// A replica that stops reading or closes after its whole answer came gets that
-    /// answer through.
+    /// A replica that stops reading or closes after its whole answer came, or whose
+    /// whole answer is there when the client pauses too long, gets that answer through.
     async fn send_body<B>(
         &mut self,
         body: &mut B,
@@ -355,7 +355,15 @@ impl Http1Connection {
                     pause.as_mut().reset(tokio::time::Instant::now() + limits.client_pause);
                     frame
                 }
-                () = pause.as_mut() => return Err(Error::ClientBodyStalled(limits.client_pause)),
+                () = pause.as_mut() => {
+                    // The replica may have answered already (a handler that ignores the
+                    // body): what it said, rather than a 408 for a body it wants no more of.
+                    if answered_anyway(io, read, &mut watching) {
+                        tracing::debug!("a client paused its upload after the replica's answer; the answer goes to the client");
+                        return Ok(BodySent::Interrupted);
+                    }
+                    return Err(Error::ClientBodyStalled(limits.client_pause));
+                }
                 answered = answered_early(io, read), if watching => {
                     // An interim answer (a `100 Continue` to the request's `Expect`)
                     // asks for the rest of the body; a refusal, or a close, ends it.
@@ -554,26 +562,31 @@ async fn sent_unless_refused(
                 };
                 // The replica stopped taking the body: stalled, or closed (a server
                 // that answers without reading a body may close rather than drain
-                // it). What it sent may not have been seen yet: the runtime learns
-                // that bytes wait only as it polls, and an answer and a reset can
-                // come between two polls.
-                let received = read_waiting(io, read);
-                if *watching && received > 0 && stops_the_upload(received, read, watching) {
-                    return Ok(BodySent::Interrupted);
-                }
-                // An answer that began without refusing the body and is all here is
-                // what the client gets, not a 504 or a 502; the upload ends there and
-                // the connection is not reused. One still coming may never end (its
-                // replica waits for the rest of the body) or may have been cut by the
-                // close: the failure stands.
-                if !*watching && whole_answer_in(read) {
-                    tracing::debug!(error = %failed, "a replica stopped taking the body after its whole answer; the answer goes to the client");
+                // it).
+                if answered_anyway(io, read, watching) {
+                    tracing::debug!(error = %failed, "a replica stopped taking the body after its answer; the answer goes to the client");
                     return Ok(BodySent::Interrupted);
                 }
                 return Err(failed);
             }
         }
     }
+}
+
+/// Once the upload cannot go on (the replica stopped taking it, or the client stopped
+/// sending it): whether the replica's answer is what the client gets instead of a
+/// failure, the upload ending there and the connection not reused. It is when it
+/// refuses the body, or began without refusing it and is all here; one still coming
+/// may never end (its replica waits for the rest of the body) or may have been cut by
+/// a close, and the failure stands. What the replica sent is read from the socket
+/// first: the runtime learns that bytes wait only as it polls, and an answer and a
+/// reset can come between two polls.
+fn answered_anyway(io: &TcpStream, read: &mut BytesMut, watching: &mut bool) -> bool {
+    let received = read_waiting(io, read);
+    if *watching && received > 0 && stops_the_upload(received, read, watching) {
+        return true;
+    }
+    !*watching && whole_answer_in(read)
 }
 
 /// Reads what the replica's connection holds now into `read`, up to
@@ -1911,6 +1924,75 @@ mod tests {
             "{error:?}"
         );
         served.abort();
+    }
+
+    /// A replica that reads a request's head, sends `early` and reads on; an upload of
+    /// one part, then a client that sends nothing more (its connection kept open).
+    async fn upload_paused_after(
+        early: &'static [u8],
+        pause: std::time::Duration,
+    ) -> Result<Answer, SendError<impl Body + std::fmt::Debug>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"\r\n\r\n") {
+                seen.push(stream.read_u8().await.expect("read"));
+            }
+            stream.write_all(early).await.expect("answered");
+            let mut buffer = [0u8; 4096];
+            while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+        });
+        let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from_static(b"first part"),
+        ))]);
+        let frames = futures::StreamExt::chain(first, futures::stream::pending());
+        let request = Request::post("/up")
+            .header(CONTENT_LENGTH, 1_000_000)
+            .body(StreamBody::new(frames))
+            .expect("request");
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connect(addr).await.send(request, ANSWER_DUE, pause),
+        )
+        .await
+        .expect("answered or given up within 10 s");
+        served.abort();
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_whole_early_answer_comes_through_when_the_client_pauses() {
+        // The replica answered at once (a handler that ignores the body): the client
+        // that stops sending gets that answer, not a 408.
+        let sent = upload_paused_after(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+            std::time::Duration::from_millis(300),
+        )
+        .await;
+        let (parts, mut body) = response(sent.expect("the replica's answer"));
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(body.take_whole(), Some(Bytes::from_static(b"first")));
+        assert!(body.into_reusable().is_none(), "the upload was cut short");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_still_coming_when_the_client_pauses_is_given_up() {
+        // Part of the answer's body: the replica may be streaming an answer to the
+        // whole upload, which the client's pause cut; the pause stands.
+        let pause = std::time::Duration::from_millis(300);
+        let sent = upload_paused_after(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+            pause,
+        )
+        .await;
+        let failed = sent.expect_err("no whole answer");
+        assert!(
+            matches!(failed.error, Error::ClientBodyStalled(limit) if limit == pause),
+            "{:?}",
+            failed.error
+        );
     }
 
     #[tokio::test]

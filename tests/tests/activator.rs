@@ -946,6 +946,16 @@ spec:
                     && answer.contains("no part of the request body came for 2s"),
                 "{host}, an upload stalled: {answer}"
             );
+            // The same pause to a replica that answered at once without reading the
+            // body (the test replica's `200` to any other path): its answer, not a 408.
+            let answered = format!(
+                "POST /ignores-the-body HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n\r\nfirst part"
+            );
+            let answer = raw(&addr, answered.as_bytes(), Duration::from_secs(10)).await?;
+            ensure!(
+                answer.starts_with("HTTP/1.1 200 ") && answer.contains("\r\n\r\n"),
+                "{host}, an upload paused after the replica's answer: {answer}"
+            );
         }
         let name =
             |function: &str| format!("namespace=\"{}\",name=\"{function}\"", ctx.namespace());
