@@ -667,8 +667,9 @@ impl Controller {
                             // is kept until a newer one is seen, so a status update
                             // right after a PATCH does not erase who made it.
                             entry.handle.target_changed.send_modify(|current| {
+                                current.generation = generation;
                                 if manager.is_some() {
-                                    current.clone_from(&manager);
+                                    current.manager.clone_from(&manager);
                                 }
                             });
                         }

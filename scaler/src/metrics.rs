@@ -31,14 +31,16 @@ pub struct ScaleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WriteLabels {
-    /// `scale`, `status`, `finalizer`, `slice`, `generated`.
+pub struct ApiLabels {
+    /// Writes: `scale`, `status`, `finalizer`, `slice`, `generated`. Reads: `scale`,
+    /// `pods` (the look for pods the scheduler cannot place).
     pub kind: &'static str,
 }
 
 #[derive(Debug)]
 pub struct Metrics {
-    pub api_writes: Family<WriteLabels, Counter>,
+    pub api_writes: Family<ApiLabels, Counter>,
+    pub api_reads: Family<ApiLabels, Counter>,
     pub first_decisions: Counter,
     pub desired_replicas: Family<FunctionLabels, Gauge>,
     pub current_replicas: Family<FunctionLabels, Gauge>,
@@ -58,6 +60,7 @@ impl Metrics {
         let registry = registry.sub_registry_with_prefix("blink_scaler");
         let metrics = Self {
             api_writes: Family::default(),
+            api_reads: Family::default(),
             first_decisions: Counter::default(),
             desired_replicas: Family::default(),
             current_replicas: Family::default(),
@@ -127,6 +130,11 @@ impl Metrics {
             metrics.api_writes.clone(),
         );
         registry.register(
+            "api_reads",
+            "Reads from the API server outside the watches, by kind",
+            metrics.api_reads.clone(),
+        );
+        registry.register(
             "first_decisions",
             "Functions that made their first decision since start (a full pass when equal to functions)",
             metrics.first_decisions.clone(),
@@ -146,7 +154,11 @@ impl Metrics {
     }
 
     pub fn wrote(&self, kind: &'static str) {
-        self.api_writes.get_or_create(&WriteLabels { kind }).inc();
+        self.api_writes.get_or_create(&ApiLabels { kind }).inc();
+    }
+
+    pub fn read(&self, kind: &'static str) {
+        self.api_reads.get_or_create(&ApiLabels { kind }).inc();
     }
 
     /// Drops every series of a function that is gone, so label sets stay bounded by

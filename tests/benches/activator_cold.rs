@@ -54,11 +54,9 @@ use blink_tests::{
     audit,
     pods::{PodProcesses, replica_command},
     scaler::{ScalerProcess, release_finalizers},
-    wait,
-    workloads::{create_gated_deployment, create_scaled_object},
+    workloads::{create_gated_deployment, create_scaled_object, until_available},
 };
-use k8s_openapi::{api::apps::v1::Deployment, jiff::Timestamp};
-use kube::Api;
+use k8s_openapi::jiff::Timestamp;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -113,7 +111,6 @@ spec:
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(Duration::ZERO);
-        let deployments: Api<Deployment> = Api::namespaced(ctx.client(), ctx.namespace());
         let activator_addr = SocketAddr::new(activators.pods[0].ip, PORT);
         let mut connected_in = Vec::with_capacity(wakes);
         let mut sent_at = Vec::with_capacity(wakes);
@@ -139,7 +136,7 @@ spec:
             );
             sent_at.push(sent);
             if !settle.is_zero() {
-                until_available(&deployments, name).await?;
+                until_available(&ctx, name, 1).await?;
                 tokio::time::sleep(settle).await;
             }
         }
@@ -335,19 +332,6 @@ async fn get_and_close(stream: &mut TcpStream, host: &str) -> anyhow::Result<Str
 
 /// Waits until `name`'s Deployment reports a replica available (the status writes of a
 /// wake are done).
-async fn until_available(deployments: &Api<Deployment>, name: &str) -> anyhow::Result<()> {
-    wait::until(
-        Duration::from_secs(30),
-        &format!("{name}: a replica available"),
-        || async {
-            let deployment = deployments.get(name).await?;
-            let available = deployment.status.and_then(|s| s.available_replicas);
-            Ok(available.is_some_and(|n| n >= 1).then_some(()))
-        },
-    )
-    .await
-}
-
 /// The machine's CPU time from `/proc/stat`'s first line, in clock ticks.
 struct CpuTimes {
     idle: u64,

@@ -97,6 +97,21 @@ pub async fn desired(ctx: &TestContext, name: &str) -> anyhow::Result<i32> {
     Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
 }
 
+/// Waits (30 s at most) until a Deployment reports `replicas` available: its rollout's
+/// status writes are done.
+pub async fn until_available(ctx: &TestContext, name: &str, replicas: i32) -> anyhow::Result<()> {
+    crate::wait::until(
+        std::time::Duration::from_secs(30),
+        &format!("{name}: {replicas} replicas available"),
+        || async {
+            let deployment = ctx.api::<Deployment>().get(name).await?;
+            let available = deployment.status.and_then(|s| s.available_replicas);
+            Ok(available.is_some_and(|n| n >= replicas).then_some(()))
+        },
+    )
+    .await
+}
+
 /// Running pods of `app` that are not being deleted.
 pub async fn running_pods(ctx: &TestContext, app: &str) -> anyhow::Result<usize> {
     let pods = ctx

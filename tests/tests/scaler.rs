@@ -15,7 +15,7 @@ use blink_tests::{
     wait,
     workloads::{
         ReplicaHistory, condition_state, create_deployment, create_hpa, create_scaled_object,
-        desired, events, running_pods,
+        desired, events, running_pods, until_available,
     },
 };
 use k8s_openapi::api::apps::v1::Deployment;
@@ -263,6 +263,30 @@ spec:
         // A single poke, no snapshot: the poke alone wakes it.
         ensure!(client.poke(&web).await? / 100 == 2, "poke refused");
         until_desired(&ctx, "web", 1).await?;
+        // Changes to the Deployment that leave its spec alone (its status as replicas
+        // come up, several per wake; here its labels, twenty times: its annotations
+        // would count as spec, since a Deployment copies them to its ReplicaSets) cannot be a
+        // change of replicas: the scaler reads `/scale` at its next tick, not at each
+        // of them (besides, at most one periodic re-read in `--resync 5s`).
+        until_available(&ctx, "web", 1).await?;
+        let scale_reads = r#"blink_scaler_api_reads_total{kind="scale"}"#;
+        let reads_before = scaler.metric(scale_reads).await?;
+        for i in 0..20 {
+            ctx.api::<Deployment>()
+                .patch(
+                    "web",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"note": i.to_string()}}})),
+                )
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let reads = scaler.metric(scale_reads).await? - reads_before;
+        println!("{reads} reads of /scale after 20 changes outside the spec");
+        ensure!(
+            reads <= 4.0,
+            "{reads} reads of /scale after 20 changes outside the Deployment's spec"
+        );
 
         // 250 concurrent with a target of 10 → 25.
         let steady = async {

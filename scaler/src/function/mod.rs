@@ -88,11 +88,21 @@ impl fmt::Debug for Context {
 #[derive(Debug)]
 pub struct Handle {
     pub input: watch::Sender<FunctionInput>,
-    /// The target changed (any write); carries the field manager of a replica change
-    /// made by someone else, when the controller saw one.
-    pub target_changed: watch::Sender<Option<String>>,
+    /// The target changed (any write).
+    pub target_changed: watch::Sender<TargetChange>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// What the controller saw of a function's target at its latest change.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TargetChange {
+    /// Its `metadata.generation`, which moves with the spec (the replicas among it)
+    /// and not with the status.
+    pub generation: Option<i64>,
+    /// The field manager of a replica change made by someone else, when the
+    /// controller saw one.
+    pub manager: Option<String>,
 }
 
 impl Handle {
@@ -104,7 +114,7 @@ impl Handle {
 
 pub fn spawn(ctx: Arc<Context>, key: FunctionKey, input: FunctionInput) -> Handle {
     let (input_tx, input_rx) = watch::channel(input);
-    let (changed_tx, changed_rx) = watch::channel(None);
+    let (changed_tx, changed_rx) = watch::channel(TargetChange::default());
     let cancel = CancellationToken::new();
     let worker = Worker::new(ctx, key, input_rx, changed_rx);
     let task = tokio::spawn(worker.run(cancel.clone()));
@@ -149,7 +159,12 @@ struct Worker {
     key: FunctionKey,
     labels: FunctionLabels,
     input: watch::Receiver<FunctionInput>,
-    target_changed: watch::Receiver<Option<String>>,
+    target_changed: watch::Receiver<TargetChange>,
+    /// The target's generation at the last change acted on.
+    target_generation: Option<i64>,
+    /// The target's status changed since the count in hand was read: it is read
+    /// again at the next tick.
+    replicas_outdated: bool,
     waker: Arc<Wake>,
     object: Arc<ScaledObject>,
     conflict: Option<String>,
@@ -189,7 +204,7 @@ impl Worker {
         ctx: Arc<Context>,
         key: FunctionKey,
         input: watch::Receiver<FunctionInput>,
-        target_changed: watch::Receiver<Option<String>>,
+        target_changed: watch::Receiver<TargetChange>,
     ) -> Self {
         let first = input.borrow().clone();
         let waker = ctx.demand.waker(&key);
@@ -208,6 +223,8 @@ impl Worker {
             labels,
             input,
             target_changed,
+            target_generation: None,
+            replicas_outdated: false,
             waker,
             generation: 0,
             pulls: Vec::new(),
@@ -263,8 +280,18 @@ impl Worker {
                     if changed.is_err() {
                         break;
                     }
-                    let manager = self.target_changed.borrow_and_update().clone();
-                    Box::pin(self.on_target_changed(manager)).await;
+                    let change = self.target_changed.borrow_and_update().clone();
+                    if change.generation.is_some() && change.generation == self.target_generation {
+                        // Only the status moved (replicas coming up or going): no
+                        // drift to look for, and `/scale` is read at the next tick
+                        // rather than at each of the several status writes of a wake,
+                        // which would load the API server as the next wake's PATCH
+                        // goes to it.
+                        self.replicas_outdated = true;
+                    } else {
+                        self.target_generation = change.generation;
+                        Box::pin(self.on_target_changed(change.manager)).await;
+                    }
                 }
                 Some(result) = next_result(&mut self.results) => self.on_pull_result(result),
                 changed = leadership.changed() => {
@@ -509,10 +536,11 @@ impl Worker {
         self.last_read.is_none_or(|at| at.elapsed() >= self.resync)
     }
 
-    /// A periodic re-read of a count in hand is due (a first read is the step's).
+    /// A re-read of a count in hand is due, periodic or after a status change (a
+    /// first read is the step's).
     fn resync_due(&self) -> bool {
         self.replicas.is_some()
-            && self.resync_stale()
+            && (self.resync_stale() || self.replicas_outdated)
             && self.plan.is_ok()
             && self.ctx.leadership.state().is_leader
     }
@@ -526,10 +554,12 @@ impl Worker {
 
     async fn read_replicas(&mut self, plan: &Plan) -> Option<Replicas> {
         let _permit = self.ctx.api_permits.acquire().await.ok();
+        self.ctx.metrics.read("scale");
         match self.ctx.writer.scale().get(&plan.target).await {
             Ok(replicas) => {
                 self.replicas = Some(replicas);
                 self.last_read = Some(Instant::now());
+                self.replicas_outdated = false;
                 self.target_error = None;
                 self.ctx
                     .metrics
@@ -852,6 +882,7 @@ impl Worker {
             return;
         }
         self.last_stall_check = Some(Instant::now());
+        self.ctx.metrics.read("pods");
         match self
             .ctx
             .writer
@@ -1244,6 +1275,7 @@ impl Worker {
             }
         }
         let floor = original.unwrap_or(1).max(1);
+        self.ctx.metrics.read("scale");
         match self.ctx.writer.scale().get(&plan.target).await {
             Ok(replicas) if replicas.desired < 1 => {
                 let _ = self
