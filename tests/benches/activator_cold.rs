@@ -240,6 +240,17 @@ spec:
         );
         let activator_metrics = activators.metrics(0).await?;
         let scaler_metrics = scaler.metrics().await?;
+        // The scaler's own load on the API server, which its next PATCH queues behind
+        // (from its start: the functions' creation included).
+        let per_wake =
+            |series: &str| blink_tests::sum_samples(&scaler_metrics, series) / wakes as f64;
+        println!(
+            "the scaler's requests per wake, from its start: reads of /scale {:.1}, of pods {:.1}; writes of /scale {:.1}, of status {:.1}",
+            per_wake(r#"blink_scaler_api_reads_total{kind="scale"}"#),
+            per_wake(r#"blink_scaler_api_reads_total{kind="pods"}"#),
+            per_wake(r#"blink_scaler_api_writes_total{kind="scale"}"#),
+            per_wake(r#"blink_scaler_api_writes_total{kind="status"}"#),
+        );
         for (metrics, histogram) in [
             (&activator_metrics, "blink_activator_poke_seconds"),
             (&scaler_metrics, "blink_scaler_poke_to_patch_sent_seconds"),
