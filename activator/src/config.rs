@@ -65,8 +65,7 @@ pub struct Config {
     /// How long a client may pause while sending a request body that is being
     /// forwarded, until the replica's answer begins: then 408, and the replica's slot
     /// is freed (a stalled upload would hold it for as long as the client kept its
-    /// connection). A replica's whole answer that came before, without refusing the
-    /// body, is passed on instead.
+    /// connection). A replica's whole answer that came before is passed on instead.
     #[arg(long, env = "BLINK_BODY_TIMEOUT", default_value = "60s", value_parser = parse_limit)]
     pub body_timeout: Duration,
 

@@ -357,7 +357,8 @@ impl Http1Connection {
                 }
                 () = pause.as_mut() => {
                     // The replica may have answered already (a handler that ignores the
-                    // body): what it said, rather than a 408 for a body it wants no more of.
+                    // body): what it said, as a client talking to it directly would
+                    // have by now, rather than a 408.
                     if answered_anyway(io, read, &mut watching) {
                         tracing::debug!("a client paused its upload after the replica's answer; the answer goes to the client");
                         return Ok(BodySent::Interrupted);

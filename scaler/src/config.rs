@@ -89,7 +89,9 @@ pub struct Config {
     #[arg(long, env = "BLINK_DEMAND_FORGET_AFTER", default_value = "30s", value_parser = parse_duration)]
     pub demand_forget_after: Duration,
 
-    /// Pods Unschedulable this long after a scale-up → `ScaleUpStalled`.
+    /// Pods Unschedulable this long after a scale-up → `ScaleUpStalled`. After a
+    /// scale-up the function's pods are looked at every quarter of this (at least a
+    /// second) until all of them are placed on nodes, for at most 20 times this.
     #[arg(long, env = "BLINK_STALL_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub stall_after: Duration,
 

@@ -131,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "api_reads",
-            "Reads from the API server outside the watches, by kind",
+            "Reads of /scale and of pods by the functions' workers, by kind",
             metrics.api_reads.clone(),
         );
         registry.register(

@@ -108,13 +108,22 @@ pub trait ScaleTarget: Send + Sync + fmt::Debug {
         target: &TargetRef,
         replicas: i32,
     ) -> BoxFuture<'_, Result<Replicas, TargetError>>;
-    /// How many of the target's pods the scheduler has refused (`Unschedulable`) for
-    /// longer than `bound`.
-    fn unschedulable(
+    /// Where the target's pods stand with the scheduler.
+    fn placement(
         &self,
         target: &TargetRef,
         bound: std::time::Duration,
-    ) -> BoxFuture<'_, Result<usize, TargetError>>;
+    ) -> BoxFuture<'_, Result<Placement, TargetError>>;
+}
+
+/// Where a target's pods stand with the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Pods the scheduler has refused (`Unschedulable`) for longer than the bound.
+    pub stalled: usize,
+    /// As many pods as `spec.replicas` exist and every one is placed on a node: the
+    /// last scale-up has landed.
+    pub all_placed: bool,
 }
 
 /// `/scale` through the API server, with the resource of each kind discovered once.
@@ -268,11 +277,11 @@ impl ScaleTarget for KubeScale {
         })
     }
 
-    fn unschedulable(
+    fn placement(
         &self,
         target: &TargetRef,
         bound: std::time::Duration,
-    ) -> BoxFuture<'_, Result<usize, TargetError>> {
+    ) -> BoxFuture<'_, Result<Placement, TargetError>> {
         let target = target.clone();
         Box::pin(async move {
             let api = self.api(&target).await?;
@@ -280,8 +289,13 @@ impl ScaleTarget for KubeScale {
                 .get_scale(&target.name)
                 .await
                 .map_err(|e| api_error(&target, e))?;
+            let desired = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
             let Some(selector) = scale.status.and_then(|s| s.selector) else {
-                return Ok(0);
+                // No selector to find its pods by: nothing to look for again.
+                return Ok(Placement {
+                    stalled: 0,
+                    all_placed: true,
+                });
             };
             let pods: Api<k8s_openapi::api::core::v1::Pod> =
                 Api::namespaced(self.client.clone(), &target.namespace);
@@ -290,14 +304,24 @@ impl ScaleTarget for KubeScale {
                 .await
                 .map_err(|e| api_error(&target, e))?;
             let now = k8s_openapi::jiff::Timestamp::now();
-            Ok(list
+            let live: Vec<_> = list
                 .items
+                .iter()
+                .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+                .collect();
+            let stalled = live
                 .iter()
                 .filter(|pod| {
                     unschedulable_since(pod)
                         .is_some_and(|since| now.duration_since(since).unsigned_abs() >= bound)
                 })
-                .count())
+                .count();
+            let placed = live.iter().filter(|pod| is_placed(pod)).count();
+            Ok(Placement {
+                stalled,
+                all_placed: placed == live.len()
+                    && live.len() >= usize::try_from(desired).unwrap_or(0),
+            })
         })
     }
 
@@ -324,6 +348,24 @@ impl ScaleTarget for KubeScale {
             Ok(replicas_of(&scale))
         })
     }
+}
+
+/// The scheduler has put the pod on a node.
+fn is_placed(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let bound_to_a_node = pod
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.node_name.is_some());
+    let scheduled = pod
+        .status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "PodScheduled" && c.status == "True")
+        });
+    bound_to_a_node || scheduled
 }
 
 /// When the scheduler last said a pod cannot be placed, if that is its state now.
@@ -364,6 +406,16 @@ mod tests {
         assert!(unschedulable_since(&pod("False", "Unschedulable")).is_some());
         assert!(unschedulable_since(&pod("True", "")).is_none());
         assert!(unschedulable_since(&pod("False", "SchedulerError")).is_none());
+        assert!(is_placed(&pod("True", "")));
+        assert!(!is_placed(&pod("False", "Unschedulable")));
+        let bound: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"}, "spec": {"nodeName": "n", "containers": []}
+        }))
+        .expect("pod");
+        assert!(
+            is_placed(&bound),
+            "bound to a node before its condition is written"
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::{
     demand::{Demand, Wake},
     leader::Leadership,
     metrics::{FunctionLabels, Metrics, ScaleLabels, TriggerLabels},
-    target::{FIELD_MANAGER, Replicas, TargetError},
+    target::{FIELD_MANAGER, Placement, Replicas, TargetError},
     transparent::{self, Phase},
     triggers::{self, Connections, Measurement, PullTrigger, TriggerError},
 };
@@ -288,9 +288,12 @@ impl Worker {
                         // which would load the API server as the next wake's PATCH
                         // goes to it.
                         self.replicas_outdated = true;
-                    } else {
+                    } else if Box::pin(self.on_target_changed(change.manager)).await {
                         self.target_generation = change.generation;
-                        Box::pin(self.on_target_changed(change.manager)).await;
+                    } else {
+                        // Not looked at (a failed read, or not the leader): the next
+                        // change of this generation looks again for a drift.
+                        self.replicas_outdated = true;
                     }
                 }
                 Some(result) = next_result(&mut self.results) => self.on_pull_result(result),
@@ -363,6 +366,8 @@ impl Worker {
         self.drift_conflict = None;
         self.undos.clear();
         self.plan = plan::plan(&self.object);
+        // The target may be another one now: its next change is looked at in full.
+        self.target_generation = None;
         self.pulls.clear();
         let Ok(plan) = &self.plan else { return };
         for (index, trigger) in plan.triggers.iter().enumerate() {
@@ -520,7 +525,8 @@ impl Worker {
     }
 
     /// Reads `/scale` when this worker has no count in hand. A step never re-reads one
-    /// it has: the target's watch re-reads on every change, and the tick's periodic
+    /// it has: the target's watch re-reads on every change of its spec (at the next
+    /// tick after one of its status only), and the tick's periodic
     /// re-read ([`Self::resync_due`]), which gives way to a poke, keeps it at most one
     /// resync period old. A re-read inside the step would make a poke arriving
     /// meanwhile wait for it.
@@ -576,17 +582,29 @@ impl Worker {
         }
     }
 
-    async fn on_target_changed(&mut self, manager: Option<String>) {
-        let Ok(plan) = self.plan.clone() else { return };
+    /// Reads the target after a change of its spec and undoes a replica count set by
+    /// another writer; whether it was read (`false`: not the leader, or the read
+    /// failed).
+    async fn on_target_changed(&mut self, manager: Option<String>) -> bool {
+        let Ok(plan) = self.plan.clone() else {
+            return false;
+        };
         // A deleted object's count belongs to the finalizer (restoring the original is
         // not drift), and a follower writes nothing.
         if !self.ctx.leadership.state().is_leader || self.object.meta().deletion_timestamp.is_some()
         {
-            return;
+            return false;
         }
         let Some(replicas) = self.read_replicas(&plan).await else {
-            return;
+            return false;
         };
+        self.undo_drift(&plan, replicas, manager).await;
+        true
+    }
+
+    /// Puts back the count this worker set when another writer changed it, up to
+    /// `drift_undo_limit` times per writer, then leaves the target alone (`Conflict`).
+    async fn undo_drift(&mut self, plan: &Plan, replicas: Replicas, manager: Option<String>) {
         let Some(ours) = self.last_set else { return };
         if replicas.desired == ours || self.drift_conflict.is_some() || self.conflict.is_some() {
             return;
@@ -883,15 +901,16 @@ impl Worker {
         }
         self.last_stall_check = Some(Instant::now());
         self.ctx.metrics.read("pods");
-        match self
-            .ctx
-            .writer
-            .scale()
-            .unschedulable(&plan.target, bound)
-            .await
-        {
-            Ok(0) => self.stalled = None,
-            Ok(n) => {
+        match self.ctx.writer.scale().placement(&plan.target, bound).await {
+            Ok(placement) if placement.stalled == 0 => {
+                self.stalled = None;
+                // The scale-up has landed: no more looks (each is a GET and a LIST
+                // of pods) until the next one.
+                if placement.all_placed {
+                    self.scaled_up_at = None;
+                }
+            }
+            Ok(Placement { stalled: n, .. }) => {
                 if self.stalled.is_none() {
                     self.event(
                         EventType::Warning,

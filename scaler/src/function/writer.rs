@@ -143,12 +143,17 @@ mod tests {
             })
         }
 
-        fn unschedulable(
+        fn placement(
             &self,
             _: &TargetRef,
             _: std::time::Duration,
-        ) -> futures::future::BoxFuture<'_, Result<usize, TargetError>> {
-            Box::pin(async { Ok(0) })
+        ) -> futures::future::BoxFuture<'_, Result<crate::target::Placement, TargetError>> {
+            Box::pin(async {
+                Ok(crate::target::Placement {
+                    stalled: 0,
+                    all_placed: true,
+                })
+            })
         }
     }
 
