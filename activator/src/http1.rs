@@ -1933,18 +1933,13 @@ mod tests {
         early: &'static [u8],
         pause: std::time::Duration,
     ) -> Result<Answer, SendError<impl Body + std::fmt::Debug>> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let served = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut seen = Vec::new();
-            while !seen.ends_with(b"\r\n\r\n") {
-                seen.push(stream.read_u8().await.expect("read"));
-            }
-            stream.write_all(early).await.expect("answered");
-            let mut buffer = [0u8; 4096];
-            while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
-        });
+        let (addr, served) = replica_answering_early(early, |mut stream| {
+            Box::pin(async move {
+                let mut buffer = [0u8; 4096];
+                while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+            })
+        })
+        .await;
         let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
             Bytes::from_static(b"first part"),
         ))]);
@@ -2038,18 +2033,7 @@ mod tests {
         >,
         tokio::task::JoinHandle<()>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let served = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            // The head, a byte at a time: none of the body is read with it.
-            let mut seen = Vec::new();
-            while !seen.ends_with(b"\r\n\r\n") {
-                seen.push(stream.read_u8().await.expect("read"));
-            }
-            stream.write_all(early).await.expect("answered");
-            after(stream).await;
-        });
+        let (addr, served) = replica_answering_early(early, after).await;
         let frames = futures::stream::iter((0..UPLOAD_PARTS).map(|_| {
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; 65536])))
         }));
@@ -2058,6 +2042,26 @@ mod tests {
             .body(StreamBody::new(frames))
             .expect("request");
         (connect(addr).await, request, served)
+    }
+
+    /// A replica that reads a request's head, a byte at a time (none of the body is
+    /// read with it), sends `early`, then does `after` with the connection.
+    async fn replica_answering_early(
+        early: &'static [u8],
+        after: impl FnOnce(TcpStream) -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let served = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"\r\n\r\n") {
+                seen.push(stream.read_u8().await.expect("read"));
+            }
+            stream.write_all(early).await.expect("answered");
+            after(stream).await;
+        });
+        (addr, served)
     }
 
     const UPLOAD_PARTS: usize = 1024;
