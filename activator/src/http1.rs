@@ -1909,15 +1909,7 @@ mod tests {
             while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
         });
         let connection = connect(addr).await;
-        // One part of a 1 MB upload, then nothing, the connection kept open.
-        let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
-            Bytes::from_static(b"first part"),
-        ))]);
-        let frames = futures::StreamExt::chain(first, futures::stream::pending());
-        let request = Request::post("/up")
-            .header(CONTENT_LENGTH, 1_000_000)
-            .body(StreamBody::new(frames))
-            .expect("request");
+        let request = paused_upload();
         let pause = std::time::Duration::from_millis(300);
         let error = given_up(connection.send(request, ANSWER_DUE, pause)).await;
         assert!(
@@ -1925,6 +1917,20 @@ mod tests {
             "{error:?}"
         );
         served.abort();
+    }
+
+    /// One part of a 1 MB upload, then nothing, the connection kept open.
+    fn paused_upload()
+    -> Request<impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin + std::fmt::Debug>
+    {
+        let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from_static(b"first part"),
+        ))]);
+        let frames = futures::StreamExt::chain(first, futures::stream::pending());
+        Request::post("/up")
+            .header(CONTENT_LENGTH, 1_000_000)
+            .body(StreamBody::new(frames))
+            .expect("request")
     }
 
     /// A replica that reads a request's head, sends `early` and reads on; an upload of
@@ -1940,14 +1946,7 @@ mod tests {
             })
         })
         .await;
-        let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
-            Bytes::from_static(b"first part"),
-        ))]);
-        let frames = futures::StreamExt::chain(first, futures::stream::pending());
-        let request = Request::post("/up")
-            .header(CONTENT_LENGTH, 1_000_000)
-            .body(StreamBody::new(frames))
-            .expect("request");
+        let request = paused_upload();
         let sent = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             connect(addr).await.send(request, ANSWER_DUE, pause),
