@@ -90,8 +90,10 @@ pub struct Config {
     pub demand_forget_after: Duration,
 
     /// Pods Unschedulable this long after a scale-up → `ScaleUpStalled`. After a
-    /// scale-up the function's pods are looked at every quarter of this (at least a
-    /// second) until all of them are placed on nodes, for at most 20 times this.
+    /// scale-up the target's pods are looked at about every quarter of this (at least
+    /// a second) until it has made as many as it should and every one is on a node
+    /// (for at most 20 times this, longer while a stall is reported); a pod refused
+    /// later without a scale-up is not looked for.
     #[arg(long, env = "BLINK_STALL_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub stall_after: Duration,
 

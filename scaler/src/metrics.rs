@@ -131,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "api_reads",
-            "Reads of /scale and of pods by the functions' workers, by kind",
+            "Reads by the functions' workers: GETs of /scale (kind=scale) and LISTs of pods (kind=pods; each with a GET of /scale)",
             metrics.api_reads.clone(),
         );
         registry.register(

@@ -290,6 +290,9 @@ impl ScaleTarget for KubeScale {
                 .await
                 .map_err(|e| api_error(&target, e))?;
             let desired = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
+            // The workload's own count of the pods it has made: until it has made them
+            // all, other pods its selector matches could make up the number.
+            let created = scale.status.as_ref().map_or(0, |s| s.replicas);
             let Some(selector) = scale.status.and_then(|s| s.selector) else {
                 // No selector to find its pods by: nothing to look for again.
                 return Ok(Placement {
@@ -304,10 +307,12 @@ impl ScaleTarget for KubeScale {
                 .await
                 .map_err(|e| api_error(&target, e))?;
             let now = k8s_openapi::jiff::Timestamp::now();
+            // Pods that will run: neither going nor ended (an evicted pod stays
+            // `Failed`, on its node, until it is collected).
             let live: Vec<_> = list
                 .items
                 .iter()
-                .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+                .filter(|pod| pod.metadata.deletion_timestamp.is_none() && !has_ended(pod))
                 .collect();
             let stalled = live
                 .iter()
@@ -320,6 +325,7 @@ impl ScaleTarget for KubeScale {
             Ok(Placement {
                 stalled,
                 all_placed: placed == live.len()
+                    && created >= desired
                     && live.len() >= usize::try_from(desired).unwrap_or(0),
             })
         })
@@ -348,6 +354,14 @@ impl ScaleTarget for KubeScale {
             Ok(replicas_of(&scale))
         })
     }
+}
+
+/// The pod has run to its end (`Succeeded` or `Failed`): it takes no place any more.
+fn has_ended(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 /// The scheduler has put the pod on a node.
@@ -416,6 +430,20 @@ mod tests {
             is_placed(&bound),
             "bound to a node before its condition is written"
         );
+        let ended = |phase: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p"}, "spec": {"nodeName": "n", "containers": []},
+                "status": {"phase": phase}
+            }))
+            .expect("pod")
+        };
+        assert!(
+            has_ended(&ended("Failed")),
+            "evicted: on its node, not running"
+        );
+        assert!(has_ended(&ended("Succeeded")));
+        assert!(!has_ended(&ended("Running")));
+        assert!(!has_ended(&bound));
     }
 
     #[test]

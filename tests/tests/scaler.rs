@@ -323,8 +323,12 @@ spec:
         tokio::time::timeout(LONG, placed)
             .await
             .context("25 available")??;
-        client.snapshot(vec![demand(&web, 250.0, 500)]).await?;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The last look may come up to a look's interval (1.25 s) and a tick after
+        // the last pod is placed, which can be just before it shows as available.
+        for _ in 0..3 {
+            client.snapshot(vec![demand(&web, 250.0, 500)]).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let pod_reads = r#"blink_scaler_api_reads_total{kind="pods"}"#;
         let pod_reads_before = scaler.metric(pod_reads).await?;
         for _ in 0..4 {

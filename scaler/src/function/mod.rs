@@ -637,6 +637,10 @@ impl Worker {
             .await
         {
             self.replicas = Some(after);
+            if ours > replicas.desired {
+                // A scale-up like any other: watched for pods the scheduler refuses.
+                self.scaled_up_at = Some(Instant::now());
+            }
             self.event(
                 EventType::Normal,
                 "ReplicasRestored",
@@ -900,6 +904,8 @@ impl Worker {
             return;
         }
         self.last_stall_check = Some(Instant::now());
+        // A look is a GET of `/scale` (for the selector) and a LIST of pods.
+        self.ctx.metrics.read("scale");
         self.ctx.metrics.read("pods");
         match self.ctx.writer.scale().placement(&plan.target, bound).await {
             Ok(placement) if placement.stalled == 0 => {
