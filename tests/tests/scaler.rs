@@ -719,6 +719,30 @@ spec:
                 .find(|e| e.0 == "ReplicasRestored"))
         })
         .await?;
+        // Scaled down by hand once its pods are placed (the scaler no longer looks at
+        // them): the undo is a scale-up like any other, watched for pods the
+        // scheduler refuses, so the scaler looks at them again.
+        until_available(&ctx, "app", 3).await?;
+        let pod_looks = r#"blink_scaler_api_reads_total{kind="pods"}"#;
+        let settled = wait::until(LONG, "the scaler's looks at pods stop", || async {
+            let before = scaler.metric(pod_looks).await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = scaler.metric(pod_looks).await?;
+            Ok((after == before).then_some(after))
+        })
+        .await?;
+        deployments
+            .patch_scale(
+                "app",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+            )
+            .await?;
+        wait::until(LONG, "a look at pods after the undo", || async {
+            Ok((scaler.metric(pod_looks).await? > settled).then_some(()))
+        })
+        .await?;
+        until_desired(&ctx, "app", 3).await?;
         // Deleted with restoreToOriginalReplicaCount: the original 2 come back.
         ctx.api::<ScaledObject>()
             .delete("app", &DeleteParams::default())
