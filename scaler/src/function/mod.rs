@@ -162,9 +162,6 @@ struct Worker {
     target_changed: watch::Receiver<TargetChange>,
     /// The target's generation at the last change acted on.
     target_generation: Option<i64>,
-    /// The target's status changed since the count in hand was read: it is read
-    /// again at the next tick.
-    replicas_outdated: bool,
     waker: Arc<Wake>,
     object: Arc<ScaledObject>,
     conflict: Option<String>,
@@ -177,6 +174,8 @@ struct Worker {
     results: Option<(mpsc::Sender<PullResult>, mpsc::Receiver<PullResult>)>,
     state: Option<decide::State>,
     replicas: Option<Replicas>,
+    /// When the count in hand was read; `None` once a change of the target's status
+    /// makes it old, so that it is read again at the next tick.
     last_read: Option<Instant>,
     /// This function's re-read period of `/scale` ([`spread_resync`]).
     resync: Duration,
@@ -224,7 +223,6 @@ impl Worker {
             input,
             target_changed,
             target_generation: None,
-            replicas_outdated: false,
             waker,
             generation: 0,
             pulls: Vec::new(),
@@ -287,13 +285,13 @@ impl Worker {
                         // rather than at each of the several status writes of a wake,
                         // which would load the API server as the next wake's PATCH
                         // goes to it.
-                        self.replicas_outdated = true;
+                        self.last_read = None;
                     } else if Box::pin(self.on_target_changed(change.manager)).await {
                         self.target_generation = change.generation;
                     } else {
                         // Not looked at (a failed read, or not the leader): the next
                         // change of this generation looks again for a drift.
-                        self.replicas_outdated = true;
+                        self.last_read = None;
                     }
                 }
                 Some(result) = next_result(&mut self.results) => self.on_pull_result(result),
@@ -537,7 +535,8 @@ impl Worker {
         self.read_replicas(plan).await
     }
 
-    /// The count in hand is older than this function's resync period.
+    /// The count in hand is older than this function's resync period, or outdated
+    /// by a change of the target.
     fn resync_stale(&self) -> bool {
         self.last_read.is_none_or(|at| at.elapsed() >= self.resync)
     }
@@ -546,7 +545,7 @@ impl Worker {
     /// first read is the step's).
     fn resync_due(&self) -> bool {
         self.replicas.is_some()
-            && (self.resync_stale() || self.replicas_outdated)
+            && self.resync_stale()
             && self.plan.is_ok()
             && self.ctx.leadership.state().is_leader
     }
@@ -565,7 +564,6 @@ impl Worker {
             Ok(replicas) => {
                 self.replicas = Some(replicas);
                 self.last_read = Some(Instant::now());
-                self.replicas_outdated = false;
                 self.target_error = None;
                 self.ctx
                     .metrics
