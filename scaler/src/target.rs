@@ -121,9 +121,44 @@ pub trait ScaleTarget: Send + Sync + fmt::Debug {
 pub struct Placement {
     /// Pods the scheduler has refused (`Unschedulable`) for longer than the bound.
     pub stalled: usize,
-    /// As many pods as `spec.replicas` exist and every one is placed on a node: the
-    /// last scale-up has landed.
+    /// The workload has made as many pods as `spec.replicas`, and every pod that is
+    /// neither going nor ended is on a node: the last scale-up has landed.
     pub all_placed: bool,
+}
+
+impl Placement {
+    /// Where `pods` (those the target's selector matches) stand, for a target that
+    /// should have `desired` and has made `created`, at `now`.
+    fn of(
+        pods: &[k8s_openapi::api::core::v1::Pod],
+        desired: i32,
+        created: i32,
+        bound: std::time::Duration,
+        now: k8s_openapi::jiff::Timestamp,
+    ) -> Self {
+        // Pods that will run: neither going nor ended (an evicted pod stays `Failed`,
+        // on its node, until it is collected).
+        let live: Vec<_> = pods
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none() && !has_ended(pod))
+            .collect();
+        let stalled = live
+            .iter()
+            .filter(|pod| {
+                unschedulable_since(pod)
+                    .is_some_and(|since| now.duration_since(since).unsigned_abs() >= bound)
+            })
+            .count();
+        let placed = live.iter().filter(|pod| is_placed(pod)).count();
+        // The workload's own count of the pods it has made: until it has made them
+        // all, other pods its selector matches could make up the number.
+        Self {
+            stalled,
+            all_placed: placed == live.len()
+                && created >= desired
+                && live.len() >= usize::try_from(desired).unwrap_or(0),
+        }
+    }
 }
 
 /// `/scale` through the API server, with the resource of each kind discovered once.
@@ -290,8 +325,6 @@ impl ScaleTarget for KubeScale {
                 .await
                 .map_err(|e| api_error(&target, e))?;
             let desired = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
-            // The workload's own count of the pods it has made: until it has made them
-            // all, other pods its selector matches could make up the number.
             let created = scale.status.as_ref().map_or(0, |s| s.replicas);
             let Some(selector) = scale.status.and_then(|s| s.selector) else {
                 // No selector to find its pods by: nothing to look for again.
@@ -306,28 +339,13 @@ impl ScaleTarget for KubeScale {
                 .list(&kube::api::ListParams::default().labels(&selector))
                 .await
                 .map_err(|e| api_error(&target, e))?;
-            let now = k8s_openapi::jiff::Timestamp::now();
-            // Pods that will run: neither going nor ended (an evicted pod stays
-            // `Failed`, on its node, until it is collected).
-            let live: Vec<_> = list
-                .items
-                .iter()
-                .filter(|pod| pod.metadata.deletion_timestamp.is_none() && !has_ended(pod))
-                .collect();
-            let stalled = live
-                .iter()
-                .filter(|pod| {
-                    unschedulable_since(pod)
-                        .is_some_and(|since| now.duration_since(since).unsigned_abs() >= bound)
-                })
-                .count();
-            let placed = live.iter().filter(|pod| is_placed(pod)).count();
-            Ok(Placement {
-                stalled,
-                all_placed: placed == live.len()
-                    && created >= desired
-                    && live.len() >= usize::try_from(desired).unwrap_or(0),
-            })
+            Ok(Placement::of(
+                &list.items,
+                desired,
+                created,
+                bound,
+                k8s_openapi::jiff::Timestamp::now(),
+            ))
         })
     }
 
@@ -444,6 +462,96 @@ mod tests {
         assert!(has_ended(&ended("Succeeded")));
         assert!(!has_ended(&ended("Running")));
         assert!(!has_ended(&bound));
+    }
+
+    #[test]
+    fn a_scale_up_has_landed_once_its_pods_are_made_and_placed() {
+        let pod = |phase: &str, node: Option<&str>, refused: bool, going: bool| -> Pod {
+            let mut pod = serde_json::json!({
+                "metadata": {"name": "p"},
+                "spec": {"containers": [], "nodeName": node},
+                "status": {"phase": phase}
+            });
+            if refused {
+                pod["status"]["conditions"] = serde_json::json!([{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "lastTransitionTime": "2026-11-30T01:00:00Z"}]);
+            }
+            if going {
+                pod["metadata"]["deletionTimestamp"] = "2026-11-30T01:00:00Z".into();
+            }
+            serde_json::from_value(pod).expect("pod")
+        };
+        let running = pod("Running", Some("n"), false, false);
+        let pending = pod("Pending", None, false, false);
+        let refused = pod("Pending", None, true, false);
+        let evicted = pod("Failed", Some("n"), false, false);
+        let going = pod("Running", Some("n"), false, true);
+        let bound = std::time::Duration::from_secs(60);
+        let now: k8s_openapi::jiff::Timestamp = "2026-11-30T01:00:30Z".parse().expect("time");
+        let later: k8s_openapi::jiff::Timestamp = "2026-11-30T01:05:00Z".parse().expect("time");
+        // (pods, desired, created, at) → (stalled, all placed)
+        let cases = [
+            (vec![running.clone(); 3], 3, 3, now, (0, true)),
+            (
+                vec![running.clone(), running.clone(), pending.clone()],
+                3,
+                3,
+                now,
+                (0, false),
+            ),
+            // Made, not all there yet (the list is behind the workload's count), or
+            // not all made yet.
+            (vec![running.clone(); 2], 3, 3, now, (0, false)),
+            (vec![running.clone(); 2], 3, 2, now, (0, false)),
+            // Ended pods on their nodes do not make up the number.
+            (
+                vec![running.clone(), evicted.clone(), evicted.clone()],
+                3,
+                1,
+                now,
+                (0, false),
+            ),
+            (
+                vec![running.clone(), evicted.clone()],
+                2,
+                2,
+                now,
+                (0, false),
+            ),
+            (
+                vec![running.clone(), running.clone(), evicted.clone()],
+                2,
+                2,
+                now,
+                (0, true),
+            ),
+            // Going pods neither.
+            (vec![running.clone(), going.clone()], 2, 2, now, (0, false)),
+            // Refused: a stall once the bound has passed.
+            (
+                vec![running.clone(), refused.clone()],
+                2,
+                2,
+                now,
+                (0, false),
+            ),
+            (
+                vec![running.clone(), refused.clone()],
+                2,
+                2,
+                later,
+                (1, false),
+            ),
+        ];
+        for (index, (pods, desired, created, at, expected)) in cases.into_iter().enumerate() {
+            let placement = Placement::of(&pods, desired, created, bound, at);
+            assert_eq!(
+                (placement.stalled, placement.all_placed),
+                expected,
+                "case {index}"
+            );
+        }
     }
 
     #[test]
