@@ -1901,13 +1901,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_stops_sending_the_body_is_given_up() {
         // The replica reads all it is sent and waits for the rest.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let served = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut buffer = [0u8; 4096];
-            while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
-        });
+        let (addr, served) = replica_answering_early(b"", read_on).await;
         let connection = connect(addr).await;
         let request = paused_upload();
         let pause = std::time::Duration::from_millis(300);
@@ -1939,13 +1933,7 @@ mod tests {
         early: &'static [u8],
         pause: std::time::Duration,
     ) -> Result<Answer, SendError<impl Body + std::fmt::Debug>> {
-        let (addr, served) = replica_answering_early(early, |mut stream| {
-            Box::pin(async move {
-                let mut buffer = [0u8; 4096];
-                while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
-            })
-        })
-        .await;
+        let (addr, served) = replica_answering_early(early, read_on).await;
         let request = paused_upload();
         let sent = tokio::time::timeout(
             std::time::Duration::from_secs(10),
@@ -2143,6 +2131,14 @@ mod tests {
         assert!(body.into_reusable().is_none(), "the upload was cut short");
         served.abort();
         (parts.status, whole)
+    }
+
+    /// Everything sent read, until the connection ends.
+    fn read_on(mut stream: TcpStream) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut buffer = [0u8; 4096];
+            while stream.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+        })
     }
 
     /// Nothing more read for 30 s, the connection kept open.

@@ -704,13 +704,19 @@ spec:
         // Someone scales by hand: Blink restores, with an Event.
         let by_hand = ctx.client_as("someone").await?;
         let deployments: kube::Api<Deployment> = kube::Api::namespaced(by_hand, ctx.namespace());
-        deployments
-            .patch_scale(
-                "app",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": 6}})),
-            )
-            .await?;
+        let scale_by_hand = |replicas: i32| {
+            let deployments = deployments.clone();
+            async move {
+                deployments
+                    .patch_scale(
+                        "app",
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
+                    )
+                    .await
+            }
+        };
+        scale_by_hand(6).await?;
         until_desired(&ctx, "app", 3).await?;
         wait::until(LONG, "ReplicasRestored event", || async {
             Ok(events(&ctx, "app")
@@ -731,13 +737,7 @@ spec:
             Ok((after == before).then_some(after))
         })
         .await?;
-        deployments
-            .patch_scale(
-                "app",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": 1}})),
-            )
-            .await?;
+        scale_by_hand(1).await?;
         wait::until(LONG, "a look at pods after the undo", || async {
             Ok((scaler.metric(pod_looks).await? > settled).then_some(()))
         })
