@@ -95,6 +95,10 @@ struct Measured {
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
     fixed_errors: usize,
+    /// The proxy's CPU per request at the fixed rate, where each request meets a
+    /// thread asleep: the wake-ups' share shows here, not at the maximum rate.
+    fixed_cpu_us_per_request: Option<f64>,
+    fixed_switches_per_request: Option<f64>,
     h2c_rps: f64,
     h2c_p50_ms: f64,
     h2c_p99_ms: f64,
@@ -196,7 +200,7 @@ fn main() {
             for (i, path) in paths.iter().enumerate() {
                 let measured = measure(path, seconds).await?;
                 println!(
-                    "round {round} {:<9} max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{}) | {FIXED_RATE} rps: p50 {:.3} ms, p99 {:.3} ms, errors {}",
+                    "round {round} {:<9} max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{}) | {FIXED_RATE} rps: p50 {:.3} ms, p99 {:.3} ms{}, errors {}",
                     path.name,
                     measured.max_rps,
                     measured.max_p50_ms,
@@ -211,6 +215,13 @@ fn main() {
                         .unwrap_or_default(),
                     measured.fixed_p50_ms,
                     measured.fixed_p99_ms,
+                    measured
+                        .fixed_cpu_us_per_request
+                        .zip(measured.fixed_switches_per_request)
+                        .map(|(us, switches)| format!(
+                            ", {us:.1} µs CPU/request, {switches:.3} switches/request"
+                        ))
+                        .unwrap_or_default(),
                     measured.fixed_errors,
                 );
                 println!(
@@ -585,7 +596,18 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         _ => None,
     };
     let per_request = |time: Duration| time.as_secs_f64() * 1e6 / max.requests as f64;
+    let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
+    let switches_before = path.proxy_pid.map(context_switches).transpose()?;
     let fixed = fixed_rate(path, seconds).await?;
+    let fixed_requests = (seconds * FIXED_RATE) as f64;
+    let fixed_cpu = match (path.proxy_pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
+        _ => None,
+    };
+    let fixed_switches = match (path.proxy_pid, switches_before) {
+        (Some(pid), Some(before)) => Some(context_switches(pid)?.saturating_sub(before)),
+        _ => None,
+    };
     let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
     let h2c = h2load(path, seconds).await?;
     let h2c_cpu = match (path.proxy_pid, cpu_before) {
@@ -603,6 +625,9 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
         fixed_errors: fixed.errors,
+        fixed_cpu_us_per_request: fixed_cpu
+            .map(|cpu| (cpu.user + cpu.system).as_secs_f64() * 1e6 / fixed_requests),
+        fixed_switches_per_request: fixed_switches.map(|n| n as f64 / fixed_requests),
         h2c_rps: h2c.rps,
         h2c_p50_ms: h2c.p50_ms,
         h2c_p99_ms: h2c.p99_ms,
@@ -972,6 +997,8 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
         let system = over_rounds(measured, |m| m.system_us_per_request);
         let switches = over_rounds(measured, |m| m.switches_per_request);
         let segments = median(measured.iter().map(|m| m.segments_per_request).collect());
+        let fixed_cpu = over_rounds(measured, |m| m.fixed_cpu_us_per_request);
+        let fixed_switches = over_rounds(measured, |m| m.fixed_switches_per_request);
         if i > 1 {
             let rate = per_round(measured, nginx, |m, n| Some(m.max_rps / n.max_rps));
             let cpu = per_round(measured, nginx, |m, n| {
@@ -980,9 +1007,15 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             let p99 = per_round(measured, nginx, |m, n| {
                 Some(m.fixed_p99_ms - n.fixed_p99_ms)
             });
+            let p50 = per_round(measured, nginx, |m, n| {
+                Some(m.fixed_p50_ms - n.fixed_p50_ms)
+            });
+            let fixed_cpu_ratio = per_round(measured, nginx, |m, n| {
+                Some(m.fixed_cpu_us_per_request? / n.fixed_cpu_us_per_request?)
+            });
             let faster = rounds_at_or_above(measured, nginx, |m| m.max_rps);
             println!(
-                "{:<9} against nginx, round by round (medians): rate {rate:.2}× (at or above nginx's in {faster} of {} rounds), CPU per request {cpu:.2}×, p99 at {FIXED_RATE} rps {p99:+.3} ms",
+                "{:<9} against nginx, round by round (medians): rate {rate:.2}× (at or above nginx's in {faster} of {} rounds), CPU per request {cpu:.2}×; at {FIXED_RATE} rps p50 {p50:+.3} ms, p99 {p99:+.3} ms, CPU per request {fixed_cpu_ratio:.2}×",
                 path.name,
                 measured.len()
             );
@@ -998,7 +1031,7 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             );
         }
         println!(
-            "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms, {segments:.2} TCP segments/request | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms | CPU {} | errors {}",
+            "{:<9} max {:>8.0} rps ({:.2} of direct), p50/p99 {:.3}/{:.3} ms, {segments:.2} TCP segments/request | {FIXED_RATE} rps p50/p99 {:.3}/{:.3} ms, p99 added {:+.3} ms{} | CPU {} | errors {}",
             path.name,
             median(measured.iter().map(|m| m.max_rps).collect()),
             rate_ratio,
@@ -1007,6 +1040,11 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             median(measured.iter().map(|m| m.fixed_p50_ms).collect()),
             median(measured.iter().map(|m| m.fixed_p99_ms).collect()),
             added_p99,
+            if fixed_cpu.is_nan() {
+                String::new()
+            } else {
+                format!(", {fixed_cpu:.1} µs CPU/request, {fixed_switches:.3} switches/request")
+            },
             if cpu.is_nan() {
                 "—".to_owned()
             } else {
