@@ -94,11 +94,14 @@ struct Measured {
     segments_per_request: f64,
     fixed_p50_ms: f64,
     fixed_p99_ms: f64,
+    fixed_p90_ms: f64,
+    fixed_p999_ms: f64,
     fixed_errors: usize,
     /// The proxy's CPU per request at the fixed rate, where each request meets a
     /// thread asleep: the wake-ups' share shows here, not at the maximum rate.
     fixed_cpu_us_per_request: Option<f64>,
     fixed_switches_per_request: Option<f64>,
+    fixed_preemptions_per_request: Option<f64>,
     h2c_rps: f64,
     h2c_p50_ms: f64,
     h2c_p99_ms: f64,
@@ -200,7 +203,7 @@ fn main() {
             for (i, path) in paths.iter().enumerate() {
                 let measured = measure(path, seconds).await?;
                 println!(
-                    "round {round} {:<9} max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{}) | {FIXED_RATE} rps: p50 {:.3} ms, p99 {:.3} ms{}, errors {}",
+                    "round {round} {:<9} max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{}) | {FIXED_RATE} rps: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms{}, errors {}",
                     path.name,
                     measured.max_rps,
                     measured.max_p50_ms,
@@ -214,12 +217,15 @@ fn main() {
                         ))
                         .unwrap_or_default(),
                     measured.fixed_p50_ms,
+                    measured.fixed_p90_ms,
                     measured.fixed_p99_ms,
+                    measured.fixed_p999_ms,
                     measured
                         .fixed_cpu_us_per_request
                         .zip(measured.fixed_switches_per_request)
-                        .map(|(us, switches)| format!(
-                            ", {us:.1} µs CPU/request, {switches:.3} switches/request"
+                        .zip(measured.fixed_preemptions_per_request)
+                        .map(|((us, switches), preempted)| format!(
+                            ", {us:.1} µs CPU/request, {switches:.3} switches/request ({preempted:.3} preempted)"
                         ))
                         .unwrap_or_default(),
                     measured.fixed_errors,
@@ -598,7 +604,12 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
     let per_request = |time: Duration| time.as_secs_f64() * 1e6 / max.requests as f64;
     let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
     let switches_before = path.proxy_pid.map(context_switches).transpose()?;
+    let preemptions_before = path.proxy_pid.map(preemptions).transpose()?;
     let fixed = fixed_rate(path, seconds).await?;
+    let fixed_preemptions = match (path.proxy_pid, preemptions_before) {
+        (Some(pid), Some(before)) => Some(preemptions(pid)?.saturating_sub(before)),
+        _ => None,
+    };
     let fixed_requests = (seconds * FIXED_RATE) as f64;
     let fixed_cpu = match (path.proxy_pid, cpu_before) {
         (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
@@ -624,10 +635,13 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         segments_per_request: segments as f64 / max.requests as f64,
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
+        fixed_p90_ms: fixed.p90_ms,
+        fixed_p999_ms: fixed.p999_ms,
         fixed_errors: fixed.errors,
         fixed_cpu_us_per_request: fixed_cpu
             .map(|cpu| (cpu.user + cpu.system).as_secs_f64() * 1e6 / fixed_requests),
         fixed_switches_per_request: fixed_switches.map(|n| n as f64 / fixed_requests),
+        fixed_preemptions_per_request: fixed_preemptions.map(|n| n as f64 / fixed_requests),
         h2c_rps: h2c.rps,
         h2c_p50_ms: h2c.p50_ms,
         h2c_p99_ms: h2c.p99_ms,
@@ -689,6 +703,19 @@ fn tcp_segments_sent() -> anyhow::Result<u64> {
 
 /// Context switches of all of a process's threads so far, voluntary or not.
 fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    switches_counted(
+        pid,
+        &["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"],
+    )
+}
+
+/// Times a process's threads were taken off the CPU while they had work: each one
+/// holds up the requests in hand for the time slice another thread got.
+fn preemptions(pid: u32) -> anyhow::Result<u64> {
+    switches_counted(pid, &["nonvoluntary_ctxt_switches:"])
+}
+
+fn switches_counted(pid: u32, fields: &[&str]) -> anyhow::Result<u64> {
     let mut total = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         // A thread can end between the listing and the read.
@@ -696,10 +723,7 @@ fn context_switches(pid: u32) -> anyhow::Result<u64> {
             continue;
         };
         for line in status.lines() {
-            if let Some(count) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
+            if let Some(count) = fields.iter().find_map(|field| line.strip_prefix(field)) {
                 total += count.trim().parse::<u64>()?;
             }
         }
@@ -881,6 +905,10 @@ impl Client {
 struct FixedResult {
     p50_ms: f64,
     p99_ms: f64,
+    /// The shape of the tail, printed round by round: whether a p99 apart comes from
+    /// all slower requests (p90 apart too) or from a few stalls (p99.9 alone).
+    p90_ms: f64,
+    p999_ms: f64,
     errors: usize,
 }
 
@@ -935,6 +963,8 @@ async fn fixed_rate(path: &Target, seconds: u64) -> anyhow::Result<FixedResult> 
     Ok(FixedResult {
         p50_ms: quantile(0.50),
         p99_ms: quantile(0.99),
+        p90_ms: quantile(0.90),
+        p999_ms: quantile(0.999),
         errors,
     })
 }
@@ -1010,12 +1040,18 @@ fn report(paths: &[Target], results: &[Vec<Measured>]) {
             let p50 = per_round(measured, nginx, |m, n| {
                 Some(m.fixed_p50_ms - n.fixed_p50_ms)
             });
+            let p90 = per_round(measured, nginx, |m, n| {
+                Some(m.fixed_p90_ms - n.fixed_p90_ms)
+            });
+            let p999 = per_round(measured, nginx, |m, n| {
+                Some(m.fixed_p999_ms - n.fixed_p999_ms)
+            });
             let fixed_cpu_ratio = per_round(measured, nginx, |m, n| {
                 Some(m.fixed_cpu_us_per_request? / n.fixed_cpu_us_per_request?)
             });
             let faster = rounds_at_or_above(measured, nginx, |m| m.max_rps);
             println!(
-                "{:<9} against nginx, round by round (medians): rate {rate:.2}× (at or above nginx's in {faster} of {} rounds), CPU per request {cpu:.2}×; at {FIXED_RATE} rps p50 {p50:+.3} ms, p99 {p99:+.3} ms, CPU per request {fixed_cpu_ratio:.2}×",
+                "{:<9} against nginx, round by round (medians): rate {rate:.2}× (at or above nginx's in {faster} of {} rounds), CPU per request {cpu:.2}×; at {FIXED_RATE} rps p50 {p50:+.3} ms, p90 {p90:+.3} ms, p99 {p99:+.3} ms, p99.9 {p999:+.3} ms, CPU per request {fixed_cpu_ratio:.2}×",
                 path.name,
                 measured.len()
             );
