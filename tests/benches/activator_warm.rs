@@ -11,7 +11,9 @@
 //! - max rate: `wrk -t1 -c32` (Debian's wrk), requests per second and wrk's p50/p99;
 //! - a fixed 5,000 requests per second over 32 connections from this process, latency
 //!   taken from each request's send (from its scheduled time when the path had made
-//!   it fall more than an interval behind, so a stall counts against the path);
+//!   it fall more than an interval behind, so a stall counts against the path): p50,
+//!   p90, p99 and p99.9, and the proxy's CPU, context switches and preemptions (taken
+//!   off the CPU with work in hand) per request over it;
 //! - CPU per request of the proxy (activator process, nginx worker) during the max-rate
 //!   run, from `/proc`, and its context switches per request (all its threads): each
 //!   voluntary one is a wait for events that found none ready;
