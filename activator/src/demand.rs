@@ -63,6 +63,9 @@ pub struct Poker {
 
 impl proxy::Poke for Poker {
     fn poke(&self, function: &FunctionKey) {
+        // The wall-clock moment the request path asked, to follow one wake across the
+        // processes (the cold bench): the scaler logs when it applied the poke.
+        debug!(%function, asked_at = %k8s_openapi::jiff::Timestamp::now(), "poke asked");
         let _ = self.sender.send((function.clone(), Instant::now()));
     }
 }

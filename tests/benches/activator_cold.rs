@@ -18,8 +18,9 @@
 //!   `blink_activator_ready_to_forward_seconds` (the function's first ready endpoint as
 //!   the activator learns it → the held request connected to that replica);
 //! - the same wake followed across the processes by wall clock (same machine): first
-//!   byte → the poke applied at the scaler (its debug line `poke applied`, field
-//!   `arrived_at`) → the PATCH written (`scale written after a poke`, `sent_at`: the
+//!   byte → the activator asks for a poke (its debug line `poke asked`, field
+//!   `asked_at`: the request's head read, routed and held) → the poke applied at the
+//!   scaler (its debug line `poke applied`, field `arrived_at`) → the PATCH written (`scale written after a poke`, `sent_at`: the
 //!   moment the scaler hands the PATCH to its API client) → received by the API
 //!   server. First byte → PATCH written is Blink's part; the rest is the API server's;
 //! - the same parts from the processes' histograms: the activator's
@@ -154,6 +155,8 @@ spec:
         }
         let writes = audit::scale_writes(&events, ctx.namespace(), "deployments");
         let scaler_log = std::fs::read_to_string(&scaler.log)?;
+        let activator_log = std::fs::read_to_string(activators.log_path(0))?;
+        let asked = log_times(&activator_log, "poke asked", "asked_at", ctx.namespace());
         let poked = log_times(&scaler_log, "poke applied", "arrived_at", ctx.namespace());
         let written = log_times(
             &scaler_log,
@@ -164,14 +167,18 @@ spec:
         let mut to_patch = Vec::with_capacity(wakes);
         let (mut to_poke, mut poke_to_written, mut to_written, mut written_to_received) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut to_asked, mut asked_to_poke) = (Vec::new(), Vec::new());
         for (name, sent) in names.iter().zip(&sent_at) {
             let first_after = |times: &HashMap<String, Vec<Timestamp>>| {
                 times
                     .get(name)
                     .and_then(|t| t.iter().filter(|at| *at >= sent).min().copied())
-                    .with_context(|| format!("{name}: no scaler log line after its request"))
+                    .with_context(|| format!("{name}: no log line after its request"))
             };
             let (arrived, patched) = (first_after(&poked)?, first_after(&written)?);
+            let asked_at = first_after(&asked)?;
+            to_asked.push(span(*sent, asked_at));
+            asked_to_poke.push(span(asked_at, arrived));
             to_poke.push(span(*sent, arrived));
             poke_to_written.push(span(arrived, patched));
             to_written.push(span(*sent, patched));
@@ -192,10 +199,11 @@ spec:
             .take(3)
             .map(|&i| {
                 format!(
-                    "{} {:.2} ms (Blink's part {:.2} ms, idle CPU over the wake {:.0} %)",
+                    "{} {:.2} ms (Blink's part {:.2} ms, of it {:.2} ms before the activator asked for the poke; idle CPU over the wake {:.0} %)",
                     names[i],
                     to_patch[i].as_secs_f64() * 1e3,
                     to_written[i].as_secs_f64() * 1e3,
+                    to_asked[i].as_secs_f64() * 1e3,
                     idle_during[i] * 100.0
                 )
             })
@@ -223,6 +231,11 @@ spec:
             &mut to_written,
         );
         report("  first byte → poke applied at the scaler", &mut to_poke);
+        report(
+            "    first byte → the activator asks for a poke (head read, routed, held)",
+            &mut to_asked,
+        );
+        report("    poke asked → applied at the scaler", &mut asked_to_poke);
         report("  poke applied → PATCH written", &mut poke_to_written);
         report(
             "PATCH written → received by the API server",

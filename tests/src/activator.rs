@@ -198,10 +198,14 @@ impl Activators {
         self.log_dir.join("token")
     }
 
+    /// Activator `index`'s log (its debug lines included).
+    pub fn log_path(&self, index: usize) -> PathBuf {
+        self.log_dir.join(format!("{}.log", self.pods[index].name))
+    }
+
     /// The last lines of activator `index`'s log.
     pub fn log_tail(&self, index: usize) -> String {
-        let path = self.log_dir.join(format!("{}.log", self.pods[index].name));
-        crate::log_tail(&path, 40)
+        crate::log_tail(&self.log_path(index), 40)
     }
 }
 
