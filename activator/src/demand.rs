@@ -9,8 +9,10 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     net::SocketAddr,
     path::PathBuf,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -33,7 +35,7 @@ use kube::{
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::{metrics::Metrics, proxy, registry::Registry};
+use crate::{function::Function, metrics::Metrics, proxy, registry::Registry};
 
 /// A poke for the same function is not repeated within this time: the first one
 /// already woke the scaler, and the next snapshot carries the rest.
@@ -242,10 +244,12 @@ impl Reporter {
         let client = ScalerClient { sender, addr };
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        // One snapshot at a time; pokes go out while it waits for its answer.
+        let mut in_flight: Option<SnapshotInFlight> = None;
+        let leave = loop {
             tokio::select! {
                 biased;
-                () = leader_changed(&mut self.leader) => return Leave::LeaderChanged,
+                () = leader_changed(&mut self.leader) => break Leave::LeaderChanged,
                 Some((key, asked_at)) = self.pokes.recv() => {
                     let now = Instant::now();
                     if self.last_poke.get(&key).is_some_and(|at| now - *at < POKE_REPEAT_AFTER) {
@@ -277,17 +281,27 @@ impl Reporter {
                         }
                     });
                 }
-                _ = tick.tick() => {
-                    match self.snapshot(&client).await {
-                        Ok(()) => {}
-                        Err(leave) => return leave,
+                answer = answer_of(&mut in_flight) => {
+                    let Some(sent) = in_flight.take() else { continue };
+                    match self.settle_snapshot(sent, answer, &client) {
+                        Ok(sent_again) => in_flight = sent_again,
+                        Err(leave) => break leave,
                     }
                 }
+                _ = tick.tick(), if in_flight.is_none() => {
+                    in_flight = Some(self.send_snapshot(&client));
+                }
             }
+        };
+        // Left unanswered: as good as refused.
+        if let Some(abandoned) = in_flight {
+            abandoned.count_again();
         }
+        leave
     }
 
-    async fn snapshot(&mut self, client: &ScalerClient) -> Result<(), Leave> {
+    /// Takes the meters' readings and starts their snapshot on its way.
+    fn send_snapshot(&mut self, client: &ScalerClient) -> SnapshotInFlight {
         let now = Instant::now();
         let mut functions = Vec::new();
         let mut counted = Vec::new();
@@ -308,42 +322,54 @@ impl Reporter {
             }
         }
         self.seq += 1;
-        let snapshot = Snapshot {
+        let snapshot = Arc::new(Snapshot {
             activator: self.config.activator.clone(),
             session: self.session.clone(),
             seq: self.seq,
             functions,
-        };
-        let mut answer = client
-            .post(SNAPSHOT_PATH, &snapshot, self.token.current().as_deref())
-            .await;
-        if matches!(answer, Ok((StatusCode::UNAUTHORIZED, _))) && self.token.read_again() {
+        });
+        SnapshotInFlight::post(client, snapshot, counted, self.token.current(), false)
+    }
+
+    /// What a snapshot's answer leaves to do: nothing, the same snapshot sent again
+    /// (a renewed token), or leaving the connection.
+    fn settle_snapshot(
+        &mut self,
+        sent: SnapshotInFlight,
+        answer: anyhow::Result<(StatusCode, Option<SocketAddr>)>,
+        client: &ScalerClient,
+    ) -> Result<Option<SnapshotInFlight>, Leave> {
+        if matches!(answer, Ok((StatusCode::UNAUTHORIZED, _)))
+            && !sent.sent_again
+            && self.token.read_again()
+        {
             // Renewed since it was read: the same snapshot, with the new token.
-            answer = client
-                .post(SNAPSHOT_PATH, &snapshot, self.token.current().as_deref())
-                .await;
+            let token = self.token.current();
+            return Ok(Some(SnapshotInFlight::post(
+                client,
+                sent.snapshot,
+                sent.counted,
+                token,
+                true,
+            )));
         }
         if !matches!(&answer, Ok((status, _)) if status.is_success()) {
-            // Not applied: its arrivals go in the next snapshot. (Its averages do not:
-            // the next window measures the levels afresh.)
-            for (function, requests) in counted {
-                function.count_again(requests);
-            }
+            sent.count_again();
         }
         match answer {
             Ok((status, _)) if status.is_success() => {
                 self.metrics.snapshots.get_or_create(&kind("sent")).inc();
                 self.delivered = true;
-                Ok(())
+                Ok(None)
             }
             Ok((StatusCode::MISDIRECTED_REQUEST, leader)) => {
                 self.metrics.snapshots.get_or_create(&kind("refused")).inc();
-                after_misdirected(leader, client.addr, self.redirect.is_some())
+                after_misdirected(leader, client.addr, self.redirect.is_some()).map(|()| None)
             }
             Ok((status, _)) => {
                 self.metrics.snapshots.get_or_create(&kind("refused")).inc();
                 warn!(%status, "the scaler refused a snapshot");
-                Ok(())
+                Ok(None)
             }
             Err(e) => {
                 self.metrics.snapshots.get_or_create(&kind("failed")).inc();
@@ -351,6 +377,55 @@ impl Reporter {
                 Err(Leave::Broken)
             }
         }
+    }
+}
+
+type Answer = anyhow::Result<(StatusCode, Option<SocketAddr>)>;
+
+/// A snapshot on its way to the scaler. Its POST runs beside the pokes: a poke never
+/// waits for a snapshot's answer, however slow the scaler is to give it.
+struct SnapshotInFlight {
+    snapshot: Arc<Snapshot>,
+    /// Arrivals it took from the meters, put back unless the scaler applied it.
+    counted: Vec<(Arc<Function>, u64)>,
+    /// Sent a second time, with a renewed token after a 401.
+    sent_again: bool,
+    answer: Pin<Box<dyn Future<Output = Answer> + Send>>,
+}
+
+impl SnapshotInFlight {
+    fn post(
+        client: &ScalerClient,
+        snapshot: Arc<Snapshot>,
+        counted: Vec<(Arc<Function>, u64)>,
+        token: Option<Arc<str>>,
+        sent_again: bool,
+    ) -> Self {
+        let (client, body) = (client.clone(), snapshot.clone());
+        let answer =
+            Box::pin(async move { client.post(SNAPSHOT_PATH, &*body, token.as_deref()).await });
+        Self {
+            snapshot,
+            counted,
+            sent_again,
+            answer,
+        }
+    }
+
+    /// Not applied: its arrivals go in the next snapshot. (Its averages do not: the
+    /// next window measures the levels afresh.)
+    fn count_again(self) {
+        for (function, requests) in self.counted {
+            function.count_again(requests);
+        }
+    }
+}
+
+/// The answer to the snapshot in flight; never, while there is none.
+async fn answer_of(in_flight: &mut Option<SnapshotInFlight>) -> Answer {
+    match in_flight {
+        Some(snapshot) => (&mut snapshot.answer).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -506,11 +581,14 @@ mod tests {
     };
 
     /// A stand-in scaler for one conversation: answers each report by `answer`,
-    /// counting connections and keeping the snapshots it was sent.
+    /// counting connections and pokes and keeping the snapshots it was sent. A
+    /// snapshot's answer waits `snapshot_answer_after` (a scaler slow to apply it).
     #[derive(Clone, Default)]
     struct Scaler {
         connections: Arc<AtomicUsize>,
+        pokes: Arc<AtomicUsize>,
         snapshots: Arc<Mutex<Vec<Snapshot>>>,
+        snapshot_answer_after: Duration,
     }
 
     impl Scaler {
@@ -535,8 +613,12 @@ mod tests {
                                 snapshots.push(snapshot);
                                 snapshots.len()
                             } else {
+                                scaler.pokes.fetch_add(1, Ordering::SeqCst);
                                 0
                             };
+                            if is_snapshot {
+                                tokio::time::sleep(scaler.snapshot_answer_after).await;
+                            }
                             let (status, leader) = answer(seen);
                             let mut response = http::Response::builder().status(status);
                             if let Some(leader) = leader {
@@ -561,11 +643,12 @@ mod tests {
         }
     }
 
+    /// A reporter following `leader`; the Lease's side of it and the request path's.
     fn reporter_to(
         leader: SocketAddr,
         interval: Duration,
         registry: Arc<Registry>,
-    ) -> watch::Sender<Option<SocketAddr>> {
+    ) -> (watch::Sender<Option<SocketAddr>>, Poker) {
         let (sender, receiver) = watch::channel(Some(leader));
         let mut prometheus = prometheus_client::registry::Registry::default();
         let config = ReporterConfig {
@@ -575,8 +658,47 @@ mod tests {
             lease: ("blink".into(), "blink-scaler".into()),
         };
         let metrics = Arc::new(Metrics::register(&mut prometheus));
-        start(config, registry, metrics, receiver);
-        sender
+        let poker = start(config, registry, metrics, receiver);
+        (sender, poker)
+    }
+
+    /// Waits until `done`, failing the test after `limit`.
+    async fn within(limit: Duration, what: &str, done: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_poke_does_not_wait_for_a_snapshot_answer() {
+        let registry = Arc::new(registry());
+        let web = routed(&registry, "web");
+        let (listener, addr) = listening().await;
+        let scaler = Scaler {
+            snapshot_answer_after: Duration::from_secs(3),
+            ..Scaler::default()
+        };
+        scaler.serve(listener, |_| (StatusCode::OK, None)).await;
+        let (_leader, poker) = reporter_to(addr, Duration::from_millis(50), registry);
+        within(Duration::from_secs(2), "the first snapshot", || {
+            !scaler.snapshots().is_empty()
+        })
+        .await;
+        // Its answer is 3 s away; the poke goes now.
+        proxy::Poke::poke(&poker, web.key());
+        within(
+            Duration::from_millis(1_500),
+            "the poke at the scaler",
+            &|| scaler.pokes.load(Ordering::SeqCst) == 1,
+        )
+        .await;
+        assert_eq!(
+            scaler.snapshots().len(),
+            1,
+            "one snapshot at a time: the next waits for the first's answer"
+        );
     }
 
     #[tokio::test]
@@ -594,7 +716,7 @@ mod tests {
                 _ => (StatusCode::OK, None),
             })
             .await;
-        let _leader = reporter_to(addr, Duration::from_millis(50), registry.clone());
+        let _reporter = reporter_to(addr, Duration::from_millis(50), registry.clone());
         let arrivals =
             |snapshot: &Snapshot| -> u64 { snapshot.functions.iter().map(|f| f.requests).sum() };
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -624,7 +746,7 @@ mod tests {
         scaler
             .serve(second, move |_| (StatusCode::MISDIRECTED_REQUEST, Some(a)))
             .await;
-        let _leader = reporter_to(a, Duration::from_secs(1), Arc::new(registry()));
+        let _reporter = reporter_to(a, Duration::from_secs(1), Arc::new(registry()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Pauses of 0, 0, 100, 200, 400 ms: five connections in the second, the sixth
         // at 1.5 s (a loop without pauses makes hundreds).
