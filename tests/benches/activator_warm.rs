@@ -590,66 +590,76 @@ async fn warm_up(path: &Target) -> anyhow::Result<()> {
 }
 
 async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
-    let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
-    let switches_before = path.proxy_pid.map(context_switches).transpose()?;
+    let before = ProxyCounters::read(path)?;
     let segments_before = tcp_segments_sent()?;
     let max = wrk(path, seconds).await?;
     let segments = tcp_segments_sent()?.saturating_sub(segments_before);
-    let cpu = match (path.proxy_pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
-        _ => None,
-    };
-    let switches = match (path.proxy_pid, switches_before) {
-        (Some(pid), Some(before)) => Some(context_switches(pid)?.saturating_sub(before)),
-        _ => None,
-    };
-    let per_request = |time: Duration| time.as_secs_f64() * 1e6 / max.requests as f64;
-    let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
-    let switches_before = path.proxy_pid.map(context_switches).transpose()?;
-    let preemptions_before = path.proxy_pid.map(preemptions).transpose()?;
+    let during_max = ProxyCounters::since(path, before)?;
+    let before = ProxyCounters::read(path)?;
     let fixed = fixed_rate(path, seconds).await?;
-    let fixed_preemptions = match (path.proxy_pid, preemptions_before) {
-        (Some(pid), Some(before)) => Some(preemptions(pid)?.saturating_sub(before)),
-        _ => None,
-    };
-    let fixed_requests = (seconds * FIXED_RATE) as f64;
-    let fixed_cpu = match (path.proxy_pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
-        _ => None,
-    };
-    let fixed_switches = match (path.proxy_pid, switches_before) {
-        (Some(pid), Some(before)) => Some(context_switches(pid)?.saturating_sub(before)),
-        _ => None,
-    };
-    let cpu_before = path.proxy_pid.map(cpu_time).transpose()?;
+    let during_fixed = ProxyCounters::since(path, before)?;
+    let before = ProxyCounters::read(path)?;
     let h2c = h2load(path, seconds).await?;
-    let h2c_cpu = match (path.proxy_pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(cpu_time(pid)?.since(before)),
-        _ => None,
-    };
+    let during_h2c = ProxyCounters::since(path, before)?;
+    let fixed_requests = seconds * FIXED_RATE;
     Ok(Measured {
         max_rps: max.rps,
         max_p50_ms: max.p50_ms,
         max_p99_ms: max.p99_ms,
-        cpu_us_per_request: cpu.map(|cpu| per_request(cpu.user + cpu.system)),
-        system_us_per_request: cpu.map(|cpu| per_request(cpu.system)),
-        switches_per_request: switches.map(|n| n as f64 / max.requests as f64),
+        cpu_us_per_request: during_max.map(|c| c.cpu_us_per(max.requests)),
+        system_us_per_request: during_max
+            .map(|c| c.cpu.system.as_secs_f64() * 1e6 / max.requests as f64),
+        switches_per_request: during_max.map(|c| c.switches as f64 / max.requests as f64),
         segments_per_request: segments as f64 / max.requests as f64,
         fixed_p50_ms: fixed.p50_ms,
         fixed_p99_ms: fixed.p99_ms,
         fixed_p90_ms: fixed.p90_ms,
         fixed_p999_ms: fixed.p999_ms,
         fixed_errors: fixed.errors,
-        fixed_cpu_us_per_request: fixed_cpu
-            .map(|cpu| (cpu.user + cpu.system).as_secs_f64() * 1e6 / fixed_requests),
-        fixed_switches_per_request: fixed_switches.map(|n| n as f64 / fixed_requests),
-        fixed_preemptions_per_request: fixed_preemptions.map(|n| n as f64 / fixed_requests),
+        fixed_cpu_us_per_request: during_fixed.map(|c| c.cpu_us_per(fixed_requests)),
+        fixed_switches_per_request: during_fixed.map(|c| c.switches as f64 / fixed_requests as f64),
+        fixed_preemptions_per_request: during_fixed
+            .map(|c| c.preemptions as f64 / fixed_requests as f64),
         h2c_rps: h2c.rps,
         h2c_p50_ms: h2c.p50_ms,
         h2c_p99_ms: h2c.p99_ms,
-        h2c_cpu_us_per_request: h2c_cpu
-            .map(|cpu| (cpu.user + cpu.system).as_secs_f64() * 1e6 / h2c.requests as f64),
+        h2c_cpu_us_per_request: during_h2c.map(|c| c.cpu_us_per(h2c.requests)),
     })
+}
+
+/// What the proxy's process (none on the direct path) has spent so far: read before
+/// and after each run, the difference is the run's.
+#[derive(Debug, Clone, Copy)]
+struct ProxyCounters {
+    cpu: CpuTime,
+    switches: u64,
+    preemptions: u64,
+}
+
+impl ProxyCounters {
+    fn read(path: &Target) -> anyhow::Result<Option<Self>> {
+        let Some(pid) = path.proxy_pid else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            cpu: cpu_time(pid)?,
+            switches: context_switches(pid)?,
+            preemptions: preemptions(pid)?,
+        }))
+    }
+
+    /// What the proxy spent since `before` was read.
+    fn since(path: &Target, before: Option<Self>) -> anyhow::Result<Option<Self>> {
+        Ok(Self::read(path)?.zip(before).map(|(now, before)| Self {
+            cpu: now.cpu.since(before.cpu),
+            switches: now.switches.saturating_sub(before.switches),
+            preemptions: now.preemptions.saturating_sub(before.preemptions),
+        }))
+    }
+
+    fn cpu_us_per(&self, requests: u64) -> f64 {
+        (self.cpu.user + self.cpu.system).as_secs_f64() * 1e6 / requests as f64
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
