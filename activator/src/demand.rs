@@ -65,9 +65,6 @@ pub struct Poker {
 
 impl proxy::Poke for Poker {
     fn poke(&self, function: &FunctionKey) {
-        // The wall-clock moment the request path asked, to follow one wake across the
-        // processes (the cold bench): the scaler logs when it applied the poke.
-        debug!(%function, asked_at = %k8s_openapi::jiff::Timestamp::now(), "poke asked");
         let _ = self.sender.send((function.clone(), Instant::now()));
     }
 }
@@ -259,6 +256,16 @@ impl Reporter {
                     if self.last_poke.len() > 10_000 {
                         self.last_poke.retain(|_, at| now - *at < POKE_REPEAT_AFTER);
                     }
+                    // When the request asked, by the wall clock, to follow one wake
+                    // across the processes (the cold bench): the scaler logs when it
+                    // applied the poke.
+                    debug!(
+                        function = %key,
+                        asked_at = %k8s_openapi::jiff::Timestamp::now()
+                            .checked_sub(asked_at.elapsed())
+                            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+                        "poke asked"
+                    );
                     let poke = Poke {
                         activator: self.config.activator.clone(),
                         session: self.session.clone(),
@@ -281,8 +288,7 @@ impl Reporter {
                         }
                     });
                 }
-                answer = answer_of(&mut in_flight) => {
-                    let Some(sent) = in_flight.take() else { continue };
+                (sent, answer) = answered(&mut in_flight) => {
                     match self.settle_snapshot(sent, answer, &client) {
                         Ok(sent_again) => in_flight = sent_again,
                         Err(leave) => break leave,
@@ -421,12 +427,16 @@ impl SnapshotInFlight {
     }
 }
 
-/// The answer to the snapshot in flight; never, while there is none.
-async fn answer_of(in_flight: &mut Option<SnapshotInFlight>) -> Answer {
-    match in_flight {
-        Some(snapshot) => (&mut snapshot.answer).await,
-        None => std::future::pending().await,
+/// The snapshot in flight, taken out with its answer once that comes; never, while
+/// there is none.
+async fn answered(in_flight: &mut Option<SnapshotInFlight>) -> (SnapshotInFlight, Answer) {
+    if let Some(snapshot) = in_flight {
+        let answer = (&mut snapshot.answer).await;
+        if let Some(sent) = in_flight.take() {
+            return (sent, answer);
+        }
     }
+    std::future::pending().await
 }
 
 /// The pause before the next attempt after `failures` in a row (at least 1): 100 ms,
