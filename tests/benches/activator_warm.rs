@@ -601,7 +601,6 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
     let before = ProxyCounters::read(path)?;
     let h2c = h2load(path, seconds).await?;
     let during_h2c = ProxyCounters::since(path, before)?;
-    let fixed_requests = seconds * FIXED_RATE;
     Ok(Measured {
         max_rps: max.rps,
         max_p50_ms: max.p50_ms,
@@ -616,10 +615,10 @@ async fn measure(path: &Target, seconds: u64) -> anyhow::Result<Measured> {
         fixed_p90_ms: fixed.p90_ms,
         fixed_p999_ms: fixed.p999_ms,
         fixed_errors: fixed.errors,
-        fixed_cpu_us_per_request: during_fixed.map(|c| c.cpu_us_per(fixed_requests)),
-        fixed_switches_per_request: during_fixed.map(|c| c.switches as f64 / fixed_requests as f64),
+        fixed_cpu_us_per_request: during_fixed.map(|c| c.cpu_us_per(fixed.requests)),
+        fixed_switches_per_request: during_fixed.map(|c| c.switches as f64 / fixed.requests as f64),
         fixed_preemptions_per_request: during_fixed
-            .map(|c| c.preemptions as f64 / fixed_requests as f64),
+            .map(|c| c.preemptions as f64 / fixed.requests as f64),
         h2c_rps: h2c.rps,
         h2c_p50_ms: h2c.p50_ms,
         h2c_p99_ms: h2c.p99_ms,
@@ -922,6 +921,8 @@ struct FixedResult {
     p90_ms: f64,
     p999_ms: f64,
     errors: usize,
+    /// Requests sent, answered or not.
+    requests: u64,
 }
 
 /// `FIXED_RATE` requests per second spread over `CONNECTIONS` connections, each
@@ -978,6 +979,7 @@ async fn fixed_rate(path: &Target, seconds: u64) -> anyhow::Result<FixedResult> 
         p90_ms: quantile(0.90),
         p999_ms: quantile(0.999),
         errors,
+        requests: (all.len() + errors) as u64,
     })
 }
 
