@@ -729,13 +729,10 @@ mod tests {
         let _reporter = reporter_to(addr, Duration::from_millis(50), registry.clone());
         let arrivals =
             |snapshot: &Snapshot| -> u64 { snapshot.functions.iter().map(|f| f.requests).sum() };
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while scaler.snapshots().len() < 3 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        within(Duration::from_secs(5), "three snapshots", || {
+            scaler.snapshots().len() >= 3
         })
-        .await
-        .expect("three snapshots");
+        .await;
         let snapshots = scaler.snapshots();
         assert_eq!(arrivals(&snapshots[0]), 1, "the refused one counted it");
         assert_eq!(arrivals(&snapshots[1]), 1, "and so does the next");
