@@ -7,7 +7,8 @@
 //! this one as `baseline`; `BLINK_BENCH_ACTIVATOR`, the path of the build measured as
 //! `activator`, by default this bench's own release build).
 //!
-//! Each round measures every path in turn, so a noisy moment hurts them alike:
+//! Each round measures every path in turn, so a noisy moment hurts them alike, each
+//! round starting one path further on than the one before:
 //! - max rate: `wrk -t1 -c32` (Debian's wrk), requests per second and wrk's p50/p99;
 //! - a fixed 5,000 requests per second over 32 connections from this process, latency
 //!   taken from each request's send (from its scheduled time when the path had made
@@ -202,7 +203,11 @@ fn main() {
         }
         let mut results: Vec<Vec<Measured>> = vec![Vec::new(); paths.len()];
         for round in 1..=rounds {
-            for (i, path) in paths.iter().enumerate() {
+            // Each round starts one path further on, so that no path always follows
+            // the same one, nor always sits at the same moment of the round (the
+            // bed's own periodic work, the state a path before it leaves behind).
+            for i in rotated(paths.len(), round - 1) {
+                let path = &paths[i];
                 let measured = measure(path, seconds).await?;
                 println!(
                     "round {round} {:<9} max {:>8.0} rps (p50 {:.3} ms, p99 {:.3} ms{}) | {FIXED_RATE} rps: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms{}, errors {}",
@@ -986,6 +991,11 @@ async fn fixed_rate(path: &Target, seconds: u64) -> anyhow::Result<FixedResult> 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `0..len`, started at `by % len` and wrapped around.
+fn rotated(len: usize, by: usize) -> impl Iterator<Item = usize> {
+    (0..len).map(move |i| (i + by) % len)
 }
 
 /// The median over rounds of `f(a round)`, rounds without a value left out.
