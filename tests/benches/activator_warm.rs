@@ -368,14 +368,14 @@ http {{
         );
         let config_path = dir.join("nginx.conf");
         std::fs::write(&config_path, config)?;
-        let mut command = match callgrind {
-            Some(callgrind) => {
-                let mut command = std::process::Command::new("valgrind");
-                command.args(callgrind.args("nginx")).arg("nginx");
-                command
-            }
-            None => std::process::Command::new("nginx"),
-        };
+        // In a session, so a CPU group, of its own, as the activators are
+        // (`pods::pod_command`): the proxies meet the CPU scheduler alike.
+        let mut command = std::process::Command::new("setsid");
+        match callgrind {
+            Some(callgrind) => command.arg("valgrind").args(callgrind.args("nginx")),
+            None => &mut command,
+        }
+        .arg("nginx");
         let master = command
             .arg("-c")
             .arg(&config_path)

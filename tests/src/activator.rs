@@ -13,17 +13,15 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
-use serde_json::json;
-use tokio::process::Command;
-
 use crate::{
     TestContext,
     demand::service_account_token,
-    pods::{PodInfo, PodProcesses},
+    pods::{PodInfo, PodProcesses, pod_command},
     scaler::ACTIVATOR_SERVICE_ACCOUNT,
     workloads::create_deployment,
 };
+use anyhow::Context as _;
+use serde_json::json;
 
 /// The port activators serve on (the Deployment's container port `http`).
 pub const PORT: u16 = 8080;
@@ -107,7 +105,7 @@ impl Activators {
                 if let Ok(mut record) = record.lock() {
                     record.insert(pod.name.clone(), binary.clone());
                 }
-                let mut cmd = Command::new(binary);
+                let mut cmd = pod_command(binary);
                 cmd.args([
                     "--listen",
                     &format!("{}:{PORT}", pod.ip),

@@ -57,10 +57,28 @@ impl std::fmt::Debug for PodProcesses {
     }
 }
 
+/// The command for a process standing for a pod: `program` in a session of its own.
+///
+/// A kubelet gives every pod a cgroup of its own, and the kernel shares the CPU
+/// between groups before it shares it between their threads. The bed has no kubelet;
+/// the kernel's autogroups (one group per session, where
+/// `/proc/sys/kernel/sched_autogroup_enabled` is 1) do the same per session. Started
+/// in the test's session, every pod process would share one group with the test and
+/// with each other, and whenever the bed's servers (a session of their own) are busy
+/// they would take the CPU from all of them at once: a woken activator then waited
+/// tens of milliseconds for a core (the cold bench, README's "The test bed").
+/// `setsid` execs `program` in the same process (no fork: a spawned child leads no
+/// process group), so its pid is the program's.
+pub fn pod_command(program: &Path) -> Command {
+    let mut cmd = Command::new("setsid");
+    cmd.arg(program);
+    cmd
+}
+
 /// The command for a test replica standing for `pod` (see `src/bin/test-replica.rs`;
 /// a test passes `env!("CARGO_BIN_EXE_test-replica")`).
 pub fn replica_command(binary: &Path, pod: &PodInfo) -> Command {
-    let mut cmd = Command::new(binary);
+    let mut cmd = pod_command(binary);
     cmd.arg("--listen")
         .arg(format!("{}:{}", pod.ip, pod.port))
         .arg("--name")

@@ -78,7 +78,7 @@ impl ScalerProcess {
         args.push("--admin-addr".into());
         args.push(admin_addr.to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = tokio::process::Command::new(binary)
+        let child = crate::pods::pod_command(binary)
             .args(&args)
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,blink_scaler=debug")
