@@ -47,7 +47,7 @@ use anyhow::{Context as _, bail, ensure};
 use blink_tests::{
     TestContext,
     activator::Activators,
-    pods::{PodProcesses, replica_command},
+    pods::{PodProcesses, in_own_session, replica_command},
     workloads::{create_deployment, create_scaled_object},
 };
 use http_body_util::{BodyExt, Empty};
@@ -370,12 +370,14 @@ http {{
         std::fs::write(&config_path, config)?;
         // In a session, so a CPU group, of its own, as the activators are
         // (`pods::pod_command`): the proxies meet the CPU scheduler alike.
-        let mut command = std::process::Command::new("setsid");
-        match callgrind {
-            Some(callgrind) => command.arg("valgrind").args(callgrind.args("nginx")),
-            None => &mut command,
-        }
-        .arg("nginx");
+        let mut command = match callgrind {
+            Some(callgrind) => {
+                let mut command = in_own_session("valgrind".as_ref());
+                command.args(callgrind.args("nginx")).arg("nginx");
+                command
+            }
+            None => in_own_session("nginx".as_ref()),
+        };
         let master = command
             .arg("-c")
             .arg(&config_path)

@@ -13,6 +13,9 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
+use serde_json::json;
+
 use crate::{
     TestContext,
     demand::service_account_token,
@@ -20,8 +23,6 @@ use crate::{
     scaler::ACTIVATOR_SERVICE_ACCOUNT,
     workloads::create_deployment,
 };
-use anyhow::Context as _;
-use serde_json::json;
 
 /// The port activators serve on (the Deployment's container port `http`).
 pub const PORT: u16 = 8080;

@@ -67,11 +67,19 @@ impl std::fmt::Debug for PodProcesses {
 /// with each other, and whenever the bed's servers (a session of their own) are busy
 /// they would take the CPU from all of them at once: a woken activator then waited
 /// tens of milliseconds for a core (the cold bench, README's "The test bed").
-/// `setsid` execs `program` in the same process (no fork: a spawned child leads no
-/// process group), so its pid is the program's.
 pub fn pod_command(program: &Path) -> Command {
-    let mut cmd = Command::new("setsid");
-    cmd.arg(program);
+    Command::from(in_own_session(program.as_os_str()))
+}
+
+/// `program` in a session of its own ([`pod_command`] says why), killed when the
+/// thread that started it ends. Out of the test's session, it no longer gets the
+/// terminal's Ctrl-C with the test; the parent-death signal stops it with the test
+/// instead, even one killed outright. `setsid` and `setpriv` (util-linux) each exec
+/// the next in the same process (no fork: a spawned child leads no process group), so
+/// the pid is the program's.
+pub fn in_own_session(program: &std::ffi::OsStr) -> std::process::Command {
+    let mut cmd = std::process::Command::new("setsid");
+    cmd.args(["setpriv", "--pdeathsig", "KILL"]).arg(program);
     cmd
 }
 
