@@ -3,7 +3,8 @@
 //! `tests/bed/bed exec cargo bench -p blink-tests --bench activator_cold`
 //! (`BLINK_BENCH_WAKES`, default 40; `BLINK_BENCH_ACTIVATOR`, the path of the build of
 //! the activator to measure, by default this bench's own release build;
-//! `BLINK_BENCH_SETTLE_MS`, default 0, see below).
+//! `BLINK_BENCH_SETTLE_MS`, default 0, see below; `BLINK_BENCH_WORKER_THREADS`, the
+//! activator's `--worker-threads`, by default its own default: one per CPU).
 //!
 //! `BLINK_BENCH_WAKES` functions start at zero behind one activator whose snapshots come
 //! once a minute, so only its poke wakes them. Each is woken in turn by one request, and
@@ -86,8 +87,12 @@ fn main() {
         );
         let scaler = ScalerProcess::start(&ctx, Path::new(SCALER), "scaler-cold", &[]).await?;
         let activator = blink_tests::activator::bench_binary(ACTIVATOR);
-        let activators =
-            Activators::start(&ctx, &activator, 1, &["--stats-interval", "60s"]).await?;
+        let mut activator_args = vec!["--stats-interval".to_owned(), "60s".to_owned()];
+        if let Ok(threads) = std::env::var("BLINK_BENCH_WORKER_THREADS") {
+            activator_args.extend(["--worker-threads".to_owned(), threads]);
+        }
+        let activator_args: Vec<&str> = activator_args.iter().map(String::as_str).collect();
+        let activators = Activators::start(&ctx, &activator, 1, &activator_args).await?;
         for name in &names {
             create_scaled_object(
                 &ctx,
@@ -216,6 +221,9 @@ spec:
                 "{wakes} wakes, one function each, release builds, each {} ms after the one before settled",
                 settle.as_millis()
             );
+        }
+        if let Ok(threads) = std::env::var("BLINK_BENCH_WORKER_THREADS") {
+            println!("the activator on --worker-threads {threads}");
         }
         let mut idle_sorted = idle_during.clone();
         idle_sorted.sort_by(f64::total_cmp);
