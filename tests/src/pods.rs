@@ -343,3 +343,74 @@ async fn stop(mut child: Child) {
     }
     let _ = child.kill().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+
+    /// Until process `pid` runs `sleep` (the wrappers before it have exec'd).
+    fn wait_until_running_sleep(pid: u32) {
+        for _ in 0..500 {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("process {pid} does not run sleep after 5 s");
+    }
+
+    /// Field `n` (1-based, after the command's name) of `/proc/<pid>/stat`.
+    fn stat_field(pid: u32, n: usize) -> i64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let after_name = &stat[stat.rfind(')').expect("a name") + 2..];
+        after_name
+            .split(' ')
+            .nth(n - 3)
+            .expect("field")
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn a_pod_process_has_a_session_of_its_own_and_the_programs_pid() {
+        let mut child = in_own_session("sleep".as_ref())
+            .arg("30")
+            .spawn()
+            .expect("started");
+        // `setsid` and `setpriv` exec in place: the pid becomes `sleep`'s.
+        wait_until_running_sleep(child.id());
+        let own_session = stat_field(std::process::id(), 6);
+        assert_eq!(
+            stat_field(child.id(), 6),
+            i64::from(child.id()),
+            "leads its session"
+        );
+        assert_ne!(stat_field(child.id(), 6), own_session);
+        child.kill().expect("killed");
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_pod_process_ends_with_the_thread_that_started_it() {
+        let mut child = std::thread::spawn(|| {
+            let child = in_own_session("sleep".as_ref())
+                .arg("30")
+                .spawn()
+                .expect("started");
+            // Until `setpriv` has set the parent-death signal and exec'd `sleep`.
+            wait_until_running_sleep(child.id());
+            child
+        })
+        .join()
+        .expect("the starting thread");
+        let status = child.wait().expect("waited");
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "killed when its thread ended: {status:?}"
+        );
+    }
+}
