@@ -701,7 +701,7 @@ mod tests {
         within(
             Duration::from_millis(1_500),
             "the poke at the scaler",
-            &|| scaler.pokes.load(Ordering::SeqCst) == 1,
+            || scaler.pokes.load(Ordering::SeqCst) == 1,
         )
         .await;
         assert_eq!(

@@ -21,9 +21,10 @@
 //! - the same wake followed across the processes by wall clock (same machine): first
 //!   byte → the activator asks for a poke (its debug line `poke asked`, field
 //!   `asked_at`: the request's head read, routed and held) → the poke applied at the
-//!   scaler (its debug line `poke applied`, field `arrived_at`) → the PATCH written (`scale written after a poke`, `sent_at`: the
-//!   moment the scaler hands the PATCH to its API client) → received by the API
-//!   server. First byte → PATCH written is Blink's part; the rest is the API server's;
+//!   scaler (its debug line `poke applied`, field `arrived_at`) → the PATCH written
+//!   (`scale written after a poke`, `sent_at`: the moment the scaler hands the PATCH to
+//!   its API client) → received by the API server. First byte → PATCH written is
+//!   Blink's part; the rest is the API server's;
 //! - the same parts from the processes' histograms: the activator's
 //!   `blink_activator_poke_seconds` (the held request's head → the scaler has applied
 //!   the poke and answered) and the scaler's `blink_scaler_poke_to_patch_sent_seconds`;
